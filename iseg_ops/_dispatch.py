@@ -2,7 +2,8 @@
 
 Backend rule: Triton when ``triton`` imports and (the tensors are on CUDA, or
 ``TRITON_INTERPRET=1``); otherwise the reference. ``ISEG_OPS_BACKEND=auto|triton|torch``
-overrides; ``triton`` on CPU requires ``TRITON_INTERPRET=1``.
+overrides (read at each call); ``triton`` on CPU requires ``TRITON_INTERPRET=1``, which must be
+set before ``iseg_ops`` is imported.
 """
 
 from __future__ import annotations
@@ -21,8 +22,11 @@ def triton_available() -> bool:
 
 
 def interpreting() -> bool:
-    """Whether Triton kernels run on Triton's CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Whether the kernels were defined for Triton's CPU interpreter: ``TRITON_INTERPRET=1``
+    when :mod:`iseg_ops` was imported (Triton fixes the mode at ``@triton.jit``)."""
+    from ._triton import INTERPRETED
+
+    return INTERPRETED
 
 
 def use_triton(fn: str, *tensors: torch.Tensor) -> bool:

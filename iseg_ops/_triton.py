@@ -6,7 +6,12 @@ never launched: the dispatch rule sends every call to the reference).
 
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
+
+# Triton decides between its CPU interpreter and GPU compilation when a kernel is defined
+# (@triton.jit), so the mode is read once, here, as the kernel modules are imported.
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 try:
     import triton
@@ -15,4 +20,4 @@ except ImportError:  # iseg_ops still works, on the PyTorch reference
     triton = SimpleNamespace(jit=lambda fn: fn, cdiv=lambda a, b: -(-a // b))
     tl = SimpleNamespace(constexpr=object)
 
-__all__ = ["triton", "tl"]
+__all__ = ["INTERPRETED", "triton", "tl"]
