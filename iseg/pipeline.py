@@ -25,6 +25,7 @@ from .capture import (
     fuse_cross_attention,
 )
 from .prompts import DEFAULT_TEMPLATE, build_prompt, check_classes
+from .timing import StageTimer
 
 _TEXT_CACHE_SIZE = 256
 
@@ -96,6 +97,7 @@ class ISegPipeline(DiffusionPipeline):
         )
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self._text_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.stage_timer = StageTimer()  # per-stage seconds for benchmarks; off by default
 
     @property
     def default_resolution(self) -> int:
@@ -217,25 +219,29 @@ class ISegPipeline(DiffusionPipeline):
         for classes_i in dict.fromkeys(class_lists):  # prompts that do not fit fail here
             build_prompt(self.tokenizer, classes_i, prompt_template, background_words)
 
-        device = self._execution_device
+        device, stage = self._execution_device, self.stage_timer
         with self.progress_bar(total=3) as progress:
-            text = [
-                self.encode_classes(c, gamma, prompt_template, background_words)
-                for c in class_lists
-            ]
-            embeds = torch.cat([e for e, _ in text])
-            num_classes = [t.shape[0] for _, t in text]
-            class_tokens = torch.zeros(batch, max(num_classes), embeds.shape[1], device=device)
-            for b, (_, tokens) in enumerate(text):
-                class_tokens[b, : tokens.shape[0]] = tokens
+            with stage("text", device):
+                text = [
+                    self.encode_classes(c, gamma, prompt_template, background_words)
+                    for c in class_lists
+                ]
+                embeds = torch.cat([e for e, _ in text])
+                num_classes = [t.shape[0] for _, t in text]
+                class_tokens = torch.zeros(batch, max(num_classes), embeds.shape[1], device=device)
+                for b, (_, tokens) in enumerate(text):
+                    class_tokens[b, : tokens.shape[0]] = tokens
 
-            latents = self.encode_images(pixels)
-            noise = randn_tensor(latents.shape, generator=generator, device=device, dtype=latents.dtype)
-            t = torch.full((batch,), timestep, device=device, dtype=torch.long)
-            noisy = self.scheduler.add_noise(latents, noise, t)
+            with stage("vae", device):
+                latents = self.encode_images(pixels)
+                noise = randn_tensor(
+                    latents.shape, generator=generator, device=device, dtype=latents.dtype
+                )
+                t = torch.full((batch,), timestep, device=device, dtype=torch.long)
+                noisy = self.scheduler.add_noise(latents, noise, t)
             progress.update()
 
-            with capture_attention(
+            with stage("unet", device), capture_attention(
                 self.unet, self_attention_layer, self_attention_heads, cross_attention_weights
             ) as store:
                 try:
@@ -248,13 +254,16 @@ class ISegPipeline(DiffusionPipeline):
                     )
             progress.update()
 
-            self_factor = downsampling_factor(self.unet, self_attention_layer)
-            cross = fuse_cross_attention(
-                store, cross_attention_weights, tuple(latents.shape[-2:]), self_factor, class_tokens
-            )
-            refined = refine(store.self_attention, cross, iters=iters, lam=lam)
-            grid = (latents.shape[-2] // self_factor, latents.shape[-1] // self_factor)
-            heat, label = self._masks(refined, grid, sizes, num_classes, background_threshold)
+            with stage("ops", device):
+                self_factor = downsampling_factor(self.unet, self_attention_layer)
+                latent_size = tuple(latents.shape[-2:])
+                cross = fuse_cross_attention(
+                    store, cross_attention_weights, latent_size, self_factor, class_tokens
+                )
+                refined = refine(store.self_attention, cross, iters=iters, lam=lam)
+            with stage("post", device):
+                grid = (latent_size[0] // self_factor, latent_size[1] // self_factor)
+                heat, label = self._masks(refined, grid, sizes, num_classes, background_threshold)
             progress.update()
 
         self.maybe_free_model_hooks()
