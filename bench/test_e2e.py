@@ -1,0 +1,95 @@
+"""End-to-end speed and memory: the authors' configuration vs a plain SDPA port vs iseg.
+
+On a GPU: the real SD 2.1-base architecture (UNet, VAE, OpenCLIP-H text encoder configs from
+:func:`iseg.testing.sd21_base_components`, random weights, fp16), 512×512 images, K = 3
+classes, batch 1 and 8. Record with
+
+    pytest bench/test_e2e.py --benchmark-json bench/results/<gpu-name>-e2e.json
+
+Without a GPU the tiny model runs on CPU at batch 1 (the CUDA cases are skipped).
+Each benchmark's ``extra_info``: pipeline, batch, s_per_image, peak_mem_gb, gpu, and the
+seconds per image of each stage (text, vae, unet, ops, post) from one instrumented call.
+"""
+
+from __future__ import annotations
+
+import platform
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from iseg import ISegPipeline
+from iseg.baseline import AuthorsBaseline
+from iseg.testing import sd21_base_components, tiny_components
+
+CUDA = torch.cuda.is_available()
+CLASSES = ["cat", "dog", "potted plant"]
+PIPELINES = ("authors", "sdpa_capture", "iseg")
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    tokenizer_dir = tmp_path_factory.mktemp("tokenizer")
+    if CUDA:
+        components = sd21_base_components(torch.float16, tokenizer_dir=tokenizer_dir)
+        pipeline = ISegPipeline(**components).to("cuda")
+    else:
+        pipeline = ISegPipeline(**tiny_components(tokenizer_dir=tokenizer_dir))
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def _runner(pipe, name):
+    if name == "iseg":
+        return pipe
+    return AuthorsBaseline(pipe, sdpa_elsewhere=name == "sdpa_capture")
+
+
+def _images(batch, size):
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(batch)]
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("pipeline", PIPELINES)
+def test_e2e(benchmark, pipe, pipeline, batch):
+    if not CUDA and batch > 1:
+        pytest.skip("batch 8 is a CUDA case (no GPU here)")
+    runner = _runner(pipe, pipeline)
+    images = _images(batch, pipe.default_resolution)
+    device = pipe._execution_device
+
+    def run():
+        generators = [torch.Generator().manual_seed(i) for i in range(batch)]
+        out = runner(images, CLASSES, generator=generators)
+        if CUDA:
+            torch.cuda.synchronize()
+        return out
+
+    run()  # warm-up: kernels compiled, caches filled, allocator grown
+    with runner.stage_timer.recording() as seconds:
+        run()
+    stages = {stage: s / batch for stage, s in seconds.items()}
+    if CUDA:
+        torch.cuda.reset_peak_memory_stats()
+    run()
+    peak = torch.cuda.max_memory_allocated() / 1e9 if CUDA else None
+
+    benchmark.pedantic(run, rounds=10 if CUDA else 2, iterations=1, warmup_rounds=1 if CUDA else 0)
+    benchmark.extra_info.update(
+        pipeline=pipeline,
+        batch=batch,
+        s_per_image=benchmark.stats.stats.median / batch,
+        peak_mem_gb=peak,
+        gpu=torch.cuda.get_device_name() if CUDA else f"cpu ({platform.processor() or 'unknown'})",
+        model="sd21-base (random weights, fp16)" if CUDA else "tiny (random weights, fp32)",
+        resolution=pipe.default_resolution,
+        classes=len(CLASSES),
+        device=str(device),
+        stages=stages,
+        torch=torch.__version__,
+        diffusers=diffusers.__version__,
+    )
