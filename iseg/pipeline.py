@@ -143,6 +143,18 @@ class ISegPipeline(DiffusionPipeline):
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return (latents - shift) * vae.config.scaling_factor
 
+    def make_noise(self, shape: tuple[int, ...], generator=None) -> torch.Tensor:
+        """Gaussian noise of ``shape`` on the execution device in the UNet's dtype, drawn with
+        ``generator`` (one per image allowed) exactly as diffusers' ``randn_tensor`` draws it.
+        Noise drawn on the CPU is uploaded from pinned memory without blocking the host."""
+        device, dtype = self._execution_device, self.unet.dtype
+        first = generator[0] if isinstance(generator, list) else generator
+        source = first.device if first is not None else device
+        noise = randn_tensor(shape, generator=generator, device=source, dtype=dtype)
+        if noise.device.type == "cpu" and device.type == "cuda":
+            noise = noise.pin_memory()
+        return noise.to(device, non_blocking=True)
+
     @torch.no_grad()
     def __call__(
         self,
@@ -233,10 +245,10 @@ class ISegPipeline(DiffusionPipeline):
                     class_tokens[b, : tokens.shape[0]] = tokens
 
             with stage("vae", device):
+                side = resolution // self.vae_scale_factor
+                shape = (batch, self.vae.config.latent_channels, side, side)
+                noise = self.make_noise(shape, generator)  # before the VAE: no stall on upload
                 latents = self.encode_images(pixels)
-                noise = randn_tensor(
-                    latents.shape, generator=generator, device=device, dtype=latents.dtype
-                )
                 t = torch.full((batch,), timestep, device=device, dtype=torch.long)
                 noisy = self.scheduler.add_noise(latents, noise, t)
             progress.update()
