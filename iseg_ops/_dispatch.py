@@ -62,10 +62,13 @@ def check_float(fn: str, name: str, t: object) -> None:
         raise TypeError(f"{fn}: {name} must be a floating-point tensor, got {t.dtype}")
 
 
-def check_finite(fn: str, name: str, t: torch.Tensor) -> None:
-    # One reduction; on CUDA this synchronises once, before any kernel runs.
-    if t.numel() and not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{fn}: {name} ({_shape(t)}) contains NaN or Inf")
+def check_finite(fn: str, **tensors: torch.Tensor) -> None:
+    """``ValueError`` naming the first of ``tensors`` that holds NaN or Inf. One reduction per
+    tensor and a single device-to-host read (on CUDA: one synchronisation, before any kernel)."""
+    flags = torch.stack([torch.isfinite(t).all() for t in tensors.values()]).tolist()
+    for (name, t), finite in zip(tensors.items(), flags):
+        if not finite:
+            raise ValueError(f"{fn}: {name} ({_shape(t)}) contains NaN or Inf")
 
 
 def check_attn(fn: str, attn: object) -> None:
@@ -90,7 +93,7 @@ def check_lam(fn: str, lam: object, allow_none: bool) -> None:
 def validate_ent_self(attn: object, lam: object) -> None:
     check_attn("ent_self", attn)
     check_lam("ent_self", lam, allow_none=False)
-    check_finite("ent_self", "attn", attn)
+    check_finite("ent_self", attn=attn)
 
 
 def validate_refine(attn: object, cross: object, iters: object, lam: object) -> None:
@@ -117,5 +120,4 @@ def validate_refine(attn: object, cross: object, iters: object, lam: object) -> 
     if iters < 0:
         raise ValueError(f"{fn}: iters must be ≥ 0, got {iters}")
     check_lam(fn, lam, allow_none=True)
-    check_finite(fn, "attn", attn)
-    check_finite(fn, "cross", cross)
+    check_finite(fn, attn=attn, cross=cross)

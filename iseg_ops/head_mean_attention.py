@@ -222,8 +222,7 @@ def head_mean_attention(
         scale = query.shape[-1] ** -0.5
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0:
         raise ValueError(f"{fn}: scale must be a positive float, got {scale!r}")
-    check_finite(fn, "query", query)
-    check_finite(fn, "key", key)
+    check_finite(fn, query=query, key=key)
     if not use_triton(fn, query, key):
         return reference.head_mean_attention(query, key, float(scale))
     return _head_mean_attention_triton(query, key, float(scale))
