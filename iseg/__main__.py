@@ -1,0 +1,5 @@
+"""``python -m iseg``: the ``iseg`` command line (:mod:`iseg.cli`)."""
+
+from .cli import main
+
+raise SystemExit(main())
