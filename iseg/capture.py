@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -155,8 +156,30 @@ def cross_attention_layers(unet, weights: Mapping[int, float]) -> dict[str, int]
     return layers
 
 
-def attention_layers(unet) -> set[str]:
-    return {n for n, m in unet.named_modules() if isinstance(m, Attention)}
+# unet → {(self_layer, cross weights): resolved layers}. Walking the UNet's ~1500 modules costs
+# milliseconds, so it happens once per UNet and setting, not once per call.
+_RESOLVED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _resolve_layers(unet, self_layer: str, cross_weights: Mapping[int, float]):
+    """``(self_module, {cross layer name: (module, factor)})``, validated."""
+    key = (self_layer, tuple(sorted(cross_weights.items())))
+    per_unet = _RESOLVED.setdefault(unet, {})
+    if key not in per_unet:
+        modules = dict(unet.named_modules())
+        if not isinstance(modules.get(self_layer), Attention):
+            raise ValueError(
+                f"self_attention_layer: the UNet has no attention layer {self_layer!r}"
+            )
+        cross = cross_attention_layers(unet, cross_weights)
+        missing = {f for f, w in cross_weights.items() if w != 0.0} - set(cross.values())
+        if missing:
+            raise ValueError(
+                f"cross_attention_weights: the UNet has no cross-attention layer at "
+                f"downsampling factor(s) {sorted(missing)}"
+            )
+        per_unet[key] = (modules[self_layer], {n: (modules[n], f) for n, f in cross.items()})
+    return per_unet[key]
 
 
 @contextlib.contextmanager
@@ -171,9 +194,7 @@ def capture_attention(
     Yields the :class:`AttentionStore` that the UNet's forward fills. The forward raises
     :class:`StopForward` after the last captured layer; the caller catches it.
     """
-    if self_layer not in attention_layers(unet):
-        raise ValueError(f"self_attention_layer: the UNet has no attention layer {self_layer!r}")
-    module = unet.get_submodule(self_layer)
+    module, cross = _resolve_layers(unet, self_layer, cross_weights)
     if self_heads is not None:
         self_heads = tuple(int(h) for h in self_heads)
         if not self_heads or not all(0 <= h < module.heads for h in self_heads):
@@ -181,26 +202,20 @@ def capture_attention(
                 f"self_attention_heads must be a non-empty subset of 0..{module.heads - 1} "
                 f"(the heads of {self_layer}), got {self_heads}"
             )
-    cross = cross_attention_layers(unet, cross_weights)
-    missing = {f for f, w in cross_weights.items() if w != 0.0} - set(cross.values())
-    if missing:
-        raise ValueError(
-            f"cross_attention_weights: the UNet has no cross-attention layer at downsampling "
-            f"factor(s) {sorted(missing)}"
-        )
     store = AttentionStore(pending={self_layer, *cross}, self_heads=self_heads)
-    processors = {f"{self_layer}.processor": SelfAttentionCapture(store, self_layer)}
-    for name, factor in cross.items():
-        processors[f"{name}.processor"] = CrossAttentionCapture(store, name, factor)
+    processors = {module: SelfAttentionCapture(store, self_layer)}
+    for name, (cross_module, factor) in cross.items():
+        processors[cross_module] = CrossAttentionCapture(store, name, factor)
 
-    previous = unet.attn_processors
-    installed = dict(previous)
-    installed.update(processors)
-    unet.set_attn_processor(installed)
+    # Only the captured layers' processors change; each is put back, whatever happens.
+    previous = {m: m.processor for m in processors}
     try:
+        for m, processor in processors.items():
+            m.set_processor(processor)
         yield store
     finally:
-        unet.set_attn_processor(previous)
+        for m, processor in previous.items():
+            m.set_processor(processor)
 
 
 def fuse_cross_attention(
