@@ -29,7 +29,6 @@ from tqdm import tqdm
 
 from . import masks
 from .pipeline import ISegPipeline
-from .prompts import build_prompt
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-2-1-base"
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -327,7 +326,7 @@ def segment(args: argparse.Namespace) -> int:
     if todo:
         pipe = load_pipeline(args.model, device, dtype)
         try:  # names that do not fit the text encoder fail here, once, not at the first image
-            build_prompt(pipe.tokenizer, classes)
+            pipe.prompt(classes)
         except ValueError as exc:
             raise CommandError(f"--classes: {_first_line(exc)}", code=2) from None
         with tqdm(total=len(todo), unit="img", disable=None, desc=PROG) as bar:

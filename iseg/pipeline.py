@@ -24,7 +24,7 @@ from .capture import (
     downsampling_factor,
     fuse_cross_attention,
 )
-from .prompts import DEFAULT_TEMPLATE, build_prompt, check_classes
+from .prompts import DEFAULT_TEMPLATE, ClassPrompt, build_prompt, check_classes
 from .timing import StageTimer
 
 _TEXT_CACHE_SIZE = 256
@@ -50,6 +50,13 @@ class ISegPipelineOutput(BaseOutput):
     labels: torch.Tensor | list[torch.Tensor]
     self_attention: torch.Tensor | None = None
     cross_attention: torch.Tensor | None = None
+
+
+def _bounded_put(cache: dict, key, value) -> None:
+    """Insert into a cache of at most ``_TEXT_CACHE_SIZE`` entries, dropping the oldest."""
+    if len(cache) >= _TEXT_CACHE_SIZE:
+        cache.pop(next(iter(cache)))
+    cache[key] = value
 
 
 def _class_lists(classes: object, batch: int) -> list[tuple[str, ...]]:
@@ -96,6 +103,7 @@ class ISegPipeline(DiffusionPipeline):
             vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler
         )
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self._prompts: dict[tuple, ClassPrompt] = {}
         self._text_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.stage_timer = StageTimer()  # per-stage seconds for benchmarks; off by default
 
@@ -103,6 +111,20 @@ class ISegPipeline(DiffusionPipeline):
     def default_resolution(self) -> int:
         """Working resolution: ``unet.config.sample_size * vae_scale_factor`` (512 for SD 2.1-base)."""
         return self.unet.config.sample_size * self.vae_scale_factor
+
+    def prompt(
+        self,
+        classes: Sequence[str],
+        prompt_template: str = DEFAULT_TEMPLATE,
+        background_words: Sequence[str] = (),
+    ) -> ClassPrompt:
+        """The tokenized iSeg prompt of ``classes`` (cached; raises ``ValueError`` when it does
+        not fit the text encoder)."""
+        key = (tuple(classes), prompt_template, tuple(background_words))
+        if key not in self._prompts:
+            prompt = build_prompt(self.tokenizer, classes, prompt_template, background_words)
+            _bounded_put(self._prompts, key, prompt)
+        return self._prompts[key]
 
     def encode_classes(
         self,
@@ -121,16 +143,14 @@ class ISegPipeline(DiffusionPipeline):
         key = (tuple(classes), gamma, prompt_template, tuple(background_words), device, dtype)
         if key in self._text_cache:
             return self._text_cache[key]
-        prompt = build_prompt(self.tokenizer, classes, prompt_template, background_words)
+        prompt = self.prompt(classes, prompt_template, background_words)
         ids = torch.tensor([prompt.input_ids], device=device)
         embeds = self.text_encoder(ids)[0].to(dtype)
         class_tokens = torch.zeros(len(classes), ids.shape[1], device=device)
         for k, positions in enumerate(prompt.class_positions):
             embeds[:, list(positions)] *= gamma
             class_tokens[k, list(positions)] = 1.0 / len(positions)
-        if len(self._text_cache) >= _TEXT_CACHE_SIZE:
-            self._text_cache.pop(next(iter(self._text_cache)))
-        self._text_cache[key] = (embeds, class_tokens)
+        _bounded_put(self._text_cache, key, (embeds, class_tokens))
         return embeds, class_tokens
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -229,7 +249,7 @@ class ISegPipeline(DiffusionPipeline):
         if isinstance(generator, list) and len(generator) != batch:
             raise ValueError(f"generator: got {len(generator)} generators for {batch} images")
         for classes_i in dict.fromkeys(class_lists):  # prompts that do not fit fail here
-            build_prompt(self.tokenizer, classes_i, prompt_template, background_words)
+            self.prompt(classes_i, prompt_template, background_words)
 
         device, stage = self._execution_device, self.stage_timer
         with self.progress_bar(total=3) as progress:
