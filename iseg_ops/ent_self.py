@@ -51,8 +51,10 @@ def _ent_self_tile(s, col_max, lam):
     ``col_max`` [BLOCK_N]. Returns ``(T, T0)``: Eq. 7 clamped at 0, and ``S / colmax`` (the
     lam = 0 transform, which rows that the clamp empties fall back to)."""
     has_max = col_max > 0
-    rcp = tl.where(has_max, 1.0 / tl.where(has_max, col_max, 1.0), 0.0)
-    t0 = s * rcp[None, :]
+    # 1/colmax overflows for a subnormal colmax: scale such columns by 2^100 (exact) first.
+    scale = tl.where(col_max < 7.888609052210118e-31, 1.2676506002282294e30, 1.0)  # 2^-100, 2^100
+    rcp = tl.where(has_max, 1.0 / tl.where(has_max, col_max * scale, 1.0), 0.0)
+    t0 = (s * scale[None, :]) * rcp[None, :]
     positive = t0 > 0
     t = tl.where(positive, t0 + lam * (1.0 + tl.log(tl.where(positive, t0, 1.0))), 0.0)
     return tl.maximum(t, 0.0), t0

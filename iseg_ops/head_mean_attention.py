@@ -167,7 +167,8 @@ def _head_mean_attention_triton(query: torch.Tensor, key: torch.Tensor, scale: f
     # Triton's CPU interpreter multiplies bf16 tiles wrongly (numpy has no bf16), so there
     # bf16 is multiplied in fp32; on a GPU bf16 goes to the tensor cores like fp16.
     half_dot = q.dtype == torch.float16 or (q.dtype == torch.bfloat16 and not interpreting())
-    common = dict(HALF_DOT=half_dot, BLOCK_D=block_d)
+    # fp32 tiles: 2 pipeline stages keep D ≤ 128 within sm_86's shared memory.
+    common = dict(HALF_DOT=half_dot, BLOCK_D=block_d, num_stages=3 if half_dot else 2)
     qk_scale = scale * _LOG2E
     _row_lse_kernel[(triton.cdiv(lq, 64), batch * heads)](
         q, k, lse, heads, lq, lk, d, qk_scale, *q.stride(), *k.stride(),
@@ -220,8 +221,10 @@ def head_mean_attention(
         raise ValueError(f"{fn}: empty query {tuple(query.shape)} or key {tuple(key.shape)}")
     if scale is None:
         scale = query.shape[-1] ** -0.5
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0:
-        raise ValueError(f"{fn}: scale must be a positive float, got {scale!r}")
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"{fn}: scale must be a float or None, got {type(scale).__name__}")
+    elif not 0 < scale < float("inf"):
+        raise ValueError(f"{fn}: scale must be a finite number > 0, got {scale!r}")
     check_finite(fn, query=query, key=key)
     if not use_triton(fn, query, key):
         return reference.head_mean_attention(query, key, float(scale))

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 def _ent_self_fp32(attn: torch.Tensor, lam: float) -> torch.Tensor:
     s = attn.float()
     col_max = s.amax(dim=-2, keepdim=True)  # max over the queries q, per key k
-    t0 = torch.where(col_max > 0, s / col_max.clamp_min(torch.finfo(s.dtype).tiny), 0.0)
+    t0 = torch.where(col_max > 0, s / col_max, 0.0)
     positive = t0 > 0
     # Eq. 7 (natural log) where T > 0, then clamp at 0.
     t = torch.where(positive, t0 + lam * (1.0 + torch.log(t0.clamp_min(1e-38))), 0.0)

@@ -166,6 +166,7 @@ def _refine_triton(
             BLOCK_M=block_m,
             BLOCK_N=block_n,
             BLOCK_K=block_k,
+            num_stages=3 if half_dot else 2,  # fp32 tiles: 2 stages fit sm_86's shared memory
         )
         src = y
     lo, hi = stats[iters, :, 0, None, :], stats[iters, :, 1, None, :]
