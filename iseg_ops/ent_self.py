@@ -71,6 +71,18 @@ def _row_weights(row_sum, row_sum0):
     return w, w0
 
 
+@triton.jit
+def _load_ent_self_tile(s_rows, col_max_row, cols, row_ok, HW, stride_sk, lam):
+    """Load the tile of S at rows ``s_rows`` and columns ``cols`` and return ``(T, T0, mask)``
+    of :func:`_ent_self_tile` (zeros outside the matrix)."""
+    col_ok = cols < HW
+    mask = row_ok[:, None] & col_ok[None, :]
+    s = tl.load(s_rows + cols[None, :].to(tl.int64) * stride_sk, mask=mask, other=0.0)
+    col_max = tl.load(col_max_row + cols, mask=col_ok, other=0.0)
+    t, t0 = _ent_self_tile(s.to(tl.float32), col_max, lam)
+    return t, t0, mask
+
+
 # One program: BLOCK_M rows of P. Two reads of those rows of S (row sums, then P) and one write.
 @triton.jit
 def _ent_self_kernel(
@@ -100,22 +112,14 @@ def _ent_self_kernel(
     row_sum0 = tl.zeros([BLOCK_M], dtype=tl.float32)
     for n in range(0, HW, BLOCK_N):
         cols = n + tl.arange(0, BLOCK_N)
-        col_ok = cols < HW
-        mask = row_ok[:, None] & col_ok[None, :]
-        s = tl.load(s_rows + cols[None, :].to(tl.int64) * stride_sk, mask=mask, other=0.0)
-        col_max = tl.load(col_max_row + cols, mask=col_ok, other=0.0)
-        t, t0 = _ent_self_tile(s.to(tl.float32), col_max, lam)
+        t, t0, _ = _load_ent_self_tile(s_rows, col_max_row, cols, row_ok, HW, stride_sk, lam)
         row_sum += tl.sum(t, axis=1)
         row_sum0 += tl.sum(t0, axis=1)
 
     w, w0 = _row_weights(row_sum, row_sum0)
     for n in range(0, HW, BLOCK_N):
         cols = n + tl.arange(0, BLOCK_N)
-        col_ok = cols < HW
-        mask = row_ok[:, None] & col_ok[None, :]
-        s = tl.load(s_rows + cols[None, :].to(tl.int64) * stride_sk, mask=mask, other=0.0)
-        col_max = tl.load(col_max_row + cols, mask=col_ok, other=0.0)
-        t, t0 = _ent_self_tile(s.to(tl.float32), col_max, lam)
+        t, t0, mask = _load_ent_self_tile(s_rows, col_max_row, cols, row_ok, HW, stride_sk, lam)
         p = t * w[:, None] + t0 * w0[:, None]
         tl.store(
             p_rows + cols[None, :].to(tl.int64) * stride_pk,
