@@ -90,7 +90,8 @@ class AuthorsBaseline:
 
         with stage("vae", device):
             vae = pipe.vae
-            latents = vae.encode(pixels.to(device, vae.dtype)).latent_dist.mean
+            pixels = masks.to_model_range(pixels.to(device), vae.dtype)
+            latents = vae.encode(pixels).latent_dist.mean
             latents = latents * vae.config.scaling_factor
             noise = randn_tensor(latents.shape, generator=generator, device=device, dtype=latents.dtype)
             t = torch.full((batch,), timestep, device=device, dtype=torch.long)

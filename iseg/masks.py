@@ -12,7 +12,9 @@ from iseg_ops.reference import minmax
 
 def to_tensor_batch(image: object, resolution: int) -> tuple[torch.Tensor, list[tuple[int, int]]]:
     """Convert a PIL image, a list of them, or a float tensor ``[B, 3, H, W]`` / ``[3, H, W]``
-    in [0, 1] to ``[B, 3, R, R]`` in [-1, 1] (bilinear resize to ``resolution`` R).
+    in [0, 1] to ``[B, 3, R, R]`` pixels (bilinear resize to ``resolution`` R): uint8 for PIL
+    input (a quarter of the bytes to upload), float in [0, 1] for tensor input;
+    :func:`to_model_range` maps either to [-1, 1] on the device.
 
     Returns the batch (on the input tensor's device, else CPU) and each input's ``(H, W)``.
     Any PIL mode (RGBA, grayscale, palette, …) is converted to RGB.
@@ -28,7 +30,7 @@ def to_tensor_batch(image: object, resolution: int) -> tuple[torch.Tensor, list[
             batch.float(), size=(resolution, resolution), mode="bilinear",
             align_corners=False, antialias=True,
         )  # fmt: skip
-        return batch * 2.0 - 1.0, sizes
+        return batch, sizes
     images = [image] if isinstance(image, Image.Image) else image
     if not isinstance(images, (list, tuple)) or not images:
         raise TypeError(
@@ -42,8 +44,14 @@ def to_tensor_batch(image: object, resolution: int) -> tuple[torch.Tensor, list[
         sizes.append((img.height, img.width))
         rgb = img.convert("RGB").resize((resolution, resolution), Image.BILINEAR)
         arrays.append(np.asarray(rgb))
-    batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
-    return batch.float() / 127.5 - 1.0, sizes
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2), sizes
+
+
+def to_model_range(pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Pixels from :func:`to_tensor_batch` (uint8, or float in [0, 1]) → ``dtype`` in [-1, 1]."""
+    if pixels.dtype == torch.uint8:
+        return (pixels.to(torch.float32) / 127.5 - 1.0).to(dtype)
+    return (pixels * 2.0 - 1.0).to(dtype)
 
 
 def heatmaps(refined: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:

@@ -154,12 +154,14 @@ class ISegPipeline(DiffusionPipeline):
         return embeds, class_tokens
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """``[B, 3, R, R]`` in [-1, 1] → VAE latents (``latent_dist.mean``, scaled; no sampling)."""
+        """Pixels from :func:`masks.to_tensor_batch` ``[B, 3, R, R]`` → VAE latents
+        (``latent_dist.mean``, scaled; no sampling). Uploaded from pinned memory without
+        blocking the host, then mapped to [-1, 1] on the device."""
         vae = self.vae
         if pixels.device.type == "cpu" and self._execution_device.type == "cuda":
             pixels = pixels.pin_memory()
-        pixels = pixels.to(self._execution_device, vae.dtype, non_blocking=True)
-        latents = vae.encode(pixels).latent_dist.mean
+        pixels = pixels.to(self._execution_device, non_blocking=True)
+        latents = vae.encode(masks.to_model_range(pixels, vae.dtype)).latent_dist.mean
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return (latents - shift) * vae.config.scaling_factor
 
