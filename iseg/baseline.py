@@ -100,13 +100,13 @@ class AuthorsBaseline:
         with stage("unet", device):
             kept: dict[str, torch.Tensor] = {}
             processors = {}
-            for name in unet.attn_processors:
+            previous = unet.attn_processors
+            for name in previous:
                 layer = name.removesuffix(".processor")
                 if layer == SELF_ATTENTION_LAYER or layer in self.cross_layers:
                     processors[name] = _ClassicKeepProbs(kept, layer)
                 else:
                     processors[name] = AttnProcessor2_0() if self.sdpa_elsewhere else AttnProcessor()
-            previous = unet.attn_processors
             unet.set_attn_processor(processors)
             try:
                 unet(noisy, t, encoder_hidden_states=embeds, return_dict=False)  # full forward

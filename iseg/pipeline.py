@@ -158,9 +158,7 @@ class ISegPipeline(DiffusionPipeline):
         (``latent_dist.mean``, scaled; no sampling). Uploaded from pinned memory without
         blocking the host, then mapped to [-1, 1] on the device."""
         vae = self.vae
-        if pixels.device.type == "cpu" and self._execution_device.type == "cuda":
-            pixels = pixels.pin_memory()
-        pixels = pixels.to(self._execution_device, non_blocking=True)
+        pixels = self._upload(pixels)
         latents = vae.encode(masks.to_model_range(pixels, vae.dtype)).latent_dist.mean
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return (latents - shift) * vae.config.scaling_factor
@@ -169,13 +167,18 @@ class ISegPipeline(DiffusionPipeline):
         """Gaussian noise of ``shape`` on the execution device in the UNet's dtype, drawn with
         ``generator`` (one per image allowed) exactly as diffusers' ``randn_tensor`` draws it.
         Noise drawn on the CPU is uploaded from pinned memory without blocking the host."""
-        device, dtype = self._execution_device, self.unet.dtype
         first = generator[0] if isinstance(generator, list) else generator
-        source = first.device if first is not None else device
-        noise = randn_tensor(shape, generator=generator, device=source, dtype=dtype)
-        if noise.device.type == "cpu" and device.type == "cuda":
-            noise = noise.pin_memory()
-        return noise.to(device, non_blocking=True)
+        source = first.device if first is not None else self._execution_device
+        dtype = self.unet.dtype
+        return self._upload(randn_tensor(shape, generator=generator, device=source, dtype=dtype))
+
+    def _upload(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` on the execution device; from the CPU to CUDA through pinned memory, so
+        the copy does not block the host."""
+        device = self._execution_device
+        if tensor.device.type == "cpu" and device.type == "cuda":
+            tensor = tensor.pin_memory()
+        return tensor.to(device, non_blocking=True)
 
     @torch.no_grad()
     def __call__(
