@@ -7,6 +7,7 @@ the reference elsewhere; ``ISEG_OPS_BACKEND=auto|triton|torch`` overrides.
 
 from .ent_self import ent_self
 from .head_mean_attention import head_mean_attention
+from .kl import kl_cluster, symmetric_kl
 from .refine import refine
 
-__all__ = ["ent_self", "refine", "head_mean_attention"]
+__all__ = ["ent_self", "refine", "head_mean_attention", "symmetric_kl", "kl_cluster"]

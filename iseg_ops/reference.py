@@ -72,3 +72,54 @@ def head_mean_attention(
         logits = query[..., h, :, :].float() @ key[..., h, :, :].float().transpose(-1, -2)
         out += F.softmax(logits * scale, dim=-1)
     return (out / heads).to(query.dtype)
+
+
+def symmetric_kl(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Reference symmetric KL (DiffSeg's distance), elementwise: ``D[m, q] = ½ Σ_n (x − y)(ln x
+    − ln y)`` with the limits at exact zeros (both 0 → 0, one 0 → +∞). Same contract as
+    :func:`iseg_ops.symmetric_kl`; materialises ``[M, N]`` per row of ``y`` (slow, exact)."""
+    dtype = torch.float64 if torch.float64 in (x.dtype, y.dtype) else torch.float32
+    x, y = x.to(dtype), y.to(dtype)
+    out = torch.empty(*x.shape[:-1], y.shape[-2], dtype=dtype, device=x.device)
+    lx = torch.log(x)
+    for q in range(y.shape[-2]):
+        yq = y[..., q : q + 1, :]  # [..., 1, N]
+        term = (x - yq) * (lx - torch.log(yq))
+        term = torch.where((x == 0) & (yq == 0), 0.0, term)
+        out[..., q] = 0.5 * term.sum(-1)
+    return out
+
+
+def kl_cluster(
+    x: torch.Tensor, grid: tuple[int, int], num_clusters: int = 32, rounds: int = 20
+) -> torch.Tensor:
+    """Reference cross-attention clustering (METHOD §6), one matrix at a time with explicit
+    prototype lists. Same contract as :func:`iseg_ops.kl_cluster`."""
+    import math
+
+    h, w = grid
+    root = math.sqrt(num_clusters)
+    rows = range(0, h, max(1, int(h // root)))
+    cols = range(0, w, max(1, int(w // root)))
+    anchors = [r * w + c for r in rows for c in cols]
+    flat = x.reshape(-1, h * w, x.shape[-1]).float()
+    out = torch.empty_like(flat)
+    for b in range(flat.shape[0]):
+        feats = torch.where(flat[b] == 0, 1e-6, flat[b])
+        pixels = (feats.half() + 1e-5).float()
+        prototypes = [feats[a] for a in anchors]
+        means = feats  # rounds = 0: every pixel keeps its own features
+        for _ in range(rounds):
+            protos = torch.stack([(p.half() + 1e-5).float() for p in prototypes])
+            d = torch.stack(
+                [((pr - pixels) * (torch.log(pr) - torch.log(pixels))).sum(-1) for pr in protos]
+            )  # [K, HW]
+            assign = d.argmin(0)
+            kept = [k for k in range(len(prototypes)) if (assign == k).any()]
+            prototypes = [feats[assign == k].mean(0) for k in kept]
+            remap = torch.full((len(protos),), -1, dtype=torch.long, device=x.device)
+            remap[kept] = torch.arange(len(kept), device=x.device)
+            assign = remap[assign]
+            means = torch.stack(prototypes)[assign]
+        out[b] = means
+    return out.reshape(x.shape).to(x.dtype)

@@ -1,0 +1,224 @@
+"""Symmetric KL distance between distributions and the KL clustering of the authors' recipes.
+
+``symmetric_kl`` is DiffSeg's merging distance (UNSUPERVISED.md §1, §4) and ``kl_cluster`` the
+cross-attention clustering of iSeg's released recipes (METHOD §6). Both are pure functions in
+plain PyTorch: their work is a few GEMMs (cuBLAS does them at peak), so no Triton kernel is
+needed; :mod:`iseg_ops.reference` holds the elementwise definitions they are tested against.
+
+Distance (no epsilon), for two non-negative vectors ``x, y`` of length ``N``::
+
+    D(x, y) = ½ Σ x (ln x − ln y) − ½ Σ y (ln x − ln y) = ½ Σ (x − y)(ln x − ln y)
+            = ½ [h(x) + h(y) − x·ln y − ln x·y],        h(x) = Σ x ln x
+
+The last form is what :func:`symmetric_kl` computes: the two cross terms of a whole block are
+one GEMM ``[X, ln X] · [ln Y, Y]ᵀ`` (inner dimension ``2N``) plus the entropy vectors.
+
+**Exact zeros** follow the limits of the elementwise form: ``0 · ln 0 = 0``, so a position where
+both vectors are 0 adds nothing, and a position where exactly one of them is 0 adds ``+∞``
+(``(x − y)(ln x − ln y) → +∞``). ``D`` is therefore ``+∞`` whenever the supports differ, and
+finite otherwise; it is never NaN. DiffSeg (TensorFlow, no epsilon) gets NaN for any zero in
+either vector, and ``NaN < τ`` is false: where exactly one is zero both give "no match", where
+both are zero DiffSeg's NaN also refuses the match while we compare the remaining positions.
+In the GEMM form, ``ln 0`` is replaced by 0 (the product with the other vector's 0 or with the
+support mismatch is handled exactly) and the support mismatch is counted with one extra GEMM of
+0/1 indicators, only when a zero is present.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._dispatch import check_float
+
+# Rows of ``y`` processed per GEMM block: bounds the temporaries ``[rows, 2N]`` to ~32 MiB (fp32),
+# so a 4096×4096 ``y`` never needs a second full-size copy of its logarithm.
+_BLOCK_ELEMENTS = 1 << 23
+
+# The authors' clustering constants (METHOD §6).
+CLUSTER_ZERO_FILL = 1e-6
+CLUSTER_DISTANCE_EPS = 1e-5
+
+
+def _check_distributions(fn: str, **tensors: torch.Tensor) -> None:
+    """Finite and non-negative, with one device-to-host read for all tensors."""
+    flags = []
+    for t in tensors.values():
+        flags += [torch.isfinite(t).all(), (t >= 0).all()]
+    flags = torch.stack(flags).tolist()
+    for i, (name, t) in enumerate(tensors.items()):
+        shape = "×".join(map(str, t.shape))
+        if not flags[2 * i]:
+            raise ValueError(f"{fn}: {name} ({shape}) contains NaN or Inf")
+        if not flags[2 * i + 1]:
+            raise ValueError(f"{fn}: {name} ({shape}) has negative entries; distributions are ≥ 0")
+
+
+def _log0(t: torch.Tensor) -> torch.Tensor:
+    """``ln t`` with ``ln 0`` replaced by 0 (the terms it multiplies are handled separately)."""
+    return torch.where(t > 0, torch.log(t), torch.zeros((), dtype=t.dtype, device=t.device))
+
+
+def _symmetric_kl(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype, has_zeros: bool):
+    """The GEMM form on validated inputs: ``[..., M, N] × [..., Q, N] → [..., M, Q]``."""
+    x = x.to(dtype)
+    lx = _log0(x)
+    hx = (x * lx).sum(-1)  # [..., M]
+    xs = torch.cat([x, lx], dim=-1)  # [..., M, 2N]
+    zx = (x == 0).to(dtype) if has_zeros else None
+    n = x.shape[-1]
+    rows = max(1, _BLOCK_ELEMENTS // (2 * n))
+    blocks = []
+    for start in range(0, y.shape[-2], rows):
+        yb = y[..., start : start + rows, :].to(dtype)
+        ly = _log0(yb)
+        hy = (yb * ly).sum(-1)  # [..., Qb]
+        cross = xs @ torch.cat([ly, yb], dim=-1).transpose(-1, -2)  # x·ln y + ln x·y
+        d = (hx.unsqueeze(-1) + hy.unsqueeze(-2) - cross).mul_(0.5).clamp_min_(0.0)
+        if has_zeros:
+            zy = (yb == 0).to(dtype)
+            # positions where exactly one of the two is zero: |Zx| + |Zy| − 2 Zx·Zy
+            mismatch = zx.sum(-1).unsqueeze(-1) + zy.sum(-1).unsqueeze(-2) - 2 * (zx @ zy.transpose(-1, -2))
+            d = d.masked_fill_(mismatch > 0.5, math.inf)
+        blocks.append(d)
+    return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=-1)
+
+
+def symmetric_kl(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Pairwise symmetric KL distance between the rows of ``x`` and the rows of ``y``.
+
+    ``D[m, q] = ½ Σ_n (x[m, n] − y[q, n]) (ln x[m, n] − ln y[q, n])`` (DiffSeg's distance, no
+    epsilon), computed as ``½ [h(x) + h(y) − X·(ln Y)ᵀ − (ln X)·Yᵀ]`` with one GEMM per block of
+    ``y``'s rows. Exact zeros: ``D = +∞`` where the supports of the two rows differ, otherwise
+    the positions where both are 0 are skipped (the limit ``0 · ln 0 = 0``); never NaN (see the
+    module docstring for DiffSeg's behaviour).
+
+    Args:
+        x (Tensor): ``[..., M, N]`` non-negative rows (e.g. DiffSeg's anchor maps).
+        y (Tensor): ``[..., Q, N]`` non-negative rows, same leading dims.
+
+    Returns:
+        Tensor: ``[..., M, Q]``, ≥ 0, in float64 when either input is float64, else float32
+        (fp16/bf16 inputs are promoted). Rows need not sum to 1 (the formula is used as is).
+
+    Example:
+        >>> a = torch.softmax(torch.randn(3, 10), -1); b = torch.softmax(torch.randn(5, 10), -1)
+        >>> symmetric_kl(a, b).shape
+        torch.Size([3, 5])
+    """
+    fn = "symmetric_kl"
+    check_float(fn, "x", x)
+    check_float(fn, "y", y)
+    if x.dim() < 2 or y.dim() != x.dim() or x.shape[:-2] != y.shape[:-2] or x.shape[-1] != y.shape[-1]:
+        raise ValueError(
+            f"{fn}: x must be [..., M, N] and y [..., Q, N] with the same leading dims and N, "
+            f"got x {tuple(x.shape)} and y {tuple(y.shape)}"
+        )
+    if x.shape[-1] == 0:
+        raise ValueError(f"{fn}: the distributions are empty (N = 0): x {tuple(x.shape)}")
+    if x.device != y.device:
+        raise ValueError(f"{fn}: x is on {x.device} but y is on {y.device}")
+    if x.numel() == 0 or y.numel() == 0:
+        dtype = torch.float64 if torch.float64 in (x.dtype, y.dtype) else torch.float32
+        return torch.empty(*x.shape[:-1], y.shape[-2], dtype=dtype, device=x.device)
+    _check_distributions(fn, x=x, y=y)
+    dtype = torch.float64 if torch.float64 in (x.dtype, y.dtype) else torch.float32
+    has_zeros = bool(torch.stack([(x == 0).any(), (y == 0).any()]).any())
+    return _symmetric_kl(x, y, dtype, has_zeros)
+
+
+def cluster_anchors(grid: tuple[int, int], num_clusters: int) -> torch.Tensor:
+    """Flat indices of the authors' initial prototypes on a ``grid`` (h, w): rows
+    ``range(0, h, step_h)`` × columns ``range(0, w, step_w)``, row-major, with
+    ``step = max(1, int(side // √num_clusters))`` (64×64, 32 clusters → rows and columns
+    0, 11, …, 55: 36 anchors; the ``max`` only matters for grids smaller than √num_clusters)."""
+    h, w = grid
+    root = math.sqrt(num_clusters)
+    rows = range(0, h, max(1, int(h // root)))
+    cols = range(0, w, max(1, int(w // root)))
+    return torch.tensor([r * w + c for r in rows for c in cols], dtype=torch.long)
+
+
+def _fp16_eps(t: torch.Tensor) -> torch.Tensor:
+    """The authors' distance inputs: the vector in fp16 plus 1e-5 (added in fp16), as fp32."""
+    return (t.to(torch.float16) + CLUSTER_DISTANCE_EPS).float()
+
+
+def kl_cluster(
+    x: torch.Tensor, grid: tuple[int, int], num_clusters: int = 32, rounds: int = 20
+) -> torch.Tensor:
+    """The authors' cross-attention clustering (METHOD §6): every pixel's vector replaced by
+    the mean vector of its KL-nearest cluster.
+
+    1. Features: ``x`` with exact zeros replaced by 1e-6 (fp32).
+    2. Initial prototypes: the features of the :func:`cluster_anchors` pixels (36 on 64×64).
+    3. ``rounds`` times: every pixel goes to its nearest prototype under :func:`symmetric_kl`,
+       computed as the authors do on both vectors cast to fp16 plus 1e-5 (the values are those
+       fp16 numbers; the sums are done in fp32); ties go to the lower prototype index. Each
+       non-empty cluster's prototype becomes the mean of its pixels' features; empty clusters
+       are dropped.
+    4. Output: every pixel gets its final cluster's mean (so pixels of one cluster are equal).
+
+    Args:
+        x (Tensor): ``[..., HW, L]`` non-negative features (the fused cross-attention of all
+            ``L`` = 77 text positions at the self-attention grid), HW = h·w row-major.
+        grid (tuple[int, int]): ``(h, w)`` of the pixel grid.
+        num_clusters (int): the authors' requested cluster count (32); sets the anchor step.
+        rounds (int): assignment/update rounds (20); 0 returns each pixel's own features.
+
+    Returns:
+        Tensor: ``[..., HW, L]`` in ``x.dtype``, each row the mean of its cluster's features.
+
+    Example:
+        >>> x = torch.rand(2, 64 * 64, 77)
+        >>> kl_cluster(x, (64, 64)).shape
+        torch.Size([2, 4096, 77])
+    """
+    fn = "kl_cluster"
+    check_float(fn, "x", x)
+    if (
+        not isinstance(grid, (tuple, list))
+        or len(grid) != 2
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in grid)
+    ):
+        raise ValueError(f"{fn}: grid must be (h, w) with positive ints, got {grid!r}")
+    for name, value, low in (("num_clusters", num_clusters, 1), ("rounds", rounds, 0)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{fn}: {name} must be an int, got {type(value).__name__}")
+        if value < low:
+            raise ValueError(f"{fn}: {name} must be ≥ {low}, got {value}")
+    h, w = grid
+    if x.dim() < 2 or x.shape[-2] != h * w or x.shape[-1] == 0:
+        raise ValueError(
+            f"{fn}: x must be [..., HW, L] with HW = {h}×{w} = {h * w} and L ≥ 1, "
+            f"got {tuple(x.shape)}"
+        )
+    if x.numel() == 0:
+        return x.clone()
+    _check_distributions(fn, x=x)
+
+    features = x.reshape(-1, h * w, x.shape[-1]).float()
+    features = torch.where(features == 0, CLUSTER_ZERO_FILL, features)  # [B, HW, L]
+    anchors = cluster_anchors(grid, num_clusters).to(x.device)
+    prototypes = features[:, anchors]  # [B, K, L]
+    alive = torch.ones(prototypes.shape[:2], dtype=torch.bool, device=x.device)  # [B, K]
+    pixels = _fp16_eps(features)
+    lp = torch.log(pixels)
+    hp = (pixels * lp).sum(-1)  # [B, HW]
+    pixel_side = torch.cat([lp, pixels], dim=-1).transpose(1, 2)  # [B, 2L, HW]
+    means = features
+    for _ in range(rounds):
+        protos = _fp16_eps(prototypes)
+        lq = torch.log(protos)
+        hq = (protos * lq).sum(-1)  # [B, K]
+        d = hq.unsqueeze(-1) + hp.unsqueeze(-2) - torch.cat([protos, lq], dim=-1) @ pixel_side
+        d = d.masked_fill(~alive.unsqueeze(-1), math.inf)  # [B, K, HW]; ½ does not change argmin
+        assign = d.argmin(dim=1)  # [B, HW], first minimum on ties
+        onehot = torch.nn.functional.one_hot(assign, prototypes.shape[1]).to(features.dtype)
+        counts = onehot.sum(1)  # [B, K]
+        sums = onehot.transpose(1, 2) @ features  # [B, K, L]
+        alive = counts > 0
+        prototypes = torch.where(alive.unsqueeze(-1), sums / counts.clamp_min(1).unsqueeze(-1), 0.0)
+        means = torch.gather(prototypes, 1, assign.unsqueeze(-1).expand(-1, -1, features.shape[-1]))
+    return means.reshape(x.shape).to(x.dtype)
