@@ -1,0 +1,907 @@
+"""Scoring segmentations as the papers do: the authors' mIoU, MMSegmentation's, and DiffSeg's
+per-image Hungarian matching — plus the resumable ``iseg eval`` runner (:func:`run_eval`).
+
+Metrics (DATASETS.md, METHOD §6):
+    * :func:`confusion_matrix` — ``hist[n, n]`` (rows ground truth, columns prediction) by one
+      ``bincount``; ground-truth pixels outside ``[0, n)`` (255) are ignored.
+    * :func:`scores` — per-class IoU ``diag / (rowsum + colsum − diag)``, the authors' mIoU (mean
+      over the classes present in the ground truth, ``rowsum > 0``), MMSegmentation's (mean over
+      ``union > 0``), pixel accuracy and mean class accuracy, from one matrix summed over a split.
+    * :func:`hungarian_match` / :class:`HungarianScores` / :func:`hungarian_scores` — the
+      unsupervised protocol of UNSUPERVISED.md §2: per image, the predicted segment ids are
+      matched one-to-one to the classes by ``scipy.optimize.linear_sum_assignment`` on the
+      per-image confusion matrix, and TP/FP/FN are accumulated over the dataset.
+
+Example:
+    >>> gt = np.array([[0, 1], [1, 255]]); pred = np.array([[0, 1], [0, 1]])
+    >>> s = scores(confusion_matrix(gt, pred, 2))
+    >>> s.iou, s.miou, round(s.pixel_acc, 4)   # hist = [[1, 0], [1, 1]]
+    ((0.5, 0.5), 0.5, 0.6667)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "SegmentationScores",
+    "HungarianScores",
+    "confusion_matrix",
+    "scores",
+    "hungarian_match",
+    "hungarian_scores",
+]
+
+
+def _as_numpy(x, name: str) -> np.ndarray:
+    if hasattr(x, "detach"):  # a torch tensor, without importing torch here
+        x = x.detach().cpu().numpy()
+    x = np.asarray(x)
+    if x.dtype.kind not in "iub":
+        raise TypeError(f"{name} must hold integer labels, got dtype {x.dtype}")
+    return x
+
+
+def confusion_matrix(gt, pred, num_classes: int):
+    """The confusion matrix of one label map (or a stack of them).
+
+    Args:
+        gt: ground truth ``[H, W]`` (any shape) of ints; values outside ``[0, num_classes)``
+            (255, -1, …) are ignored.
+        pred: prediction of the same shape, values in ``[0, num_classes)`` where ``gt`` is valid.
+        num_classes: n, the number of labels including background.
+
+    Returns:
+        ``hist [n, n]`` int64, ``hist[g, p]`` = the number of pixels of class g predicted p. A
+        numpy array for numpy input; for two torch tensors, a tensor on their device (the
+        bincount then runs there, e.g. on the GPU).
+
+    Raises:
+        ValueError: shapes differ, or a prediction outside ``[0, n)`` at a scored pixel.
+    """
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be an int ≥ 1, got {num_classes!r}")
+    n = num_classes
+    if hasattr(gt, "detach") and hasattr(pred, "detach"):
+        import torch
+
+        if gt.shape != pred.shape:
+            raise ValueError(f"confusion_matrix: gt is {tuple(gt.shape)} but pred is {tuple(pred.shape)}")
+        if gt.is_floating_point() or pred.is_floating_point():
+            raise TypeError("confusion_matrix: gt and pred must hold integer labels")
+        gt, pred = gt.reshape(-1).long(), pred.reshape(-1).to(gt.device).long()
+        valid = (gt >= 0) & (gt < n)
+        g, p = gt[valid], pred[valid]
+        if p.numel() and (int(p.min()) < 0 or int(p.max()) >= n):
+            raise ValueError(f"confusion_matrix: predictions must be in [0, {n}), got {int(p.min())}..{int(p.max())}")
+        return torch.bincount(g * n + p, minlength=n * n).reshape(n, n)
+    gt, pred = _as_numpy(gt, "gt"), _as_numpy(pred, "pred")
+    if gt.shape != pred.shape:
+        raise ValueError(f"confusion_matrix: gt is {gt.shape} but pred is {pred.shape}")
+    gt, pred = gt.reshape(-1).astype(np.int64), pred.reshape(-1).astype(np.int64)
+    valid = (gt >= 0) & (gt < n)
+    g, p = gt[valid], pred[valid]
+    if p.size and (p.min() < 0 or p.max() >= n):
+        raise ValueError(f"confusion_matrix: predictions must be in [0, {n}), got {p.min()}..{p.max()}")
+    return np.bincount(g * n + p, minlength=n * n).reshape(n, n)
+
+
+def _mean(values: np.ndarray) -> float | None:
+    return float(values.mean()) if values.size else None
+
+
+@dataclass(frozen=True)
+class SegmentationScores:
+    """Scores of one confusion matrix (fractions in [0, 1]; ``None`` where undefined).
+
+    Attributes:
+        iou: per class ``diag / (rowsum + colsum − diag)``, ``None`` where the union is empty.
+        acc: per class ``diag / rowsum`` (recall), ``None`` where the class is absent from GT.
+        present: per class, whether it occurs in the ground truth (``rowsum > 0``).
+        miou: the authors' mIoU, mean IoU over the classes present in the ground truth.
+        miou_mmseg: MMSegmentation's ``IoUMetric``: mean IoU over the classes with a non-empty
+            union (a class only predicted counts with IoU 0). Equal to ``miou`` on full splits.
+        pixel_acc: ``trace / total``.
+        mean_acc: mean of ``acc`` over the classes present.
+        pixels: the number of scored pixels (``hist.sum()``).
+    """
+
+    iou: tuple[float | None, ...]
+    acc: tuple[float | None, ...]
+    present: tuple[bool, ...]
+    miou: float | None
+    miou_mmseg: float | None
+    pixel_acc: float | None
+    mean_acc: float | None
+    pixels: int
+
+
+def scores(hist) -> SegmentationScores:
+    """:class:`SegmentationScores` of a confusion matrix ``hist [n, n]`` (rows ground truth),
+    e.g. the sum of :func:`confusion_matrix` over a split. All-``None`` means with no pixels."""
+    if hasattr(hist, "detach"):
+        hist = hist.detach().cpu().numpy()
+    hist = np.asarray(hist, dtype=np.float64)
+    if hist.ndim != 2 or hist.shape[0] != hist.shape[1] or hist.shape[0] == 0:
+        raise ValueError(f"scores: hist must be a square [n, n] matrix, got shape {hist.shape}")
+    if (hist < 0).any() or not np.isfinite(hist).all():
+        raise ValueError("scores: hist must hold finite counts ≥ 0")
+    diag, rows, cols = np.diag(hist), hist.sum(1), hist.sum(0)
+    union = rows + cols - diag
+    present, nonempty = rows > 0, union > 0
+    iou = np.divide(diag, union, out=np.zeros_like(diag), where=nonempty)
+    acc = np.divide(diag, rows, out=np.zeros_like(diag), where=present)
+    total = hist.sum()
+    return SegmentationScores(
+        iou=tuple(float(v) if ok else None for v, ok in zip(iou, nonempty)),
+        acc=tuple(float(v) if ok else None for v, ok in zip(acc, present)),
+        present=tuple(bool(v) for v in present),
+        miou=_mean(iou[present]),
+        miou_mmseg=_mean(iou[nonempty]),
+        pixel_acc=float(diag.sum() / total) if total > 0 else None,
+        mean_acc=_mean(acc[present]),
+        pixels=int(total),
+    )
+
+
+# --- unsupervised: per-image Hungarian matching (UNSUPERVISED.md §2) ----------------------------
+
+
+def hungarian_match(gt, pred, num_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Match one image's predicted segment ids to its classes, DiffSeg's way.
+
+    ``hist[C, P]`` counts pixels of class g (rows, ``C = num_classes``) in segment p (columns,
+    ``P = max(C, max segment id + 1)``); ``linear_sum_assignment(hist, maximize=True)`` pairs
+    every class with a distinct segment (a class absent from the image pairs with whatever
+    segment is left: it adds only FP there). Pixels whose ground truth is outside ``[0, C)`` are
+    ignored.
+
+    Args:
+        gt: ``[H, W]`` class ids (255 = unlabelled).
+        pred: ``[H, W]`` segment ids ≥ 0 (arbitrary ids; only the partition matters).
+        num_classes: C.
+
+    Returns:
+        ``(tp, fp, fn, total)``: per-class ``[C]`` int64 counts for this image and the number of
+        scored pixels, ready to be summed over a dataset (:class:`HungarianScores`).
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be an int ≥ 1, got {num_classes!r}")
+    gt, pred = _as_numpy(gt, "gt"), _as_numpy(pred, "pred")
+    if gt.shape != pred.shape:
+        raise ValueError(f"hungarian_match: gt is {gt.shape} but pred is {pred.shape}")
+    gt, pred = gt.reshape(-1).astype(np.int64), pred.reshape(-1).astype(np.int64)
+    valid = (gt >= 0) & (gt < num_classes)
+    g, p = gt[valid], pred[valid]
+    if p.size and p.min() < 0:
+        raise ValueError(f"hungarian_match: segment ids must be ≥ 0, got {p.min()}")
+    c = num_classes
+    segments = max(c, int(p.max()) + 1 if p.size else 0)
+    hist = np.bincount(g * segments + p, minlength=c * segments).reshape(c, segments)
+    rows, cols = linear_sum_assignment(hist, maximize=True)  # rows = 0..C-1 since C ≤ P
+    tp = np.zeros(c, np.int64)
+    tp[rows] = hist[rows, cols]
+    fn = hist.sum(1) - tp
+    fp = np.zeros(c, np.int64)
+    fp[rows] = hist[:, cols].sum(0) - tp[rows]
+    return tp, fp, fn, int(hist.sum())
+
+
+class HungarianScores:
+    """Accumulates :func:`hungarian_match` over a dataset (UNSUPERVISED.md §2).
+
+    Example:
+        >>> meter = HungarianScores(27)
+        >>> for gt, segments in pairs:
+        ...     meter.update(gt, segments)
+        >>> meter.acc, meter.miou          # ΣTP / Σpixels, nanmean_c TP / (TP + FP + FN)
+    """
+
+    def __init__(self, num_classes: int):
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be an int ≥ 1, got {num_classes!r}")
+        self.num_classes = num_classes
+        self.tp = np.zeros(num_classes, np.int64)
+        self.fp = np.zeros(num_classes, np.int64)
+        self.fn = np.zeros(num_classes, np.int64)
+        self.total = 0
+        self.images = 0
+
+    def update(self, gt, pred) -> None:
+        """Add one image: ``gt [H, W]`` class ids, ``pred [H, W]`` segment ids."""
+        tp, fp, fn, total = hungarian_match(gt, pred, self.num_classes)
+        self.tp += tp
+        self.fp += fp
+        self.fn += fn
+        self.total += total
+        self.images += 1
+
+    @property
+    def iou(self) -> tuple[float | None, ...]:
+        """Per class ``TP / (TP + FP + FN)`` (``None`` where the denominator is 0)."""
+        denom = self.tp + self.fp + self.fn
+        return tuple(float(t / d) if d > 0 else None for t, d in zip(self.tp, denom))
+
+    @property
+    def miou(self) -> float | None:
+        """Mean of :attr:`iou` over the classes where it is defined (DiffSeg's ``nanmean``)."""
+        values = [v for v in self.iou if v is not None]
+        return sum(values) / len(values) if values else None
+
+    @property
+    def acc(self) -> float | None:
+        """Pixel accuracy after matching, ``ΣTP / Σpixels`` (``None`` with no pixels)."""
+        return float(self.tp.sum() / self.total) if self.total > 0 else None
+
+
+def hungarian_scores(pairs: Iterable[tuple[object, object]], num_classes: int) -> HungarianScores:
+    """Score ``(gt, segments)`` label-map pairs with per-image Hungarian matching.
+
+    Args:
+        pairs: ``(gt [H, W], pred [H, W])`` per image (numpy arrays or tensors of ints); gt
+            values outside ``[0, num_classes)`` are ignored, pred holds arbitrary segment ids.
+        num_classes: the number of ground-truth classes (27 for Cityscapes and COCO-Stuff-27).
+
+    Returns:
+        a :class:`HungarianScores` with ``.acc`` (ACC) and ``.miou`` (mIoU) as fractions.
+    """
+    meter = HungarianScores(num_classes)
+    for gt, pred in pairs:
+        meter.update(gt, pred)
+    return meter
+
+
+# --- tasks --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Task:
+    """One table entry the paper reports: a dataset split, how classes are chosen, the figure.
+
+    Attributes:
+        name: the task (also the name of its default recipe).
+        dataset, split: the class table / layout (``voc``, ``coco14``, ``voc_context``) and the
+            shipped split list.
+        mode: ``wsss`` (classes = the GT classes present; background-only images skipped) or
+            ``ovs`` (classes from tags; no skipping).
+        paper_miou: the paper's mIoU (%) for this task (Tables 1–2).
+        published_tags: the shipped TagCLIP tags of this split (``ovs_labels/``), for OVS.
+    """
+
+    name: str
+    dataset: str
+    split: str
+    mode: str
+    paper_miou: float
+    published_tags: str | None = None
+    table: str = ""
+
+
+TASKS: dict[str, Task] = {
+    t.name: t
+    for t in (
+        Task("voc-wsss", "voc", "train", "wsss", 75.2, table="Table 1, VOC train"),
+        Task("coco-wsss", "coco14", "train", "wsss", 45.5, table="Table 1, COCO train2014"),
+        Task("voc-ovs", "voc", "val", "ovs", 68.2, "voc2012_val_tagclip_example.txt", "Table 2, VOC val"),
+        Task("context-ovs", "voc_context", "val", "ovs", 30.9, "voc_context_val_tagclip.txt", "Table 2, Context val"),
+        Task("coco-ovs", "coco14", "val_5k", "ovs", 38.4, "coco2014_val_tagclip.txt", "Table 2, COCO-Object val"),
+    )
+}  # fmt: skip
+
+
+def get_task(name: str) -> Task:
+    """The :class:`Task` named ``name`` (``ValueError`` listing the known ones otherwise)."""
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise ValueError(f"task: unknown task {name!r}; known: {', '.join(TASKS)}") from None
+
+
+class EvalError(ValueError):
+    """A run that cannot start (bad root, layout, tags, settings that differ from --out's)."""
+
+
+def builtin_tags(task: Task, dataset, ids: Sequence[str]):
+    """Hook for the built-in tagger (TagCLIP issue): return ``{id: label ids}`` for ``ids``.
+
+    Until ``iseg.tagger`` is wired here, OVS tasks need ``--tags FILE`` (or ``--tags
+    published`` for the TagCLIP tags the paper used).
+    """
+    raise EvalError(
+        f"{task.name}: give --tags FILE (lines 'id c1 c2 …', 0-based) or --tags published; "
+        "the built-in tagger is not wired into iseg eval yet"
+    )
+
+
+# --- per-image work (DataLoader workers) ----------------------------------------------------
+
+
+@dataclass
+class _Sample:
+    index: int
+    image_id: str
+    image: object = None  # uint8 tensor [3, H, W]
+    gt: np.ndarray | None = None  # [H, W] uint8 label ids
+    classes: tuple[int, ...] = ()  # dataset label ids, ascending
+    skip: bool = False  # WSSS image with background only
+    error: str | None = None
+
+
+def _gt_classes(gt: np.ndarray, num_classes: int) -> tuple[int, ...]:
+    present = np.flatnonzero(np.bincount(gt.reshape(-1), minlength=256)[1:num_classes]) + 1
+    return tuple(int(c) for c in present)
+
+
+class _PredictSamples:
+    """Map-style dataset for the DataLoader: decode one image and its label, choose classes."""
+
+    def __init__(self, ds, ids: Sequence[str], mode: str, tags: dict | None):
+        self.ds, self.ids, self.mode, self.tags = ds, list(ids), mode, tags
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> _Sample:
+        import torch
+
+        from .data.datasets import LabelError, read_image
+
+        image_id = self.ids[index]
+        sample = _Sample(index, image_id)
+        try:
+            gt = self.ds.read_label(image_id)
+        except LabelError as exc:
+            sample.error = str(exc)
+            return sample
+        sample.gt = gt
+        if self.mode == "wsss":
+            sample.classes = _gt_classes(gt, self.ds.num_classes)
+            if not sample.classes:
+                sample.skip = True
+                return sample
+        else:
+            sample.classes = tuple(self.tags.get(image_id, ()))
+        path = self.ds.image_path(image_id)
+        try:
+            pixels = read_image(path)
+        except FileNotFoundError:
+            sample.error = f"{path}: image file not found"
+            return sample
+        except (OSError, SyntaxError, ValueError) as exc:
+            sample.error = f"{path}: cannot read the image ({exc})"
+            return sample
+        if pixels.shape[:2] != gt.shape:
+            sample.error = (
+                f"{self.ds.label_path(image_id)}: label is {gt.shape[0]}×{gt.shape[1]} but the image "
+                f"{path.name} is {pixels.shape[0]}×{pixels.shape[1]} (H×W)"
+            )
+            return sample
+        sample.image = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
+        return sample
+
+
+def _collate_list(batch):
+    return batch
+
+
+def _read_prediction(path, shape, num_classes: int) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img.load()
+        pred = np.asarray(img)
+    if pred.shape != shape:
+        raise ValueError(f"{path}: prediction is {pred.shape} but its label is {shape} (H×W)")
+    if pred.size and int(pred.max()) >= num_classes:
+        raise ValueError(f"{path}: prediction value {int(pred.max())} outside [0, {num_classes})")
+    return pred
+
+
+class _ScoreSamples:
+    """Map-style dataset: one image's confusion matrix from its written prediction and label."""
+
+    def __init__(self, ds, ids: Sequence[str], mode: str, pred_dir):
+        self.ds, self.ids, self.mode, self.pred_dir = ds, list(ids), mode, pred_dir
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int):
+        """``(image_id, status, hist | None, message | None)``; status ``scored``, ``skipped``
+        (WSSS background only), ``missing`` (no prediction) or ``error``."""
+        from pathlib import Path
+
+        from .data.datasets import LabelError
+
+        image_id = self.ids[index]
+        try:
+            gt = self.ds.read_label(image_id)
+        except LabelError as exc:
+            return image_id, "error", None, str(exc)
+        if self.mode == "wsss" and not _gt_classes(gt, self.ds.num_classes):
+            return image_id, "skipped", None, None
+        path = Path(self.pred_dir) / f"{image_id}.png"
+        if not path.is_file():
+            return image_id, "missing", None, f"{path}: no prediction"
+        try:
+            pred = _read_prediction(path, gt.shape, self.ds.num_classes)
+        except (OSError, SyntaxError, ValueError) as exc:
+            return image_id, "error", None, f"{path}: {exc}"
+        return image_id, "scored", confusion_matrix(gt, pred, self.ds.num_classes), None
+
+
+def _collate_scores(batch):
+    """Sum the batch's matrices in the worker: one ``[n, n]`` crosses the process boundary."""
+    hist = None
+    rows = []
+    for image_id, status, h, message in batch:
+        if h is not None:
+            hist = h if hist is None else hist + h
+        rows.append((image_id, status, message))
+    return hist, rows
+
+
+# --- files ---------------------------------------------------------------------------------------
+
+
+def _write_atomic(path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``:
+    readers see the old file or the whole new one, never a part."""
+    import os
+    import secrets
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.iseg-tmp")
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _png_bytes(pred: np.ndarray) -> bytes:
+    """``[H, W]`` uint8 label ids → a palette PNG (VOC colours)."""
+    import io
+
+    from PIL import Image
+
+    from .masks import palette
+
+    img = Image.fromarray(pred.astype(np.uint8), mode="P")
+    img.putpalette(palette())
+    buffer = io.BytesIO()
+    img.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _remove_stale_temps(folder) -> None:
+    """Remove temporary files left by killed writers (their process no longer runs)."""
+    import os
+    import re
+
+    pattern = re.compile(r"^\..+\.(\d+)-[0-9a-f]{8}\.iseg-tmp$")
+    for path in folder.iterdir():
+        match = pattern.match(path.name)
+        if not match:
+            continue
+        pid = int(match.group(1))
+        try:
+            os.kill(pid, 0)
+            alive = pid != os.getpid()
+        except ProcessLookupError:
+            alive = False
+        except PermissionError:
+            alive = True
+        if not alive:
+            path.unlink(missing_ok=True)
+
+
+def _sha(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# --- the runner -----------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalResult:
+    """What :func:`run_eval` did: predictions made, per-image failures, and the metrics (when
+    this process scored; ``None`` when another shard will)."""
+
+    predicted: int
+    skipped: int
+    failures: dict[str, str]
+    metrics: dict | None
+    scored_by_this_process: bool
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures and (self.metrics is None or not self.metrics["failures"])
+
+
+def _recipe_info(recipe: str | None, task: Task):
+    """``(name, seed, applied)``: the recipe to ask the pipeline for, its noise seed, and whether
+    ``iseg.recipes`` exists (else the pipeline's defaults run)."""
+    name = recipe or task.name
+    try:
+        from .recipes import get_recipe
+    except ImportError:
+        return name, 1101, False
+    seed = get_recipe(name).seed  # ValueError on an unknown name
+    return name, 1101 if seed is None else seed, True
+
+
+def _accepts(pipe, keyword: str) -> bool:
+    import inspect
+
+    try:
+        return keyword in inspect.signature(pipe.__call__).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _segment(pipe, samples: list[_Sample], names: Sequence[str], recipe: str | None, seed: int, device):
+    """Labels of ``samples`` (one pipeline call per image size), mapped to dataset ids:
+    ``[H, W]`` uint8 numpy arrays and ``[n, n]`` per-batch confusion on the device."""
+    import torch
+
+    groups: dict[tuple, list[_Sample]] = {}
+    for s in samples:
+        groups.setdefault(tuple(s.image.shape), []).append(s)
+    kwargs = {"recipe": recipe} if recipe is not None and _accepts(pipe, "recipe") else {}
+    if _accepts(pipe, "output_heatmaps"):
+        kwargs["output_heatmaps"] = False  # labels only
+    results = {}
+    for group in groups.values():
+        pixels = torch.stack([s.image for s in group]).to(device, non_blocking=True).float().div_(255)
+        class_lists = [[names[c - 1] for c in s.classes] for s in group]
+        generators = [torch.Generator().manual_seed(seed) for _ in group]
+        out = pipe(pixels, class_lists, generator=generators, **kwargs)
+        labels = out.labels
+        for b, s in enumerate(group):
+            lut = torch.tensor((0, *s.classes), dtype=torch.uint8, device=labels[b].device)
+            results[s.index] = lut[labels[b]]
+    return results
+
+
+def run_eval(
+    task: str | Task,
+    root,
+    out,
+    *,
+    pipe=None,
+    load_pipe=None,
+    recipe: str | None = None,
+    settings: dict | None = None,
+    limit: int | None = None,
+    ids_file=None,
+    batch_size: int = 1,
+    tags=None,
+    num_shards: int = 1,
+    shard_index: int = 0,
+    context_order: str | None = None,
+    workers: int = 2,
+    device=None,
+    progress: bool = True,
+    log=print,
+) -> EvalResult:
+    """Segment a task's split with iSeg, write each prediction, and score the written ones.
+
+    Args:
+        task: a :data:`TASKS` name or :class:`Task`.
+        root: the dataset folder (see :mod:`iseg.data.datasets` for the layouts).
+        out: output folder: ``pred/<id>.png`` (palette PNG of dataset label ids), ``eval.json``
+            (the settings), ``shards/`` (per-shard completion), ``metrics.json``, ``metrics.md``.
+        pipe / load_pipe: the :class:`~iseg.ISegPipeline`, or a callable returning it, called
+            only when an image needs the model (a rerun that only scores loads nothing).
+        recipe: the pipeline recipe (default: the task's name).
+        settings: extra values recorded in ``eval.json`` that a rerun must repeat (model, dtype).
+        limit: the first ``limit`` ids of the split only.
+        ids_file: a list of ids instead of the paper's split.
+        batch_size: images per pipeline call.
+        tags: OVS classes: a tags file, ``"published"`` (the shipped TagCLIP tags) or ``None``
+            (the built-in tagger, :func:`builtin_tags`).
+        num_shards, shard_index: this process predicts ``ids[shard_index::num_shards]``; the
+            metric is computed by the shard that completes the set last.
+        context_order: Context label order (``official``/``mmseg``; ``None`` detects it).
+        workers: DataLoader worker processes (0 = decode in this process).
+        device: where the pixels go (default the pipeline's execution device).
+
+    Returns:
+        :class:`EvalResult`. Per-image problems (unreadable files, size mismatches, bad labels)
+        are in ``failures`` and the run goes on; set-up problems raise :class:`EvalError`.
+    """
+    import json
+    import time
+    from pathlib import Path
+
+    import torch
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    from .data import data_path
+    from .data.datasets import DatasetError, class_names, open_dataset, read_ids, read_tags, split_ids
+
+    task = task if isinstance(task, Task) else get_task(task)
+    if not (isinstance(num_shards, int) and num_shards >= 1 and 0 <= shard_index < num_shards):
+        raise EvalError(f"shard index {shard_index} must be in [0, {num_shards}) with num_shards ≥ 1")
+    try:
+        ids = read_ids(ids_file) if ids_file is not None else split_ids(task.dataset, task.split)
+    except DatasetError as exc:
+        raise EvalError(str(exc)) from None
+    if limit is not None:
+        ids = ids[:limit]
+    try:
+        recipe_name, seed, have_recipes = _recipe_info(recipe, task)
+    except ValueError as exc:
+        raise EvalError(str(exc)) from None
+    try:
+        ds = open_dataset(task.dataset, root, ids[0], context_order=context_order, context_ids=ids)
+    except DatasetError as exc:
+        raise EvalError(str(exc)) from None
+    names = class_names(task.dataset)
+
+    tag_map, tags_id = None, None
+    if task.mode == "ovs":
+        if tags is None:
+            tag_map = builtin_tags(task, ds, ids)
+            tags_id = "builtin"
+        else:
+            tags_path = data_path("ovs_labels", task.published_tags) if str(tags) == "published" else Path(tags)
+            try:
+                tag_map = read_tags(tags_path, ds.num_classes)
+            except DatasetError as exc:
+                raise EvalError(str(exc)) from None
+            tags_id = "published" if str(tags) == "published" else _sha(Path(tags_path).read_text())
+
+    out = Path(out)
+    pred_dir, shard_dir = out / "pred", out / "shards"
+    manifest = {
+        "task": task.name,
+        "recipe": recipe_name,
+        "recipes_applied": have_recipes,
+        "tags": tags_id,
+        "context_order": ds.order,
+        **(settings or {}),
+    }
+    manifest_path = out / "eval.json"
+    if manifest_path.is_file():
+        old = json.loads(manifest_path.read_text())
+        changed = {k: (old.get(k), v) for k, v in manifest.items() if old.get(k) != v}
+        if changed:
+            what = ", ".join(f"{k}: {a!r} → {b!r}" for k, (a, b) in changed.items())
+            raise EvalError(f"{out} holds predictions made with other settings ({what}); use another --out")
+    elif pred_dir.exists() and any(pred_dir.iterdir()):
+        raise EvalError(f"{pred_dir} holds files that iseg eval did not write (no eval.json); use another --out")
+    pred_dir.mkdir(parents=True, exist_ok=True)
+    shard_dir.mkdir(exist_ok=True)
+    if not manifest_path.is_file():
+        _write_atomic(manifest_path, (json.dumps(manifest, indent=2) + "\n").encode())
+    _remove_stale_temps(pred_dir)
+
+    ids_sha = _sha("\n".join(ids))
+    mine = ids[shard_index::num_shards]
+    todo = [i for i in mine if not (pred_dir / f"{i}.png").is_file()]
+    if num_shards > 1:
+        log(f"shard {shard_index + 1}/{num_shards}: {len(mine)} images, {len(mine) - len(todo)} already predicted")
+
+    failures: dict[str, str] = {}
+    predicted = skipped = 0
+    if todo:
+        loader = DataLoader(
+            _PredictSamples(ds, todo, task.mode, tag_map), batch_size=batch_size,
+            num_workers=workers, collate_fn=_collate_list, pin_memory=False,
+        )  # fmt: skip
+        n = ds.num_classes
+        running = None
+        model_failures = 0
+        bar = tqdm(total=len(todo), unit="img", disable=not progress, dynamic_ncols=True, desc=task.name)
+        from concurrent.futures import ThreadPoolExecutor
+
+        writer = ThreadPoolExecutor(max_workers=2)
+        pending = []
+        try:
+            for batch in loader:
+                ready = []
+                for s in batch:
+                    if s.error is not None:
+                        failures[s.image_id] = s.error
+                    elif s.skip:
+                        skipped += 1
+                    elif not s.classes:  # OVS image without tags: all background, no model call
+                        ready.append((s, torch.zeros(s.gt.shape, dtype=torch.uint8)))
+                    else:
+                        ready.append((s, None))
+                need = [s for s, p in ready if p is None]
+                labels = {}
+                if need:
+                    if pipe is None:
+                        pipe = load_pipe()
+                    dev = device if device is not None else pipe._execution_device
+                    try:
+                        labels = _segment(pipe, need, names, recipe_name if have_recipes else None, seed, dev)
+                    except Exception:  # noqa: BLE001 — isolate the image that fails
+                        for s in need:
+                            try:
+                                labels.update(_segment(pipe, [s], names, recipe_name if have_recipes else None, seed, dev))
+                            except Exception as exc:  # noqa: BLE001
+                                failures[s.image_id] = f"{ds.image_path(s.image_id)}: {type(exc).__name__}: {exc}"
+                                model_failures += 1
+                                if model_failures >= 3 and predicted == 0 and not labels:
+                                    raise EvalError(
+                                        f"the model failed on the first {model_failures} images "
+                                        f"(last: {type(exc).__name__}: {exc})"
+                                    ) from exc
+                for s, pred in ready:
+                    pred = labels.get(s.index) if pred is None else pred
+                    if pred is None:
+                        continue
+                    gt = torch.from_numpy(s.gt).to(pred.device)
+                    h = confusion_matrix(gt, pred, n)
+                    running = h if running is None else running + h
+                    array = pred.cpu().numpy()
+                    path = pred_dir / f"{s.image_id}.png"
+                    pending.append(writer.submit(lambda a=array, p=path: _write_atomic(p, _png_bytes(a))))
+                    predicted += 1
+                while len(pending) > 16:
+                    pending.pop(0).result()
+                bar.update(len(batch))
+                if running is not None:
+                    miou = scores(running).miou
+                    bar.set_postfix_str(f"mIoU {100 * miou:.1f}" if miou is not None else "")
+            for f in pending:
+                f.result()
+        finally:
+            writer.shutdown(wait=True)
+            bar.close()
+
+    marker = {"ids_sha": ids_sha, "images": len(mine), "failures": failures, "finished": time.time()}
+    _write_atomic(shard_dir / f"{shard_index}-of-{num_shards}.json", (json.dumps(marker, indent=1) + "\n").encode())
+
+    # Score: always when unsharded; when sharded, the shard that finds every marker of this set.
+    if num_shards > 1:
+        markers = []
+        for i in range(num_shards):
+            p = shard_dir / f"{i}-of-{num_shards}.json"
+            m = json.loads(p.read_text()) if p.is_file() else None
+            if m is None or m.get("ids_sha") != ids_sha:
+                log(f"shard {shard_index + 1}/{num_shards} done; the last shard to finish scores")
+                return EvalResult(predicted, skipped, failures, None, False)
+            markers.append(m)
+        import os
+
+        lock = shard_dir / f"score-{ids_sha}.lock"
+        try:
+            os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            log(f"shard {shard_index + 1}/{num_shards} done; another shard is scoring")
+            return EvalResult(predicted, skipped, failures, None, False)
+        known = {k: v for m in markers for k, v in m["failures"].items()}
+    else:
+        lock = None
+        known = dict(failures)
+    try:
+        metrics = score(task, ds, ids, out, workers=workers, known_failures=known, settings=manifest)
+    finally:
+        if lock is not None:
+            lock.unlink(missing_ok=True)
+    return EvalResult(predicted, skipped, failures, metrics, True)
+
+
+def score(task: Task, ds, ids: Sequence[str], out, *, workers: int = 2, known_failures=None, settings=None) -> dict:
+    """Score the predictions written under ``out/pred`` for ``ids``; write ``metrics.json`` and
+    ``metrics.md`` in ``out`` and return the metrics (percentages)."""
+    import json
+    from pathlib import Path
+
+    from torch.utils.data import DataLoader
+
+    out = Path(out)
+    n = ds.num_classes
+    total = np.zeros((n, n), np.int64)
+    counts = {"scored": 0, "skipped": 0, "missing": 0, "error": 0}
+    failures = {}
+    loader = DataLoader(
+        _ScoreSamples(ds, ids, task.mode, out / "pred"), batch_size=32, num_workers=workers,
+        collate_fn=_collate_scores,
+    )  # fmt: skip
+    for hist, rows in loader:
+        if hist is not None:
+            total += hist
+        for image_id, status, message in rows:
+            counts[status] += 1
+            if status in ("missing", "error"):
+                failures[image_id] = (known_failures or {}).get(image_id, message) if status == "missing" else message
+    s = scores(total)
+    pct = lambda v: None if v is None else 100.0 * v  # noqa: E731
+    names = ("background",) + ds.class_names
+    metrics = {
+        "task": task.name,
+        "table": task.table,
+        "dataset": ds.name,
+        "layout": ds.layout,
+        "split": task.split,
+        "images": len(ids),
+        **{f"images_{k}": v for k, v in counts.items()},
+        "miou": pct(s.miou),
+        "miou_mmseg": pct(s.miou_mmseg),
+        "pixel_acc": pct(s.pixel_acc),
+        "mean_acc": pct(s.mean_acc),
+        "paper_miou": task.paper_miou,
+        "difference": None if s.miou is None else round(100.0 * s.miou - task.paper_miou, 6),
+        "per_class": [
+            {"id": c, "name": names[c], "iou": pct(s.iou[c]), "acc": pct(s.acc[c]), "present": s.present[c]}
+            for c in range(n)
+        ],
+        "settings": settings or {},
+        "failures": dict(sorted(failures.items())),
+        "pixels": s.pixels,
+    }
+    _write_atomic(out / "metrics.json", (json.dumps(metrics, indent=2) + "\n").encode())
+    _write_atomic(out / "metrics.md", format_markdown(metrics).encode())
+    return metrics
+
+
+def _fmt(v, digits: int = 2) -> str:
+    return "–" if v is None else f"{v:.{digits}f}"
+
+
+def format_table(metrics: dict) -> str:
+    """The per-class IoU table and the summary, as plain text for the terminal."""
+    width = max(len(c["name"]) for c in metrics["per_class"])
+    lines = [f"{'class':<{width}}  {'IoU':>6}  {'acc':>6}"]
+    for c in metrics["per_class"]:
+        mark = "" if c["present"] else "  (not in GT)"
+        lines.append(f"{c['name']:<{width}}  {_fmt(c['iou']):>6}  {_fmt(c['acc']):>6}{mark}")
+    diff = metrics["difference"]
+    lines += [
+        "",
+        f"{metrics['task']}: mIoU {_fmt(metrics['miou'])} (paper {metrics['paper_miou']:.1f}, "
+        f"{'–' if diff is None else f'{diff:+.2f}'})  mIoU(mmseg) {_fmt(metrics['miou_mmseg'])}  "
+        f"pixAcc {_fmt(metrics['pixel_acc'])}  mAcc {_fmt(metrics['mean_acc'])}",
+        f"images: {metrics['images_scored']} scored, {metrics['images_skipped']} skipped (background only), "
+        f"{metrics['images_missing']} missing, {metrics['images_error']} with errors, of {metrics['images']}",
+    ]
+    return "\n".join(lines)
+
+
+def format_markdown(metrics: dict) -> str:
+    """``metrics.md``: the summary beside the paper's figure, then the per-class table."""
+    diff = metrics["difference"]
+    lines = [
+        f"# iseg eval {metrics['task']} ({metrics['table']})",
+        "",
+        f"Recipe `{metrics['settings'].get('recipe', '?')}`, {metrics['layout']}, "
+        f"{metrics['images_scored']} of {metrics['images']} images scored "
+        f"({metrics['images_skipped']} background-only skipped, {metrics['images_missing']} missing, "
+        f"{metrics['images_error']} errors).",
+        "",
+        "| metric | ours | paper | difference |",
+        "|---|---:|---:|---:|",
+        f"| mIoU (authors: classes in GT) | {_fmt(metrics['miou'])} | {metrics['paper_miou']:.1f} | "
+        f"{'–' if diff is None else f'{diff:+.2f}'} |",
+        f"| mIoU (MMSegmentation: union > 0) | {_fmt(metrics['miou_mmseg'])} | | |",
+        f"| pixel accuracy | {_fmt(metrics['pixel_acc'])} | | |",
+        f"| mean accuracy | {_fmt(metrics['mean_acc'])} | | |",
+        "",
+        "| id | class | IoU | acc | in GT |",
+        "|---:|---|---:|---:|:---:|",
+    ]
+    for c in metrics["per_class"]:
+        lines.append(f"| {c['id']} | {c['name']} | {_fmt(c['iou'])} | {_fmt(c['acc'])} | {'yes' if c['present'] else 'no'} |")
+    if metrics["failures"]:
+        lines += ["", "## Images not scored", ""]
+        lines += [f"- `{k}`: {v}" for k, v in metrics["failures"].items()]
+    return "\n".join(lines) + "\n"
