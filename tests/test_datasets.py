@@ -1,0 +1,309 @@
+"""Tests for ``iseg.data.datasets`` (layouts, label reading, Context order, tags) and
+``iseg.data.convert`` (COCO instances and Context .mat → label PNGs), on tiny generated datasets.
+
+The ``make_*`` builders are also used by tests/test_eval_cli.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from iseg.data import data_path
+from iseg.data.datasets import (
+    DatasetError,
+    LabelError,
+    class_names,
+    open_dataset,
+    read_ids,
+    read_tags,
+    split_ids,
+)
+from iseg.masks import palette
+
+# --- builders -----------------------------------------------------------------------------------
+
+
+def _image(seed: int, h: int, w: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def _save_label(label: np.ndarray, path: Path, mode: str = "L") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = Image.fromarray(label.astype(np.uint8), mode="L")
+    if mode == "P":
+        img = Image.fromarray(label.astype(np.uint8), mode="P")
+        img.putpalette(palette())
+    img.save(path)
+
+
+def voc_label(i: int, h: int, w: int, classes=None) -> np.ndarray:
+    """Background with a square of class ``1 + i % 20`` (or ``classes`` in vertical bands) and a
+    255 border row."""
+    label = np.zeros((h, w), np.uint8)
+    classes = classes if classes is not None else [1 + i % 20]
+    for k, c in enumerate(classes):
+        label[4 : h - 4, 4 + k * 6 : 10 + k * 6] = c
+    label[0, :] = 255
+    return label
+
+
+def make_voc(root: Path, ids, labels: str = "SegmentationClassAug", size=(24, 32), label_fn=voc_label):
+    """``root/VOCdevkit/VOC2012`` with JPEGs and grayscale (Aug) or palette (official) labels."""
+    base = root / "VOCdevkit" / "VOC2012"
+    (base / "JPEGImages").mkdir(parents=True, exist_ok=True)
+    out = {}
+    for i, image_id in enumerate(ids):
+        h, w = size if i % 2 == 0 else size[::-1]
+        _image(i, h, w).save(base / "JPEGImages" / f"{image_id}.jpg", quality=95)
+        label = label_fn(i, h, w)
+        _save_label(label, base / labels / f"{image_id}.png", "P" if labels == "SegmentationClass" else "L")
+        out[image_id] = label
+    return out
+
+
+def context_label(image_id: str, h: int, w: int, order: str = "official") -> np.ndarray:
+    """A label whose classes are those val_cls.txt lists for ``image_id`` (official ids), written
+    in ``order``."""
+    for line in data_path("voc_context", "val_cls.txt").read_text().splitlines():
+        words = line.split()
+        if words and words[0] == image_id:
+            classes = [int(c) + 1 for c in words[1:]]
+            break
+    else:
+        raise KeyError(image_id)
+    if order == "mmseg":
+        lut = json.loads(data_path("voc_context", "class_names.json").read_text())["mmseg_to_iseg_lut"]["lut"]
+        inverse = {official: mm for mm, official in enumerate(lut)}
+        classes = [inverse[c] for c in classes]
+    label = np.zeros((h, w), np.uint8)
+    for k, c in enumerate(classes):
+        label[:, k * 3 : k * 3 + 3] = c
+    return label
+
+
+def make_context(root: Path, ids, order: str = "official", size=(24, 32)):
+    base = root / "VOCdevkit" / "VOC2010"
+    (base / "JPEGImages").mkdir(parents=True, exist_ok=True)
+    for i, image_id in enumerate(ids):
+        h, w = size
+        _image(i, h, w).save(base / "JPEGImages" / f"{image_id}.jpg", quality=95)
+        _save_label(context_label(image_id, h, w, order), base / "SegmentationClassContext" / f"{image_id}.png")
+
+
+COCO_LABELS = {
+    "a": "coco_seg_anno/{num}.png",
+    "b": "SegmentationClass/{split}2014/{id}.png",
+    "b-flat": "SegmentationClass/{id}.png",
+    "c": "annotations/{split}2017/{num}_instanceTrainIds.png",
+}
+COCO_IMAGES = {"a": "{split}2014/{id}.jpg", "b": "images/{split}2014/{id}.jpg",
+               "b-flat": "{split}2014/{id}.jpg", "c": "{split}2017/{num}.jpg"}  # fmt: skip
+
+
+def make_coco(root: Path, ids, layout: str = "a", size=(24, 32), label_fn=None):
+    out = {}
+    for i, image_id in enumerate(ids):
+        fields = {"id": image_id, "num": image_id[-12:], "split": image_id.split("_")[1][:-4]}
+        h, w = size
+        image_path = root / COCO_IMAGES[layout].format(**fields)
+        image_path.parent.mkdir(parents=True, exist_ok=True)
+        _image(i, h, w).save(image_path, quality=95)
+        label = label_fn(i, h, w) if label_fn else voc_label(i, h, w, [1 + (7 * i) % 80, 80])
+        _save_label(label, root / COCO_LABELS[layout].format(**fields))
+        out[image_id] = label
+    return out
+
+
+# --- VOC -----------------------------------------------------------------------------------------
+
+VOC_IDS = split_ids("voc", "train")[:3]
+
+
+@pytest.mark.parametrize("parent", ["", "VOCdevkit", "VOCdevkit/VOC2012"])
+def test_voc_found_from_any_parent(tmp_path, parent):
+    labels = make_voc(tmp_path, VOC_IDS)
+    ds = open_dataset("voc", tmp_path / parent, VOC_IDS[0])
+    assert ds.num_classes == 21 and "SegmentationClassAug" in ds.layout
+    assert ds.image_path(VOC_IDS[1]) == tmp_path / "VOCdevkit/VOC2012/JPEGImages" / f"{VOC_IDS[1]}.jpg"
+    np.testing.assert_array_equal(ds.read_label(VOC_IDS[1]), labels[VOC_IDS[1]])
+
+
+def test_voc_palette_labels_read_as_indices(tmp_path):
+    labels = make_voc(tmp_path, VOC_IDS, labels="SegmentationClass")
+    ds = open_dataset("voc", tmp_path, VOC_IDS[0])
+    assert "SegmentationClass" in ds.layout and "Aug" not in ds.layout
+    with Image.open(ds.label_path(VOC_IDS[2])) as img:
+        assert img.mode == "P"  # the palette's colours are not the classes
+    np.testing.assert_array_equal(ds.read_label(VOC_IDS[2]), labels[VOC_IDS[2]])
+
+
+def test_voc_class_names_are_prompt_names():
+    names = class_names("voc")
+    assert len(names) == 20 and names[0] == "plane" and names[-1] == "tv monitor"
+
+
+def test_wrong_root_and_missing_folders_name_the_path(tmp_path):
+    with pytest.raises(DatasetError, match=f"root {tmp_path / 'nope'} not found"):
+        open_dataset("voc", tmp_path / "nope")
+    with pytest.raises(DatasetError, match="no JPEGImages/ folder in .*VOCdevkit/VOC2012"):
+        open_dataset("voc", tmp_path)
+    (tmp_path / "VOC2012" / "JPEGImages").mkdir(parents=True)
+    with pytest.raises(DatasetError, match="no SegmentationClassAug/ or SegmentationClass/ folder"):
+        open_dataset("voc", tmp_path)
+    (tmp_path / "VOC2012" / "SegmentationClass").mkdir()
+    with pytest.raises(DatasetError, match=r"image .*JPEGImages/2007_000032\.jpg not found"):
+        open_dataset("voc", tmp_path, "2007_000032")
+
+
+def test_label_out_of_range_names_the_file(tmp_path):
+    make_voc(tmp_path, VOC_IDS)
+    ds = open_dataset("voc", tmp_path, VOC_IDS[0])
+    bad = np.zeros((5, 5), np.uint8)
+    bad[2, 2] = 21  # VOC is 0..20 and 255
+    _save_label(bad, ds.label_path(VOC_IDS[0]))
+    with pytest.raises(LabelError, match=rf"{VOC_IDS[0]}\.png: label value 21 outside \[0, 21\)"):
+        ds.read_label(VOC_IDS[0])
+    Image.new("RGB", (5, 5)).save(ds.label_path(VOC_IDS[1]))
+    with pytest.raises(LabelError, match="grayscale or palette"):
+        ds.read_label(VOC_IDS[1])
+    data = ds.label_path(VOC_IDS[2]).read_bytes()
+    ds.label_path(VOC_IDS[2]).write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.raises(LabelError, match=f"{VOC_IDS[2]}.png: cannot read"):
+        ds.read_label(VOC_IDS[2])
+
+
+# --- COCO ----------------------------------------------------------------------------------------
+
+COCO_IDS = split_ids("coco14", "train")[:2]
+COCO_VAL = split_ids("coco14", "val_5k")[:2]
+
+
+@pytest.mark.parametrize("layout", ["a", "b", "b-flat", "c"])
+def test_coco_layouts(tmp_path, layout):
+    ids = COCO_VAL if layout == "c" else COCO_IDS  # COCO-Object: val2017 under 2014 names
+    labels = make_coco(tmp_path, ids, layout)
+    ds = open_dataset("coco14", tmp_path, ids[0])
+    assert ds.num_classes == 81
+    for image_id in ids:
+        assert ds.image_path(image_id).is_file()
+        np.testing.assert_array_equal(ds.read_label(image_id), labels[image_id])
+    assert class_names("coco14")[0] == "people"
+
+
+def test_coco_missing_labels_folder(tmp_path):
+    (tmp_path / "train2014").mkdir()
+    with pytest.raises(DatasetError, match="no coco_seg_anno/, SegmentationClass/ or annotations/train2017/"):
+        open_dataset("coco14", tmp_path, COCO_IDS[0])
+    (tmp_path / "coco_seg_anno").mkdir()
+    with pytest.raises(DatasetError, match=rf"image .*{COCO_IDS[0]}\.jpg not found"):
+        open_dataset("coco14", tmp_path, COCO_IDS[0])
+
+
+# --- Context -------------------------------------------------------------------------------------
+
+CONTEXT_IDS = split_ids("voc_context", "val")[:4]
+
+
+@pytest.mark.parametrize("order", ["official", "mmseg"])
+def test_context_order_detected_and_mapped(tmp_path, order):
+    make_context(tmp_path, CONTEXT_IDS, order)
+    ds = open_dataset("voc_context", tmp_path, CONTEXT_IDS[0], context_ids=CONTEXT_IDS)
+    assert ds.order == order
+    label = ds.read_label("2008_000002")  # {0, 11, 20, 58} in the official order (DATASETS.md)
+    assert set(np.unique(label).tolist()) == {0, 11, 20, 58}
+
+
+def test_context_order_override_and_undecidable(tmp_path):
+    make_context(tmp_path, CONTEXT_IDS, "mmseg")
+    forced = open_dataset("voc_context", tmp_path, CONTEXT_IDS[0], context_order="official")
+    assert forced.order == "official"
+    assert set(np.unique(forced.read_label("2008_000002")).tolist()) == {0, 50, 55, 58}  # raw mmseg ids
+    # labels that match neither order: the error asks for the flag
+    _save_label(np.full((4, 4), 33, np.uint8), forced.label_path(CONTEXT_IDS[0]))
+    with pytest.raises(DatasetError, match="--context-order"):
+        open_dataset("voc_context", tmp_path, CONTEXT_IDS[0], context_ids=CONTEXT_IDS[:1])
+
+
+# --- lists and tags ------------------------------------------------------------------------------
+
+
+def test_split_lists_have_the_papers_sizes():
+    assert len(split_ids("voc", "train")) == 1464 and len(split_ids("voc", "val")) == 1449
+    assert len(split_ids("voc_context", "val")) == 5105 and len(split_ids("coco14", "val_5k")) == 5000
+
+
+def test_read_ids_and_tags(tmp_path):
+    with pytest.raises(DatasetError, match="split list .*missing.txt not found"):
+        read_ids(tmp_path / "missing.txt")
+    (tmp_path / "ids.txt").write_text("a\n\nb extra words\n")
+    assert read_ids(tmp_path / "ids.txt") == ["a", "b"]
+    (tmp_path / "tags.txt").write_text("a 3 0 3\nb\n")
+    assert read_tags(tmp_path / "tags.txt", 21) == {"a": (1, 4), "b": ()}
+    (tmp_path / "bad.txt").write_text("a 1\nb 20\n")
+    with pytest.raises(DatasetError, match=r"bad.txt:2: class index 20 outside \[0, 20\)"):
+        read_tags(tmp_path / "bad.txt", 21)
+    published = read_tags(data_path("ovs_labels", "voc_context_val_tagclip.txt"), 60)
+    assert published["2008_000002"] == (11, 20, 27, 28, 39, 45, 58)
+
+
+# --- converters ----------------------------------------------------------------------------------
+
+
+def _rle_free_polygon(x0, y0, x1, y1):
+    return [[x0, y0, x1, y0, x1, y1, x0, y1]]
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pycocotools' numpy 2 copy= warning
+def test_coco_converter(tmp_path):
+    pytest.importorskip("pycocotools")
+    from iseg.data.convert import coco_labels
+
+    categories = [{"id": 90, "name": "toothbrush"}, {"id": 1, "name": "person"}, {"id": 3, "name": "car"}]
+    images = [{"id": 9, "width": 20, "height": 10, "file_name": "COCO_train2014_000000000009.jpg"},
+              {"id": 25, "width": 8, "height": 6, "file_name": "COCO_train2014_000000000025.jpg"}]  # fmt: skip
+    annotations = [
+        # a small person inside a large car: the person must stay visible (larger painted first)
+        {"id": 1, "image_id": 9, "category_id": 1, "area": 16.0, "iscrowd": 0,
+         "segmentation": _rle_free_polygon(2, 2, 6, 6), "bbox": [2, 2, 4, 4]},
+        {"id": 2, "image_id": 9, "category_id": 3, "area": 100.0, "iscrowd": 0,
+         "segmentation": _rle_free_polygon(0, 0, 10, 10), "bbox": [0, 0, 10, 10]},
+        {"id": 3, "image_id": 9, "category_id": 90, "area": 20.0, "iscrowd": 0,
+         "segmentation": _rle_free_polygon(14, 2, 18, 7), "bbox": [14, 2, 4, 5]},
+    ]  # fmt: skip
+    path = tmp_path / "instances_train2014.json"
+    path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    written, skipped = coco_labels(path, tmp_path / "coco_seg_anno")
+    assert (written, skipped) == (2, 0)
+    label = np.asarray(Image.open(tmp_path / "coco_seg_anno" / "000000000009.png"))
+    assert label.shape == (10, 20)
+    assert label[4, 4] == 1  # person: 1 + sorted([1, 3, 90]).index(1)
+    assert label[8, 8] == 2  # car
+    assert label[4, 16] == 3  # toothbrush (category 90 → 3 here, 80 in full COCO)
+    assert label[0, 19] == 0
+    assert not np.asarray(Image.open(tmp_path / "coco_seg_anno" / "000000000025.png")).any()
+    assert coco_labels(path, tmp_path / "coco_seg_anno") == (0, 2)  # resumes: nothing rewritten
+    # and the reader takes the converter's output as layout (a)
+    (tmp_path / "train2014").mkdir()
+    _image(0, 10, 20).save(tmp_path / "train2014" / "COCO_train2014_000000000009.jpg")
+    ds = open_dataset("coco14", tmp_path, "COCO_train2014_000000000009")
+    np.testing.assert_array_equal(ds.read_label("COCO_train2014_000000000009"), label)
+
+
+def test_context_converter(tmp_path):
+    from scipy.io import savemat
+
+    from iseg.data.convert import context_labels
+
+    (tmp_path / "trainval").mkdir()
+    label_map = np.array([[2, 9, 427], [0, 5, 458]], np.uint16)  # 2 aeroplane, 9 bag, 427 tvmonitor, 458 wood
+    savemat(tmp_path / "trainval" / "2008_000002.mat", {"LabelMap": label_map})
+    savemat(tmp_path / "trainval" / "2008_000003.mat", {"Other": label_map})
+    with pytest.raises(ValueError, match="2008_000003.mat: no LabelMap"):
+        context_labels(tmp_path / "trainval", tmp_path / "out")
+    out = np.asarray(Image.open(tmp_path / "out" / "2008_000002.png"))
+    np.testing.assert_array_equal(out, [[1, 21, 20], [0, 0, 59]])  # 5 is not one of the 59: 0
