@@ -9,42 +9,7 @@ from PIL import Image
 
 from iseg_ops.reference import minmax
 
-
-def to_tensor_batch(image: object, resolution: int) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-    """Convert a PIL image, a list of them, or a float tensor ``[B, 3, H, W]`` / ``[3, H, W]``
-    in [0, 1] to ``[B, 3, R, R]`` pixels (bilinear resize to ``resolution`` R): uint8 for PIL
-    input (a quarter of the bytes to upload), float in [0, 1] for tensor input;
-    :func:`to_model_range` maps either to [-1, 1] on the device.
-
-    Returns the batch (on the input tensor's device, else CPU) and each input's ``(H, W)``.
-    Any PIL mode (RGBA, grayscale, palette, …) is converted to RGB.
-    """
-    if isinstance(image, torch.Tensor):
-        if not image.is_floating_point():
-            raise TypeError(f"image: a tensor image must be floating point in [0, 1], got {image.dtype}")
-        batch = image.unsqueeze(0) if image.dim() == 3 else image
-        if batch.dim() != 4 or batch.shape[1] != 3 or min(batch.shape[2:]) == 0:
-            raise ValueError(f"image: a tensor image must be [B, 3, H, W], got {tuple(image.shape)}")
-        sizes = [tuple(batch.shape[2:])] * batch.shape[0]
-        batch = F.interpolate(
-            batch.float(), size=(resolution, resolution), mode="bilinear",
-            align_corners=False, antialias=True,
-        )  # fmt: skip
-        return batch, sizes
-    images = [image] if isinstance(image, Image.Image) else image
-    if not isinstance(images, (list, tuple)) or not images:
-        raise TypeError(
-            "image must be a PIL image, a non-empty list of PIL images or a float tensor "
-            f"[B, 3, H, W], got {type(image).__name__}"
-        )
-    arrays, sizes = [], []
-    for i, img in enumerate(images):
-        if not isinstance(img, Image.Image):
-            raise TypeError(f"image[{i}] must be a PIL image, got {type(img).__name__}")
-        sizes.append((img.height, img.width))
-        rgb = img.convert("RGB").resize((resolution, resolution), Image.BILINEAR)
-        arrays.append(np.asarray(rgb))
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2), sizes
+from .images import to_tensor_batch  # noqa: F401  (moved; pipeline calls masks.to_tensor_batch)
 
 
 def to_model_range(pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -54,11 +19,20 @@ def to_model_range(pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (pixels * 2.0 - 1.0).to(dtype)
 
 
+def upsample(maps: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+    """Maps ``[B, HW, K]`` on a ``grid`` (h, w) → ``[B, K, H, W]`` at ``size`` by bilinear
+    upsampling (align_corners=False), fp32."""
+    maps = maps.float().transpose(1, 2).reshape(maps.shape[0], -1, *grid)
+    return F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+
+
 def heatmaps(refined: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
     """Refined maps ``[B, HW, K]`` on a ``grid`` (h, w) → ``[B, K, H, W]`` heatmaps at ``size``:
-    bilinear upsampling (align_corners=False), then per-class min-max to [0, 1]."""
-    maps = refined.float().transpose(1, 2).reshape(refined.shape[0], -1, *grid)
-    maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+    bilinear upsampling (align_corners=False), then per-class min-max to [0, 1].
+
+    Memory: ``4·B·K·H·W`` bytes (1.5 GB for 8 classes on a 12 MP photo); :func:`labels_chunked`
+    gives the labels without them."""
+    maps = upsample(refined, grid, size)
     flat = maps.flatten(2).transpose(1, 2)  # [B, HW, K] for minmax over the pixels
     return minmax(flat).transpose(1, 2).reshape(maps.shape)
 
@@ -75,6 +49,53 @@ def labels(heat: torch.Tensor, background_threshold: float | None = None) -> tor
         background = (1.0 - best) ** 2
         return torch.where(background >= best, 0, index + 1).long()  # ties go to background, as argmax
     return torch.where(best < background_threshold, 0, index + 1).long()
+
+
+def _interpolation_matrix(n_in: int, n_out: int, device) -> torch.Tensor:
+    """``[n_out, n_in]`` weights of 1-D linear interpolation (align_corners=False), so that
+    bilinear upsampling of a ``[h, w]`` map is ``Wy @ map @ Wxᵀ``."""
+    eye = torch.eye(n_in, device=device).reshape(1, n_in, n_in, 1)
+    return F.interpolate(eye, size=(n_out, 1), mode="bilinear", align_corners=False)[0, :, :, 0].T
+
+
+def labels_chunked(
+    refined: torch.Tensor,
+    grid: tuple[int, int],
+    size: tuple[int, int],
+    background_threshold: float | None = None,
+    chunk_bytes: int = 64 * 2**20,
+) -> torch.Tensor:
+    """The labels of :func:`labels` ``(heatmaps(refined[None], grid, size))`` for one image,
+    ``refined`` ``[HW, K]`` → ``[H, W]`` int64, without the full-size float heatmaps: bilinear
+    upsampling is separable (``Wy @ map @ Wxᵀ``), so rows are made in chunks of at most
+    ``chunk_bytes`` of fp32, once for the per-class minimum and maximum and once for the labels.
+    Peak extra memory: one chunk plus the int64 labels (8·H·W bytes)."""
+    height, width = size
+    k = refined.shape[-1]
+    maps = refined.float().transpose(0, 1).reshape(k, *grid)  # [K, h, w]
+    wy = _interpolation_matrix(grid[0], height, maps.device)  # [H, h]
+    cols = torch.einsum("khw,Ww->khW", maps, _interpolation_matrix(grid[1], width, maps.device))
+    rows = max(1, chunk_bytes // (4 * k * width))
+    lo = torch.full((k,), float("inf"), device=maps.device)
+    hi = torch.full((k,), float("-inf"), device=maps.device)
+    for start in range(0, height, rows):
+        chunk = torch.einsum("Hh,khW->kHW", wy[start : start + rows], cols)
+        lo = torch.minimum(lo, chunk.amin(dim=(1, 2)))
+        hi = torch.maximum(hi, chunk.amax(dim=(1, 2)))
+    span = hi - lo
+    out = torch.empty(height, width, dtype=torch.long, device=maps.device)
+    for start in range(0, height, rows):
+        chunk = torch.einsum("Hh,khW->kHW", wy[start : start + rows], cols)
+        heat = torch.where(span[:, None, None] > 0, (chunk - lo[:, None, None]) / span.clamp_min(1e-38)[:, None, None], 0.0)
+        out[start : start + rows] = labels(heat[None], background_threshold)[0]
+    return out
+
+
+def region_labels(heat: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Region heatmaps ``[R, H, W]`` → ``[H, W]`` int64: 0 where no region's heat is above
+    ``threshold``, else r = the region (1-based) with the highest heat."""
+    best, index = heat.max(dim=0)
+    return torch.where(best > threshold, index + 1, 0).long()
 
 
 def palette(n: int = 256) -> list[int]:

@@ -2,18 +2,35 @@
 
 Backend rule: Triton when ``triton`` imports and (the tensors are on CUDA, or
 ``TRITON_INTERPRET=1``); otherwise the reference. ``ISEG_OPS_BACKEND=auto|triton|torch``
-overrides (read at each call); ``triton`` on CPU requires ``TRITON_INTERPRET=1``, which must be
-set before ``iseg_ops`` is imported.
+overrides (read at each call; any other value is a ``ValueError``); ``triton`` on CPU requires
+``TRITON_INTERPRET=1``, which must be set before ``iseg_ops`` is imported.
+
+Two cases always run the reference, whatever the backend asked for:
+
+* **autograd**: when grad mode is on and any input tensor requires grad, the reference runs
+  (plain PyTorch ops, so ``.backward()`` works); the Triton kernels have no backward, and a
+  kernel's output would silently cut the graph.
+* **meta tensors**: shapes, dtypes and devices are validated as usual, the value checks (NaN,
+  Inf) are skipped (a meta tensor has no values) and the reference computes the output's
+  shape and dtype (useful for tracing; no values are produced).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import numbers
 import os
+from collections.abc import Iterator
 
 import torch
 
 BACKENDS = ("auto", "triton", "torch")
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+try:
+    from numpy import bool_ as np_bool
+except ImportError:  # numpy is optional here
+    np_bool = bool
 
 
 def triton_available() -> bool:
@@ -29,17 +46,37 @@ def interpreting() -> bool:
     return INTERPRETED
 
 
-def use_triton(fn: str, *tensors: torch.Tensor) -> bool:
-    """Whether ``fn`` runs its Triton kernel on ``tensors`` (else the PyTorch reference)."""
-    backend = os.environ.get("ISEG_OPS_BACKEND", "auto").strip().lower() or "auto"
-    if backend not in BACKENDS:
+def backend(fn: str = "iseg_ops") -> str:
+    """``ISEG_OPS_BACKEND`` normalised (``auto`` when unset or empty).
+
+    Raises:
+        ValueError: any value other than auto, triton or torch, naming ``fn``.
+    """
+    value = os.environ.get("ISEG_OPS_BACKEND", "auto").strip().lower() or "auto"
+    if value not in BACKENDS:
+        hint = " (CUDA tensors use the Triton kernels with 'auto')" if value == "cuda" else ""
         raise ValueError(
-            f"{fn}: ISEG_OPS_BACKEND must be one of {', '.join(BACKENDS)}, got {backend!r}"
+            f"{fn}: ISEG_OPS_BACKEND must be one of {', '.join(BACKENDS)}, got {value!r}{hint}"
         )
-    if backend == "torch":
+    return value
+
+
+def needs_reference(*tensors: torch.Tensor) -> bool:
+    """Whether the reference must run whatever the backend: autograd is recording a tensor
+    that requires grad, or a tensor is on the meta device (module docstring)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return True
+    return any(t.is_meta for t in tensors)
+
+
+def use_triton(fn: str, *tensors: torch.Tensor) -> bool:
+    """Whether ``fn`` runs its Triton kernel on ``tensors`` (else the PyTorch reference).
+    Autograd and meta tensors always get the reference (module docstring)."""
+    backend_ = backend(fn)
+    if backend_ == "torch" or needs_reference(*tensors):
         return False
     on_cuda = all(t.is_cuda for t in tensors)
-    if backend == "triton":
+    if backend_ == "triton":
         if not triton_available():
             raise RuntimeError(f"{fn}: ISEG_OPS_BACKEND=triton but triton is not installed")
         if not (on_cuda or interpreting()):
@@ -62,9 +99,29 @@ def check_float(fn: str, name: str, t: object) -> None:
         raise TypeError(f"{fn}: {name} must be a floating-point tensor, got {t.dtype}")
 
 
+_VALUE_CHECKS = True
+
+
+@contextlib.contextmanager
+def value_checks(enabled: bool) -> Iterator[None]:
+    """Switch the NaN/Inf checks of the ops (their only host synchronisation) on or off for
+    the ``with`` block. Off inside :class:`iseg.ISegPipeline`, which checks its outputs once
+    at the end instead, so that a whole call runs without a device-to-host read and a
+    compiled capture step has no graph break. Direct users of the ops keep the checks."""
+    global _VALUE_CHECKS
+    previous, _VALUE_CHECKS = _VALUE_CHECKS, enabled
+    try:
+        yield
+    finally:
+        _VALUE_CHECKS = previous
+
+
 def check_finite(fn: str, **tensors: torch.Tensor) -> None:
     """``ValueError`` naming the first of ``tensors`` that holds NaN or Inf. One reduction per
-    tensor and a single device-to-host read (on CUDA: one synchronisation, before any kernel)."""
+    tensor and a single device-to-host read (on CUDA: one synchronisation, before any kernel).
+    Skipped inside ``value_checks(False)`` and for meta tensors (no values)."""
+    if not _VALUE_CHECKS or any(t.is_meta for t in tensors.values()):
+        return
     flags = torch.stack([torch.isfinite(t).all() for t in tensors.values()]).tolist()
     for (name, t), finite in zip(tensors.items(), flags):
         if not finite:
@@ -83,11 +140,15 @@ def check_attn(fn: str, attn: object) -> None:
 def check_lam(fn: str, lam: object, allow_none: bool) -> None:
     if lam is None and allow_none:
         return
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)):
+    if isinstance(lam, (bool, np_bool)) or not isinstance(lam, numbers.Real):
         expected = "a float or None" if allow_none else "a float"
         raise TypeError(f"{fn}: lam must be {expected}, got {type(lam).__name__}")
     if not lam >= 0 or lam == float("inf"):
         raise ValueError(f"{fn}: lam must be a finite number ≥ 0, got {lam}")
+    if float(lam) > FLOAT32_MAX:  # the kernels and fp32 math would see Inf
+        raise ValueError(
+            f"{fn}: lam must be ≤ {FLOAT32_MAX:.4g} (float32's range), got {float(lam):g}"
+        )
 
 
 def validate_ent_self(attn: object, lam: object) -> None:
@@ -121,3 +182,18 @@ def validate_refine(attn: object, cross: object, iters: object, lam: object) -> 
         raise ValueError(f"{fn}: iters must be ≥ 0, got {iters}")
     check_lam(fn, lam, allow_none=True)
     check_finite(fn, attn=attn, cross=cross)
+
+
+def check_t_max(fn: str, t_max: object, lam: object) -> None:
+    """``t_max`` (Ent-Self's upper clamp of ``T``) must be ``None`` or a finite number > 0, and
+    needs Ent-Self (``lam`` not ``None``)."""
+    if t_max is None:
+        return
+    if isinstance(t_max, bool) or not isinstance(t_max, (int, float)):
+        raise TypeError(f"{fn}: t_max must be a float or None, got {type(t_max).__name__}")
+    if not 0 < t_max < float("inf"):
+        raise ValueError(f"{fn}: t_max must be a finite number > 0 or None, got {t_max}")
+    if lam is None:
+        raise ValueError(
+            f"{fn}: t_max clamps Ent-Self's T, so it needs lam (got lam=None with t_max={t_max})"
+        )
