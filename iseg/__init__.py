@@ -4,7 +4,14 @@
 kernels live in :mod:`iseg_ops`.
 """
 
-from .pipeline import ISegPipeline, ISegPipelineOutput
-
 __all__ = ["ISegPipeline", "ISegPipelineOutput"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # Lazy: `import iseg` (and the `iseg` command's --help) must not import torch/diffusers.
+    if name in __all__:
+        from . import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(f"module 'iseg' has no attribute {name!r}")

@@ -1,0 +1,26 @@
+"""The ``iseg`` subcommands, one module each; :mod:`iseg.cli` dispatches to them.
+
+How to add a subcommand ``NAME``:
+
+1. Write ``iseg/commands/NAME.py`` (``refine-masks`` → ``refine_masks.py``) with
+
+   * ``add_parser(subparsers) -> None``: ``subparsers.add_parser("NAME", help=...,
+     description=...)`` and its options. Module-level imports stdlib-only (``iseg --help``
+     must not import torch); use the shared option adders of :mod:`._common`
+     (``add_model_options``: ``--model/--device/--dtype``; ``add_output_options``:
+     ``--out/--batch-size/--overwrite``) and its value types (``positive_int``, ``seed``, …).
+   * ``run(args) -> int``: the exit status. Import torch and the pipeline inside. Raise
+     :class:`._common.CommandError` (``code=2`` for usage errors) for a failure: the
+     dispatcher prints it as one ``iseg: error: ...`` line. Check everything that can fail
+     (inputs with ``expand_inputs``/``check_images``, ``resolve_device``,
+     ``check_ops_backend``, ``Runner.plan``) *before* ``load_pipeline``, and create nothing
+     on disk before the model has loaded.
+
+2. Add one line ``"NAME"`` (the module name) to ``COMMANDS`` in :mod:`iseg.cli`.
+
+A subcommand that writes files per input uses :class:`iseg.runner.Runner` (resume, manifest,
+atomic writes, per-input failures, progress; its docstring has the pattern, and
+:mod:`.segment` is the full example). If it writes names other than ``*_labels.png`` /
+``*_overlay.png|jpg``, add their endings to ``_common.OUTPUT_SUFFIXES`` so that folder and glob
+inputs skip them. Tests go through ``iseg.cli.main([...])``.
+"""

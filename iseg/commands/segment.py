@@ -1,0 +1,242 @@
+"""``iseg segment IMAGE... --classes "cat,dog"``: label and overlay images per input.
+
+For each input ``OUT/<name>_labels.png`` (palette PNG: 0 = background, k = the k-th class, VOC
+colours) and ``OUT/<name>_overlay.png`` (or ``.jpg``; none with ``--no-overlay``): the image with
+the labels' colours blended in. ``<name>`` is the input's stem, ``<stem>_<i>`` where stems
+clash (i = the input's position), and ``OUT/iseg-manifest.json`` records which input each name
+came from (:mod:`iseg.runner`).
+
+Example:
+    $ iseg segment cat.jpg dog.jpg --classes "cat, dog, sofa" --out masks
+    $ iseg segment photos/ "more/**/*.jpg" --classes person --device cpu --no-overlay
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from . import _common
+from ._common import CommandError, first_line
+
+NAME = "segment"
+OVERLAY_FORMATS = ("png", "jpg")
+
+
+def parse_classes(text: str) -> tuple[str, ...]:
+    """``"cat, potted plant"`` → ``("cat", "potted plant")``.
+
+    Names are stripped and inner whitespace collapsed. Raises ``ValueError`` for an empty name
+    (``"cat,,dog"``, ``" , "``) or a name given twice.
+    """
+    names = tuple(" ".join(name.split()) for name in text.split(","))
+    hint = "give them comma-separated: --classes 'cat,dog'"
+    if not any(names):
+        raise ValueError(f"no class names in {text!r}; {hint}")
+    if not all(names):
+        raise ValueError(f"empty class name in {text!r}; {hint}")
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise ValueError(f"class {name!r} is given twice in {text!r}")
+        seen.add(name)
+    return names
+
+
+def _classes(text: str) -> tuple[str, ...]:
+    try:
+        return parse_classes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _lam(text: str) -> float | str:
+    """λ ≥ 0, or ``none`` to refine with the raw self-attention (no Ent-Self)."""
+    if text.strip().lower() == "none":
+        return "none"
+    return _common.finite_float(text, 0.0, inclusive=True)
+
+
+_lam.__name__ = "λ (a number ≥ 0 or 'none')"
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        NAME,
+        help="segment images into the given classes",
+        description=(
+            "Write OUT/<name>_labels.png (palette PNG: 0 = background, k = the k-th class) and "
+            "OUT/<name>_overlay.png for each IMAGE. <name> is the image's stem (<stem>_<i> where "
+            "stems clash); OUT/iseg-manifest.json records the mapping and the settings. A rerun "
+            "of the same command skips finished images, so a stopped run resumes."
+        ),
+    )
+    # fmt: off
+    add = parser.add_argument
+    add("images", nargs="+", metavar="IMAGE",
+        help="image files, folders (their images) or quoted glob patterns ('shots/**/*.jpg')")
+    add("--classes", type=_classes, required=True, metavar="NAMES",
+        help="comma-separated class names, e.g. 'cat,potted plant' (label k = the k-th name)")
+    _common.add_model_options(parser)
+
+    add = parser.add_argument_group("iSeg settings (default: the recipe's)").add_argument
+    add("--recipe", default=None, metavar="NAME",
+        help="a named configuration (see `iseg recipes`; default: paper)")
+    add("--iters", type=_common.non_negative_int, default=None,
+        help="refinement iterations N (paper: 10)")
+    add("--lam", type=_lam, default=None,
+        help="Ent-Self strength λ, or 'none' for the raw self-attention (paper: 0.01)")
+    add("--gamma", type=_common.positive_float, default=None,
+        help="Cat-Cross weight γ (paper: 1.6)")
+    add("--background-threshold", type=_common.positive_float, default=None, metavar="TAU",
+        help="pixels whose best heat is below TAU are background "
+             "(default: the background score (1 - max heat)²)")
+    add("--seed", type=_common.seed, default=0,
+        help="noise seed in [0, 2**64); the i-th IMAGE uses seed + i (default: 0)")
+
+    _common.add_output_options(parser)
+    group = parser.add_argument_group("overlays")
+    group.add_argument("--no-overlay", action="store_true",
+                       help="write only the label PNGs (the overlay is most of the time and "
+                            "disk per image at large sizes)")
+    group.add_argument("--overlay-format", choices=OVERLAY_FORMATS, default="png",
+                       help="overlay file format (default: png; jpg is smaller and faster)")
+    # fmt: on
+
+
+def _check_recipe(name: str) -> None:
+    try:
+        from ..recipes import RECIPES
+    except ImportError:
+        raise CommandError("--recipe: this version of iseg has no recipes", code=2) from None
+    if name not in RECIPES:
+        raise CommandError(
+            f"--recipe: unknown recipe {name!r}; known: {', '.join(RECIPES)}", code=2
+        )
+
+
+def _pipeline_options(args: argparse.Namespace, call_parameters) -> dict:
+    """The keyword arguments given on the command line (the others stay the recipe's)."""
+    options = {}
+    if args.recipe is not None:
+        options["recipe"] = args.recipe
+    if args.iters is not None:
+        options["iters"] = args.iters
+    if args.lam is not None:
+        options["lam"] = None if args.lam == "none" else args.lam
+    if args.gamma is not None:
+        options["gamma"] = args.gamma
+    if args.background_threshold is not None:
+        options["background_threshold"] = args.background_threshold
+    if "output_heatmaps" in call_parameters:  # labels without full-size float heatmaps
+        options["output_heatmaps"] = False
+    return options
+
+
+def outputs_for(args: argparse.Namespace):
+    def outputs(name: str) -> list[str]:
+        files = [f"{name}_labels.png"]
+        if not args.no_overlay:
+            files.append(f"{name}_overlay.{args.overlay_format}")
+        return files
+
+    return outputs
+
+
+def run(args: argparse.Namespace) -> int:
+    """``iseg segment``: returns the exit status (raises CommandError for a failed run)."""
+    _common.check_ops_backend()
+    paths = _common.expand_inputs(args.images)
+    _common.check_images(paths)  # before the model loads, so a typo fails fast
+    if args.seed + len(paths) - 1 > _common.SEED_MAX:
+        raise CommandError(
+            f"--seed {args.seed}: image {len(paths) - 1} would use seed {args.seed + len(paths) - 1}, "
+            "beyond 2**64 - 1; give a smaller --seed",
+            code=2,
+        )
+    if args.recipe is not None:
+        _check_recipe(args.recipe)
+    device, dtype = _common.resolve_device(args.device, args.dtype)
+
+    from ..runner import Runner
+
+    model = args.model
+    if _common.looks_like_path(model):
+        from pathlib import Path
+
+        model = str(Path(model).expanduser().absolute())
+    settings = {
+        "model": model,
+        "dtype": str(dtype).removeprefix("torch."),
+        "classes": list(args.classes),
+        "recipe": args.recipe or "paper",
+        "iters": args.iters,
+        "lam": args.lam,
+        "gamma": args.gamma,
+        "background_threshold": args.background_threshold,
+        "seed": args.seed,
+    }
+    runner = Runner(args.out, NAME, settings, overwrite=args.overwrite)
+    todo = runner.plan(paths, outputs_for(args))
+    if todo:
+        pipe = _common.load_pipeline(args.model, device, dtype)
+        _check_classes_fit(pipe, args.classes)
+        runner.run(todo, _load, _processor(pipe, args, device), args.batch_size)
+    return runner.finish("segmented")
+
+
+def _load(path):
+    from ..images import load_image
+
+    return load_image(path)
+
+
+def _check_classes_fit(pipe, classes) -> None:
+    """Names that do not fit the text encoder fail once, here, not at every image."""
+    if not hasattr(pipe, "prompt"):
+        return
+    try:
+        pipe.prompt(list(classes))
+    except ValueError as exc:
+        raise CommandError(f"--classes: {first_line(exc)}", code=2) from None
+
+
+def _processor(pipe, args: argparse.Namespace, device: str):
+    import inspect
+
+    import torch
+
+    from .. import masks
+
+    options = _pipeline_options(args, inspect.signature(pipe.__call__).parameters)
+    classes = list(args.classes)
+    outputs = outputs_for(args)
+
+    def process(items, images):
+        generators = [torch.Generator().manual_seed(args.seed + item.index) for item in items]
+        try:
+            output = pipe(images, classes, generator=generators, **options)
+        except torch.OutOfMemoryError:
+            raise CommandError(
+                f"out of memory on {device} with --batch-size {args.batch_size}; "
+                "try a smaller --batch-size or --dtype fp16"
+            ) from None
+        except ValueError as exc:  # a setting the pipeline refuses: the same for every batch
+            raise CommandError(first_line(exc), code=2) from None
+        results = []
+        for item, image, label in zip(items, images, output.labels):  # [B, H, W] or a list
+            label = label.cpu()
+            labels_png = masks.label_image(label)
+            files = {f"{item.name}_labels.png": _saver(labels_png, "PNG")}
+            if not args.no_overlay:
+                overlay = masks.overlay(image, label)
+                fmt = "PNG" if args.overlay_format == "png" else "JPEG"
+                files[outputs(item.name)[1]] = _saver(overlay, fmt)
+            results.append(files)
+        return results
+
+    return process
+
+
+def _saver(image, fmt: str):
+    options = {"quality": 90} if fmt == "JPEG" else {}
+    return lambda f: image.save(f, format=fmt, **options)
