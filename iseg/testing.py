@@ -396,3 +396,68 @@ def sd21_base_components(
         "unet": unet.eval(),
         "scheduler": _sd_scheduler(),
     }
+
+
+def _clip_model(tokenizer: CLIPTokenizer, text: dict, vision: dict, projection_dim: int):
+    """A random-weight ``CLIPModel`` whose text special-token ids match ``tokenizer``."""
+    import math
+
+    from transformers import CLIPConfig, CLIPModel
+
+    config = CLIPConfig(
+        text_config=_text_config(tokenizer, hidden_act="quick_gelu", **text).to_dict(),
+        vision_config={"hidden_act": "quick_gelu", "patch_size": 16, **vision},
+        projection_dim=projection_dim,
+        logit_scale_init_value=math.log(100.0),  # OpenAI's trained temperature, exp() = 100
+    )
+    return CLIPModel(config).eval()
+
+
+def tiny_clip_components(
+    seed: int = 0,
+    tokenizer_dir: str | os.PathLike[str] | None = None,
+    image_size: int = 112,
+) -> dict:
+    """A tiny random ``CLIPModel`` with ViT-B/16's layout (12 vision layers, patch 16) and a tokenizer.
+
+    Vision: 12 layers, width 32, 4 heads, ``image_size`` 112 (a 7×7 pretrained position grid,
+    so crops are 112² and any other grid is interpolated). Text: 2 layers, width 32, vocabulary
+    1000. Projection 16, ``logit_scale.exp() = 100``. ``torch.manual_seed(seed)`` runs first, so
+    the same seed gives the same weights. Save both with ``save_pretrained`` to test loading.
+
+    Returns:
+        ``{"model": CLIPModel (float32, eval), "tokenizer": CLIPTokenizer}``.
+    """
+    tokenizer = make_clip_tokenizer(tokenizer_dir or tempfile.mkdtemp())
+    torch.manual_seed(seed)
+    model = _clip_model(
+        tokenizer,
+        text={"vocab_size": TINY_VOCAB_SIZE, "hidden_size": 32, "intermediate_size": 37,
+              "num_hidden_layers": 2, "num_attention_heads": 4},
+        vision={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 12,
+                "num_attention_heads": 4, "image_size": image_size},
+        projection_dim=16,
+    )  # fmt: skip
+    return {"model": model, "tokenizer": tokenizer}
+
+
+def clip_vit_b16_components(tokenizer_dir: str | os.PathLike[str] | None = None) -> dict:
+    """``openai/clip-vit-base-patch16``'s architecture with random weights (149.6M parameters).
+
+    For benchmarks of the tagger, whose speed does not depend on weight values: vision 12
+    layers, width 768, 12 heads, 224² input, patch 16; text 12 layers, width 512, 8 heads;
+    projection 512. The tokenizer is :func:`make_clip_tokenizer`'s (ids < 1000).
+
+    Returns:
+        ``{"model": CLIPModel (float32, eval), "tokenizer": CLIPTokenizer}``.
+    """
+    tokenizer = make_clip_tokenizer(tokenizer_dir or tempfile.mkdtemp())
+    model = _clip_model(
+        tokenizer,
+        text={"vocab_size": 49408, "hidden_size": 512, "intermediate_size": 2048,
+              "num_hidden_layers": 12, "num_attention_heads": 8},
+        vision={"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                "num_attention_heads": 12, "image_size": 224},
+        projection_dim=512,
+    )  # fmt: skip
+    return {"model": model, "tokenizer": tokenizer}
