@@ -307,6 +307,11 @@ class EvalError(ValueError):
     """A run that cannot start (bad root, layout, tags, settings that differ from --out's)."""
 
 
+def builtin_tagger_available() -> bool:
+    """Whether :func:`builtin_tags` can tag images (checked before the dataset is opened)."""
+    return False
+
+
 def builtin_tags(task: Task, dataset, ids: Sequence[str]):
     """Hook for the built-in tagger (TagCLIP issue): return ``{id: label ids}`` for ``ids``.
 
@@ -647,6 +652,8 @@ def run_eval(
         recipe_name, seed, have_recipes = _recipe_info(recipe, task)
     except ValueError as exc:
         raise EvalError(str(exc)) from None
+    if task.mode == "ovs" and tags is None and not builtin_tagger_available():
+        builtin_tags(task, None, ids)  # raises: "give --tags FILE"
     try:
         ds = open_dataset(task.dataset, root, ids[0], context_order=context_order, context_ids=ids)
     except DatasetError as exc:
@@ -758,7 +765,7 @@ def run_eval(
                 while len(pending) > 16:
                     pending.pop(0).result()
                 bar.update(len(batch))
-                if running is not None:
+                if ready and running is not None:
                     miou = scores(running).miou
                     bar.set_postfix_str(f"mIoU {100 * miou:.1f}" if miou is not None else "")
             for f in pending:

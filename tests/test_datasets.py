@@ -52,15 +52,31 @@ def voc_label(i: int, h: int, w: int, classes=None) -> np.ndarray:
     return label
 
 
-def make_voc(root: Path, ids, labels: str = "SegmentationClassAug", size=(24, 32), label_fn=voc_label):
-    """``root/VOCdevkit/VOC2012`` with JPEGs and grayscale (Aug) or palette (official) labels."""
+def label_image(i: int, label: np.ndarray) -> Image.Image:
+    """An image whose red channel encodes the label (4 × class id; 255 → 0), saved losslessly
+    by the builders, so that a fake pipeline can read the ground truth back."""
+    rng = np.random.default_rng(i)
+    rgb = rng.integers(0, 256, (*label.shape, 3), dtype=np.uint8)
+    rgb[..., 0] = np.where(label == 255, 0, label * 4)
+    return Image.fromarray(rgb)
+
+
+def make_voc(
+    root: Path, ids, labels: str = "SegmentationClassAug", size=(24, 32), label_fn=voc_label,
+    image_fn=None,
+):
+    """``root/VOCdevkit/VOC2012`` with JPEGs and grayscale (Aug) or palette (official) labels;
+    with ``image_fn(i, label)`` the images are that, stored losslessly (PNG data in the .jpg)."""
     base = root / "VOCdevkit" / "VOC2012"
     (base / "JPEGImages").mkdir(parents=True, exist_ok=True)
     out = {}
     for i, image_id in enumerate(ids):
         h, w = size if i % 2 == 0 else size[::-1]
-        _image(i, h, w).save(base / "JPEGImages" / f"{image_id}.jpg", quality=95)
         label = label_fn(i, h, w)
+        if image_fn is None:
+            _image(i, h, w).save(base / "JPEGImages" / f"{image_id}.jpg", quality=95)
+        else:
+            image_fn(i, label).save(base / "JPEGImages" / f"{image_id}.jpg", format="PNG")
         _save_label(label, base / labels / f"{image_id}.png", "P" if labels == "SegmentationClass" else "L")
         out[image_id] = label
     return out
@@ -86,12 +102,17 @@ def context_label(image_id: str, h: int, w: int, order: str = "official") -> np.
     return label
 
 
-def make_context(root: Path, ids, order: str = "official", size=(24, 32)):
+def make_context(root: Path, ids, order: str = "official", size=(24, 32), image_fn=None):
+    """``root/VOCdevkit/VOC2010`` with labels in ``order``; ``image_fn(i, official label)`` as
+    in :func:`make_voc`."""
     base = root / "VOCdevkit" / "VOC2010"
     (base / "JPEGImages").mkdir(parents=True, exist_ok=True)
     for i, image_id in enumerate(ids):
         h, w = size
-        _image(i, h, w).save(base / "JPEGImages" / f"{image_id}.jpg", quality=95)
+        if image_fn is None:
+            _image(i, h, w).save(base / "JPEGImages" / f"{image_id}.jpg", quality=95)
+        else:
+            image_fn(i, context_label(image_id, h, w)).save(base / "JPEGImages" / f"{image_id}.jpg", format="PNG")
         _save_label(context_label(image_id, h, w, order), base / "SegmentationClassContext" / f"{image_id}.png")
 
 
