@@ -307,21 +307,20 @@ class EvalError(ValueError):
     """A run that cannot start (bad root, layout, tags, settings that differ from --out's)."""
 
 
-def builtin_tagger_available() -> bool:
-    """Whether :func:`builtin_tags` can tag images (checked before the dataset is opened)."""
-    return False
+def builtin_tagger(task: Task, device=None):
+    """Hook for the built-in tagger (the TagCLIP issue): a function ``image [H, W, 3] uint8 →
+    label ids`` (ascending, 1-based) for OVS runs without ``--tags``, or ``None`` when there is
+    none (then ``iseg eval`` asks for ``--tags FILE``).
 
+    Wiring :class:`iseg.tagger.CLIPTagger` here is::
 
-def builtin_tags(task: Task, dataset, ids: Sequence[str]):
-    """Hook for the built-in tagger (TagCLIP issue): return ``{id: label ids}`` for ``ids``.
+        tagger = CLIPTagger.from_pretrained(DEFAULT_TAGGER_MODEL).to(device)
+        preset = {"voc": "voc", "voc_context": "context", "coco14": "coco"}[task.dataset]
+        return lambda image: tuple(i + 1 for i in tagger(image, preset=preset).indices)
 
-    Until ``iseg.tagger`` is wired here, OVS tasks need ``--tags FILE`` (or ``--tags
-    published`` for the TagCLIP tags the paper used).
+    The runner calls it in the main process, once per image that needs a prediction.
     """
-    raise EvalError(
-        f"{task.name}: give --tags FILE (lines 'id c1 c2 …', 0-based) or --tags published; "
-        "the built-in tagger is not wired into iseg eval yet"
-    )
+    return None
 
 
 # --- per-image work (DataLoader workers) ----------------------------------------------------
@@ -371,7 +370,7 @@ class _PredictSamples:
                 sample.skip = True
                 return sample
         else:
-            sample.classes = tuple(self.tags.get(image_id, ()))
+            sample.classes = tuple(self.tags.get(image_id, ())) if self.tags is not None else ()
         path = self.ds.image_path(image_id)
         try:
             pixels = read_image(path)
@@ -617,7 +616,7 @@ def run_eval(
         ids_file: a list of ids instead of the paper's split.
         batch_size: images per pipeline call.
         tags: OVS classes: a tags file, ``"published"`` (the shipped TagCLIP tags) or ``None``
-            (the built-in tagger, :func:`builtin_tags`).
+            (the built-in tagger, :func:`builtin_tagger`).
         num_shards, shard_index: this process predicts ``ids[shard_index::num_shards]``; the
             metric is computed by the shard that completes the set last.
         context_order: Context label order (``official``/``mmseg``; ``None`` detects it).
@@ -652,8 +651,14 @@ def run_eval(
         recipe_name, seed, have_recipes = _recipe_info(recipe, task)
     except ValueError as exc:
         raise EvalError(str(exc)) from None
-    if task.mode == "ovs" and tags is None and not builtin_tagger_available():
-        builtin_tags(task, None, ids)  # raises: "give --tags FILE"
+    tagger = None
+    if task.mode == "ovs" and tags is None:
+        tagger = builtin_tagger(task, device)
+        if tagger is None:
+            raise EvalError(
+                f"{task.name}: give --tags FILE (lines 'id c1 c2 …', 0-based class indices) or "
+                "--tags published (the TagCLIP tags the paper used)"
+            )
     try:
         ds = open_dataset(task.dataset, root, ids[0], context_order=context_order, context_ids=ids)
     except DatasetError as exc:
@@ -663,7 +668,6 @@ def run_eval(
     tag_map, tags_id = None, None
     if task.mode == "ovs":
         if tags is None:
-            tag_map = builtin_tags(task, ds, ids)
             tags_id = "builtin"
         else:
             tags_path = data_path("ovs_labels", task.published_tags) if str(tags) == "published" else Path(tags)
@@ -723,6 +727,8 @@ def run_eval(
             for batch in loader:
                 ready = []
                 for s in batch:
+                    if tagger is not None and s.error is None and s.image is not None:
+                        s.classes = tuple(sorted(set(tagger(s.image.permute(1, 2, 0).numpy()))))
                     if s.error is not None:
                         failures[s.image_id] = s.error
                     elif s.skip:

@@ -186,6 +186,26 @@ def test_ovs_classes_from_tags_in_id_order(tmp_path):
         run_eval("context-ovs", tmp_path / "ctx", tmp_path / "out2", pipe=pipe, limit=3, workers=0, progress=False)
 
 
+def test_ovs_builtin_tagger_hook(tmp_path, monkeypatch):
+    ids = split_ids("voc_context", "val")[:2]
+    make_context(tmp_path / "ctx", ids, image_fn=label_image)
+    seen = []
+
+    def fake_tagger(task, device=None):
+        def tag(image):
+            seen.append(image.shape)
+            return (20, 11)  # any order: the runner sorts
+
+        return tag
+
+    monkeypatch.setattr("iseg.evaluate.builtin_tagger", fake_tagger)
+    pipe = FakePipe("voc_context")
+    run = run_eval("context-ovs", tmp_path / "ctx", tmp_path / "out", pipe=pipe, limit=2, workers=0, progress=False)
+    names = class_names("voc_context")
+    assert pipe.calls == [[names[10], names[19]]] * 2 and seen == [(24, 32, 3)] * 2
+    assert run.metrics["settings"]["tags"] == "builtin"
+
+
 # --- resume, shards ------------------------------------------------------------------------------
 
 
