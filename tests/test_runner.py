@@ -1,0 +1,251 @@
+"""``iseg.runner``: the resumable per-input runner, without a model (fake load/process)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from iseg.commands._common import CommandError, expand_inputs
+from iseg.runner import (
+    MANIFEST,
+    Runner,
+    check_writable,
+    manifest_outputs,
+    remove_stale_temp_files,
+    save_atomic,
+)
+
+
+def text_saver(text: str):
+    return lambda f: f.write(text.encode())
+
+
+def make_inputs(root: Path, names=("a.txt", "b.txt", "c.txt")) -> list[Path]:
+    root.mkdir(parents=True, exist_ok=True)
+    paths = [root / name for name in names]
+    for path in paths:
+        path.write_text(path.stem)
+    return paths
+
+
+def upper(items, loaded):
+    """process: one output per item holding its input's text in upper case."""
+    return [{item.outputs[0]: text_saver(text.upper())} for item, text in zip(items, loaded)]
+
+
+def read(path: Path) -> str:
+    return Path(path).read_text()
+
+
+def outputs(name: str) -> list[str]:
+    return [f"{name}.out"]
+
+
+def test_a_full_run_then_a_resume(tmp_path, capsys):
+    inputs = make_inputs(tmp_path / "in")
+    runner = Runner(tmp_path / "out", "t", {"k": 1})
+    todo = runner.plan(inputs, outputs)
+    assert [(i.index, i.name, i.outputs) for i in todo] == [
+        (0, "a", ["a.out"]), (1, "b", ["b.out"]), (2, "c", ["c.out"])
+    ]  # fmt: skip
+    assert not (tmp_path / "out").exists()  # planning creates nothing
+    runner.run(todo, read, upper, batch_size=2)
+    assert runner.finish("did") == 0
+    assert [read(tmp_path / "out" / f"{n}.out") for n in "abc"] == ["A", "B", "C"]
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"iseg: did 3 images, skipped 0 already done; outputs in {tmp_path / 'out'}"
+    )
+    manifest = json.loads((tmp_path / "out" / MANIFEST).read_text())
+    section = manifest["commands"]["t"]
+    assert section["settings"] == {"k": 1}
+    assert {Path(e["input"]).name: e["outputs"] for e in section["items"].values()} == {
+        "a.txt": ["a.out"], "b.txt": ["b.out"], "c.txt": ["c.out"]
+    }  # fmt: skip
+
+    again = Runner(tmp_path / "out", "t", {"k": 1})
+    assert again.plan(inputs, outputs) == []
+    assert again.skipped == 3
+
+
+def test_per_item_failures_are_reported_and_the_run_goes_on(tmp_path, capsys):
+    inputs = make_inputs(tmp_path / "in", ("a.txt", "bad.txt", "c.txt", "d.txt"))
+
+    def load(path):
+        if path.name == "bad.txt":
+            raise OSError("image file is truncated")
+        return read(path)
+
+    def process(items, loaded):
+        if any(item.name == "d" for item in items):
+            raise RuntimeError("kernel exploded\nsecond line")
+        return upper(items, loaded)
+
+    runner = Runner(tmp_path / "out", "t", {})
+    runner.run(runner.plan(inputs, outputs), load, process, batch_size=1)
+    assert runner.finish("did") == 1
+    err = capsys.readouterr().err.splitlines()
+    assert f"iseg: error: cannot read image '{inputs[1]}': image file is truncated" in err
+    assert f"iseg: error: '{inputs[3]}': kernel exploded" in err
+    assert err[-1].startswith("iseg: did 2 images, skipped 0 already done, 2 failed; ")
+    assert sorted(os.listdir(tmp_path / "out")) == ["a.out", "c.out", MANIFEST]
+    # A rerun retries only the failed ones.
+    again = Runner(tmp_path / "out", "t", {})
+    assert [i.name for i in again.plan(inputs, outputs)] == ["bad", "d"]
+
+
+@pytest.mark.parametrize("error", [CommandError("out of memory"), KeyboardInterrupt(), MemoryError()])
+def test_fatal_errors_end_the_run_and_keep_finished_outputs(error, tmp_path):
+    inputs = make_inputs(tmp_path / "in")
+
+    def process(items, loaded):
+        if items[0].name == "b":
+            raise error
+        return upper(items, loaded)
+
+    runner = Runner(tmp_path / "out", "t", {})
+    with pytest.raises(type(error)):
+        runner.run(runner.plan(inputs, outputs), read, process)
+    # The manifest was saved on the way out: "a" is finished, "b" and "c" are not.
+    again = Runner(tmp_path / "out", "t", {})
+    assert [i.name for i in again.plan(inputs, outputs)] == ["b", "c"]
+
+
+def test_changed_settings_are_refused_unless_overwrite(tmp_path):
+    inputs = make_inputs(tmp_path / "in")
+    first = Runner(tmp_path / "out", "t", {"seed": 0, "classes": ["cat"]})
+    first.run(first.plan(inputs, outputs), read, upper)
+    with pytest.raises(CommandError) as info:
+        Runner(tmp_path / "out", "t", {"seed": 1, "classes": ["cat"]}).plan(inputs, outputs)
+    assert str(info.value) == (
+        f"'{tmp_path / 'out'}' holds results of other settings (seed: 0 → 1); rerun with "
+        "--overwrite to replace them, or choose another --out"
+    )
+    # Another subcommand's settings in the same folder are its own.
+    assert len(Runner(tmp_path / "out", "other", {"x": 1}).plan(inputs, lambda n: [f"{n}.o2"])) == 3
+    redo = Runner(tmp_path / "out", "t", {"seed": 1, "classes": ["cat"]}, overwrite=True)
+    todo = redo.plan(inputs, outputs)
+    assert len(todo) == 3
+    # Killed right after start(): the old outputs are not taken as the new settings' results.
+    redo.start(todo)
+    assert len(Runner(tmp_path / "out", "t", {"seed": 1, "classes": ["cat"]}).plan(inputs, outputs)) == 3
+
+
+def test_files_it_did_not_write_are_never_overwritten(tmp_path):
+    inputs = make_inputs(tmp_path / "in")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "b.out").write_text("ground truth")
+    for overwrite in (False, True):
+        with pytest.raises(CommandError, match=r"refusing to overwrite '.*b.out': this tool did not write it"):
+            Runner(out, "t", {}, overwrite=overwrite).plan(inputs, outputs)
+    assert read(out / "b.out") == "ground truth"
+    # Nor one written by another subcommand.
+    (out / "b.out").unlink()
+    other = Runner(out, "other", {})
+    other.run(other.plan(inputs, outputs), read, upper)
+    with pytest.raises(CommandError, match="this tool did not write it"):
+        Runner(out, "t", {}).plan(inputs, outputs)
+
+
+def test_names_are_stable_across_runs(tmp_path):
+    c1, c2 = make_inputs(tmp_path / "c1", ("x.txt",)), make_inputs(tmp_path / "c2", ("x.txt",))
+    out = tmp_path / "out"
+    runner = Runner(out, "t", {})
+    todo = runner.plan(c1 + c2, outputs)
+    assert [i.name for i in todo] == ["x_0", "x_1"]
+    runner.run(todo, read, upper)
+    # Alone, c2/x.txt keeps x_1; a new input named x does not take a recorded name.
+    assert Runner(out, "t", {}).plan(c2, outputs) == []
+    c3 = make_inputs(tmp_path / "c3", ("x_1.txt",))
+    (item,) = Runner(out, "t", {}).plan(c3, outputs)
+    assert item.name == "x_1_0"
+
+
+def test_progress_lines_when_redirected(tmp_path, capsys):
+    inputs = make_inputs(tmp_path / "in", [f"{i}.txt" for i in range(7)])
+    runner = Runner(tmp_path / "out", "t", {}, progress_every=3)
+    runner.run(runner.plan(inputs, outputs), read, upper)
+    err = capsys.readouterr().err.splitlines()
+    assert [line.split(" (")[0] for line in err] == ["iseg: 3/7 images", "iseg: 6/7 images"]
+
+
+def test_save_atomic_leaves_no_partial_file(tmp_path):
+    target = tmp_path / "x_labels.png"
+    save_atomic(text_saver("old"), target)
+
+    def broken(f):
+        f.write(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        save_atomic(broken, target)
+    assert read(target) == "old"  # the old file, whole
+    assert os.listdir(tmp_path) == ["x_labels.png"]  # no temporary file left
+
+
+def test_stale_temp_files_of_dead_processes_are_removed(tmp_path):
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        names = {
+            "dead": f".a.png.{2**22 + 7}.00c0ffee.iseg-tmp",  # above the default pid_max
+            "live": f".b.png.{live.pid}.00c0ffee.iseg-tmp",  # a run still writing
+            "mine": f".c.png.{os.getpid()}.00c0ffee.iseg-tmp",
+            "other": ".d.png.tmp",  # not this tool's
+        }
+        for name in names.values():
+            (tmp_path / name).write_text("")
+        assert remove_stale_temp_files(tmp_path) == 2
+        assert sorted(os.listdir(tmp_path)) == sorted([names["live"], names["other"]])
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_check_writable_creates_nothing(tmp_path):
+    check_writable(tmp_path / "new" / "deeper")  # its parent chain is writable
+    assert os.listdir(tmp_path) == []
+    (tmp_path / "f").write_text("")
+    with pytest.raises(CommandError, match="is not a folder"):
+        check_writable(tmp_path / "f" / "out")
+    with pytest.raises(CommandError, match="is not a folder"):
+        check_writable(tmp_path / "f")
+
+
+def test_a_broken_manifest_is_one_clear_error(tmp_path):
+    (tmp_path / MANIFEST).write_text("{half")
+    with pytest.raises(CommandError, match=r"cannot read '.*iseg-manifest.json'.*remove it"):
+        Runner(tmp_path, "t", {}).plan([], outputs)
+    assert manifest_outputs(tmp_path) == set()
+
+
+def test_expand_inputs(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "ds"
+    (folder / "sub").mkdir(parents=True)
+    for name in ("b.png", "a.jpg", "a_labels.png", "a_overlay.jpg", ".hidden.png", "sub/c.png"):
+        Image.new("RGB", (2, 2)).save(folder / name)
+    (folder / "notes.txt").write_text("")
+    (folder / "mine.png").write_text("")  # recorded in the folder's manifest below
+    (folder / MANIFEST).write_text(json.dumps(
+        {"iseg_manifest": 1, "commands": {"t": {"settings": {}, "items": {
+            "/x/mine.png": {"input": "/x/mine", "name": "mine", "outputs": ["mine.png"]}}}}}
+    ))  # fmt: skip
+    assert expand_inputs([str(folder)]) == [folder / "a.jpg", folder / "b.png"]
+    assert expand_inputs([f"{folder}/*.png"]) == [folder / "b.png"]
+    assert expand_inputs([f"{folder}/**/*.png"]) == [folder / "b.png", folder / "sub" / "c.png"]
+    # A file named explicitly is taken as given; duplicates are dropped.
+    explicit = folder / "a_labels.png"
+    assert expand_inputs([str(explicit), str(folder / "b.png"), str(folder)]) == [
+        explicit, folder / "b.png", folder / "a.jpg"
+    ]  # fmt: skip
+    with pytest.raises(CommandError, match="no images match"):
+        expand_inputs([f"{folder}/*.tif"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CommandError, match="no images in folder"):
+        expand_inputs([str(tmp_path / "empty")])
