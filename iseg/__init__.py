@@ -4,12 +4,17 @@
 kernels live in :mod:`iseg_ops`.
 """
 
-__all__ = ["ISegPipeline", "ISegPipelineOutput"]
+__all__ = ["ISegPipeline", "ISegPipelineOutput", "Point", "Box", "Line", "Mask"]
 __version__ = "0.1.0"
+_SEEDS = ("Point", "Box", "Line", "Mask")  # regions for ISegPipeline.segment_regions
 
 
 def __getattr__(name: str):
     # Lazy: `import iseg` (and the `iseg` command's --help) must not import torch/diffusers.
+    if name in _SEEDS:
+        from . import seeds
+
+        return getattr(seeds, name)
     if name in __all__:
         from . import pipeline
 
