@@ -277,3 +277,94 @@ def test_import_and_ops_without_triton():
         TRITON_INTERPRET="1",
     )
     assert proc.stdout.strip().endswith("ok")
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd, meta tensors, lam's float32 range, NumPy scalars, a bad backend value
+
+
+def _op_inputs(op: str, grad: bool):
+    torch.manual_seed(0)
+    a = attn(2, 16, 16).requires_grad_(grad)
+    c = torch.rand(2, 16, 3).requires_grad_(grad)
+    q = torch.randn(1, 2, 8, 4).requires_grad_(grad)
+    k = torch.randn(1, 2, 8, 4).requires_grad_(grad)
+    return {"ent_self": (a,), "refine": (a, c), "head_mean_attention": (q, k)}[op]
+
+
+@pytest.mark.skipif(not kernels_interpreted(), reason="needs the kernels on Triton's interpreter")
+@pytest.mark.parametrize("op", ["ent_self", "refine", "head_mean_attention"])
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_grad_requests_run_the_reference_and_backward_works(monkeypatch, op, backend):
+    """With inputs that require grad, even ISEG_OPS_BACKEND=triton runs the reference, so the
+    output is part of the graph and .backward() gives the reference's gradients; without grad
+    (or under no_grad) the kernels run."""
+    monkeypatch.setenv("ISEG_OPS_BACKEND", backend)
+    inputs = _op_inputs(op, grad=True)
+    assert _dispatch.use_triton(op, *inputs) is False
+    out = getattr(iseg_ops, op)(*inputs)
+    assert out.requires_grad and out.grad_fn is not None
+    weights = torch.rand(out.shape)
+    (out * weights).sum().backward()
+    grads = [t.grad.clone() for t in inputs]
+    assert all(g.abs().sum() > 0 for g in grads[:1])  # a real gradient reaches the first input
+
+    expected_inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    (getattr(reference, op)(*expected_inputs) * weights).sum().backward()
+    for grad, expected in zip(grads, expected_inputs):
+        torch.testing.assert_close(grad, expected.grad)
+
+    with torch.no_grad():
+        assert _dispatch.use_triton(op, *inputs) is True  # no graph to keep: the kernel
+    assert _dispatch.use_triton(op, *_op_inputs(op, grad=False)) is True
+
+
+@pytest.mark.parametrize("op", ["ent_self", "refine", "head_mean_attention"])
+def test_meta_tensors_give_shapes_without_value_checks(monkeypatch, op):
+    """Meta tensors: shapes are validated, the value checks skipped, and the reference gives
+    the output's shape and dtype (documented in iseg_ops._dispatch)."""
+    monkeypatch.setenv("ISEG_OPS_BACKEND", "auto")
+    inputs = [t.detach().to("meta") for t in _op_inputs(op, grad=False)]
+    assert _dispatch.use_triton(op, *inputs) is False
+    out = getattr(iseg_ops, op)(*inputs)
+    expected = getattr(reference, op)(*[t.detach() for t in _op_inputs(op, grad=False)])
+    assert out.is_meta and out.shape == expected.shape and out.dtype == expected.dtype
+    with pytest.raises(ValueError, match=r"refine: cross has 15 rows"):
+        iseg_ops.refine(torch.empty(16, 16, device="meta"), torch.empty(15, 3, device="meta"))
+
+
+@pytest.mark.parametrize("op", ["ent_self", "refine"])
+def test_lam_beyond_float32_is_a_value_error(no_work, op):
+    args = (A,) if op == "ent_self" else (A, C)
+    with pytest.raises(ValueError, match=rf"{op}: lam must be ≤ 3.403e\+38 \(float32's range\), got 1e\+39"):
+        getattr(iseg_ops, op)(*args, lam=1e39)
+    with pytest.raises(WorkStarted):  # the largest float32 itself is fine
+        getattr(iseg_ops, op)(*args, lam=float(torch.finfo(torch.float32).max))
+
+
+def test_numpy_scalars_for_lam(no_work):
+    np = pytest.importorskip("numpy")
+    for lam in (np.float32(0.01), np.float64(0.01), np.int64(0)):
+        with pytest.raises(WorkStarted):
+            iseg_ops.ent_self(A, lam=lam)
+    with pytest.raises(TypeError, match="ent_self: lam must be a float"):
+        iseg_ops.ent_self(A, lam=np.bool_(True))
+
+
+def test_numpy_lam_gives_the_same_result(monkeypatch):
+    np = pytest.importorskip("numpy")
+    monkeypatch.setenv("ISEG_OPS_BACKEND", "torch")
+    assert torch.equal(iseg_ops.ent_self(A, lam=np.float32(0.5)), iseg_ops.ent_self(A, lam=0.5))
+
+
+def test_backend_cuda_is_a_clear_value_error(monkeypatch):
+    monkeypatch.setenv("ISEG_OPS_BACKEND", "cuda")
+    message = (
+        "refine: ISEG_OPS_BACKEND must be one of auto, triton, torch, got 'cuda' "
+        "(CUDA tensors use the Triton kernels with 'auto')"
+    )
+    with pytest.raises(ValueError) as info:
+        iseg_ops.refine(A, C)
+    assert str(info.value) == message
+    with pytest.raises(ValueError, match="^iseg_ops: ISEG_OPS_BACKEND must be one of"):
+        _dispatch.backend()
