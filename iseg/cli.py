@@ -27,6 +27,7 @@ COMMANDS = [
     "recipes",
     "eval",
     "data",
+    "tag",
 ]
 
 

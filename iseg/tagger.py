@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .data import data_path
+from .images import to_rgb
 
 __all__ = [
     "BACKGROUND",
@@ -296,7 +297,8 @@ class TaggerModelNotFoundError(OSError):
 def preprocess(image: Image.Image | np.ndarray, patch_size: int = 16) -> torch.Tensor:
     """The authors' preprocessing: no crop, sides rounded up to a multiple of the patch size.
 
-    Grayscale is stacked to 3 channels (alpha dropped), then a PIL bicubic resize to
+    Grayscale is stacked to 3 channels (transparency composited on white, as
+    :func:`iseg.images.to_rgb`), then a PIL bicubic resize to
     ``(ceil(h/p)·p, ceil(w/p)·p)`` and CLIP's normalisation.
 
     Args:
@@ -530,7 +532,7 @@ def _as_rgb(image: object, what: str) -> Image.Image:
     if isinstance(image, Image.Image):
         if image.width == 0 or image.height == 0:
             raise ValueError(f"{what} is empty ({image.width}×{image.height})")
-        return image.convert("RGB") if image.mode != "RGB" else image
+        return to_rgb(image)  # transparency on white, 16-bit and float grey rescaled
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or not (
             image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (1, 3, 4))
@@ -545,7 +547,9 @@ def _as_rgb(image: object, what: str) -> Image.Image:
             image = image[..., 0]
         if image.ndim == 2:
             image = np.repeat(image[..., None], 3, axis=2)
-        return Image.fromarray(np.ascontiguousarray(image[..., :3]), "RGB")
+        if image.shape[2] == 4:
+            return to_rgb(Image.fromarray(np.ascontiguousarray(image), "RGBA"))
+        return Image.fromarray(np.ascontiguousarray(image), "RGB")
     raise TypeError(
         f"{what} must be a PIL.Image.Image or a uint8 numpy array, got {type(image).__name__}"
     )

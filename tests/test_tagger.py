@@ -48,6 +48,16 @@ MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # The tiny model's ops are microseconds: intra-op threads only add overhead (10× on a
+    # busy machine).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory):
     return tiny_clip_components(seed=0, tokenizer_dir=tmp_path_factory.mktemp("clip_tokenizer"))
@@ -668,3 +678,111 @@ def test_missing_weights_give_one_clear_line(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(TaggerModelNotFoundError, match="HF_HUB_OFFLINE unset"):
         CLIPTagger.from_pretrained("no-such-user/no-such-clip")
+
+
+# --- iseg tag -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def clip_folder(clip, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_clip")
+    clip["model"].save_pretrained(folder)
+    clip["tokenizer"].save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def tag_inputs(tmp_path):
+    images = []
+    for i, size in enumerate([(48, 64), (40, 40), (64, 32)]):
+        path = tmp_path / f"img_{i}.png"
+        make_image(20 + i, size=size).save(path)
+        images.append(path)
+    vocabulary = tmp_path / "classes.txt"
+    vocabulary.write_text("cat\ndog\nsky\n")
+    return images, vocabulary
+
+
+def _tag_cli(images, vocabulary, out, model, *extra):
+    from iseg.cli import main
+
+    argv = ["tag", *map(str, images), "--vocabulary", str(vocabulary), "--out", str(out)]
+    return main([*argv, "--tagger-model", str(model), "--device", "cpu", *extra])
+
+
+def test_tag_command_writes_the_ovs_labels_format_and_resumes(clip_folder, tag_inputs, tmp_path, monkeypatch):
+    images, vocabulary = tag_inputs
+    out = tmp_path / "tags" / "tags.txt"
+    assert _tag_cli(images[:2], vocabulary, out, clip_folder, "--r-final", "0.5") == 0
+    tagger = CLIPTagger.from_pretrained(clip_folder)
+    expected = [
+        " ".join([p.stem, *map(str, tagger(Image.open(p), ["cat", "dog", "sky"], r_final=0.5).indices)])
+        for p in images
+    ]
+    assert out.read_text().splitlines() == expected[:2]
+
+    calls = []
+    original = CLIPTagger.__call__
+    monkeypatch.setattr(CLIPTagger, "__call__", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    assert _tag_cli(images, vocabulary, out, clip_folder, "--r-final", "0.5") == 0
+    assert len(calls) == 1  # only the missing id
+    assert out.read_text().splitlines() == expected
+    assert _tag_cli(images, vocabulary, out, clip_folder, "--r-final", "0.5") == 0
+    assert len(calls) == 1
+
+
+def test_tag_command_interrupted_keeps_finished_lines(clip_folder, tag_inputs, tmp_path, monkeypatch):
+    images, vocabulary = tag_inputs
+    out = tmp_path / "tags.txt"
+    original = CLIPTagger.__call__
+    calls = []
+
+    def interrupt_second(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(CLIPTagger, "__call__", interrupt_second)
+    assert _tag_cli(images, vocabulary, out, clip_folder) == 130
+    assert [line.split()[0] for line in out.read_text().splitlines()] == ["img_0"]
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".iseg-tmp")]
+    monkeypatch.setattr(CLIPTagger, "__call__", original)
+    assert _tag_cli(images, vocabulary, out, clip_folder) == 0
+    assert [line.split()[0] for line in out.read_text().splitlines()] == ["img_0", "img_1", "img_2"]
+
+
+def test_tag_command_refuses_foreign_files_and_changed_settings(clip_folder, tag_inputs, tmp_path, capsys):
+    images, vocabulary = tag_inputs
+    foreign = tmp_path / "foreign.txt"
+    foreign.write_text("not ours\n")
+    assert _tag_cli(images[:1], vocabulary, foreign, clip_folder) == 1
+    assert "refusing to overwrite" in capsys.readouterr().err
+    assert foreign.read_text() == "not ours\n"
+
+    out = tmp_path / "tags.txt"
+    assert _tag_cli(images[:1], vocabulary, out, clip_folder) == 0
+    capsys.readouterr()
+    assert _tag_cli(images[:1], vocabulary, out, clip_folder, "--r-cwr", "0.1") == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "other settings (r_cwr: 0.6 → 0.1)" in err
+    assert _tag_cli(images[:1], vocabulary, out, clip_folder, "--r-cwr", "0.1", "--overwrite") == 0
+    assert len(out.read_text().splitlines()) == 1
+
+
+def test_tag_command_errors_are_one_line(clip_folder, tag_inputs, tmp_path, capsys, monkeypatch):
+    images, vocabulary = tag_inputs
+    out = tmp_path / "tags.txt"
+    assert _tag_cli(images, vocabulary, out, tmp_path / "no_model") == 1
+    err = capsys.readouterr().err
+    assert err.startswith("iseg: error: cannot load the CLIP tagger") and err.count("\n") == 1
+    assert "--tagger-model DIR" in err and not out.exists()
+    assert _tag_cli(images, tmp_path / "missing.txt", out, clip_folder) == 2
+    assert "--vocabulary" in capsys.readouterr().err
+    twin = tmp_path / "sub"
+    twin.mkdir()
+    make_image(0, size=(32, 32)).save(twin / "img_0.png")
+    assert _tag_cli([images[0], twin / "img_0.png"], vocabulary, out, clip_folder) == 2
+    assert "same id 'img_0'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _tag_cli(images, vocabulary, out, clip_folder, "--r-final", "1.5")

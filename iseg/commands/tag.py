@@ -1,0 +1,259 @@
+"""``iseg tag IMAGE... --vocabulary voc|context|coco|FILE --out tags.txt``: CLIP image tags.
+
+Writes one line per image, ``<id> <i1> <i2> ...``: the image's stem, then the 0-based
+vocabulary indices of its tags (ascending) — the format of ``iseg/data/ovs_labels/`` and of
+``iseg eval --tags``. The settings go to ``<out>.iseg-manifest.json`` beside it. A rerun of
+the same command keeps the lines there and appends only the missing ids (a stopped run
+resumes); the file is rewritten atomically every few images and at the end, so it is always
+complete up to some image. A file this tool did not write is never overwritten.
+
+Example:
+    $ iseg tag JPEGImages/ --vocabulary voc --out voc_tags.txt --tagger-model ./clip-vit-b16
+    $ iseg tag photos/*.jpg --vocabulary my_classes.txt --out tags.txt --r-final 0.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from . import _common
+from ._common import CommandError, first_line
+
+NAME = "tag"
+DEFAULT_TAGGER_MODEL = "openai/clip-vit-base-patch16"
+MANIFEST_SUFFIX = ".iseg-manifest.json"
+FLUSH_EVERY_IMAGES = 25
+FLUSH_EVERY_SECONDS = 30.0
+
+
+def _fraction(text: str) -> float:
+    return _common.finite_float(text, 0.0, inclusive=True, high=1.0)
+
+
+def _weight(text: str) -> float:
+    return _common.finite_float(text, 0.0, inclusive=True)
+
+
+_fraction.__name__ = "number in [0, 1]"
+_weight.__name__ = "number ≥ 0"
+
+
+def add_tagger_options(parser: argparse.ArgumentParser) -> None:
+    """``--tagger-model`` and the four TagCLIP settings (shared with commands that tag)."""
+    # fmt: off
+    group = parser.add_argument_group("tagger (TagCLIP; default settings: the preset's, else VOC's)")
+    group.add_argument("--tagger-model", default=DEFAULT_TAGGER_MODEL, metavar="REPO_OR_DIR",
+                       help="CLIP model folder (model.safetensors, config.json, tokenizer files) "
+                            f"or hub id (default: {DEFAULT_TAGGER_MODEL})")
+    group.add_argument("--r-cwr", type=_fraction, default=None, metavar="R",
+                       help="relative threshold of the crop re-identification candidates")
+    group.add_argument("--w-local", type=_weight, default=None, metavar="W",
+                       help="weight of the local score")
+    group.add_argument("--w-crop", type=_weight, default=None, metavar="W",
+                       help="weight of the crop score")
+    group.add_argument("--r-final", type=_fraction, default=None, metavar="R",
+                       help="relative threshold of the final scores")
+    # fmt: on
+
+
+def tagger_settings(args: argparse.Namespace) -> dict:
+    """The TagCLIP settings given on the command line (the others stay the preset's)."""
+    names = ("r_cwr", "w_local", "w_crop", "r_final")
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
+def resolve_tagger_vocabulary(spec: str):
+    """``voc|context|coco|FILE`` → :class:`iseg.tagger.Preset`, or a usage error."""
+    from ..tagger import resolve_vocabulary
+
+    try:
+        return resolve_vocabulary(spec)
+    except (OSError, ValueError, TypeError) as exc:
+        raise CommandError(f"--vocabulary: {first_line(exc)}", code=2) from None
+
+
+def load_tagger(model: str, device: str, dtype):
+    """``CLIPTagger.from_pretrained(model)`` on ``device`` in ``dtype``, quietly.
+
+    Raises:
+        CommandError: one line saying what was tried and how to get the weights.
+    """
+    from ..tagger import CLIPTagger
+
+    source = str(Path(model).expanduser()) if _common.looks_like_path(model) else model
+    try:
+        with _common.quiet_loading():
+            return CLIPTagger.from_pretrained(source, torch_dtype=dtype, device=device)
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:
+        raise CommandError(first_line(exc)) from None
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        NAME,
+        help="tag images with the classes of a vocabulary found by CLIP (TagCLIP)",
+        description=(
+            "Write one line '<id> <i1> <i2> ...' per IMAGE to --out: the image's stem and the "
+            "0-based vocabulary indices of the classes found (the format of the published "
+            "TagCLIP tags and of `iseg eval --tags`). A rerun appends only the missing ids."
+        ),
+    )
+    # fmt: off
+    add = parser.add_argument
+    add("images", nargs="+", metavar="IMAGE",
+        help="image files, folders (their images) or quoted glob patterns ('shots/**/*.jpg')")
+    add("--vocabulary", required=True, metavar="voc|context|coco|FILE",
+        help="a dataset's classes, background list and settings, or a text file with one "
+             "class name per line")
+    add("--out", required=True, metavar="FILE", help="the tags file to write (e.g. tags.txt)")
+    add("--overwrite", action="store_true",
+        help="start over when --out holds tags of other settings (a file this tool did not "
+             "write is never overwritten)")
+    group = parser.add_argument_group("device")
+    group.add_argument("--device", type=_common.device, default=None,
+                       help="cuda, cuda:N, mps or cpu (default: cuda if available, else cpu)")
+    group.add_argument("--dtype", choices=_common.DTYPES, default="fp32",
+                       help="tagger precision (default: fp32, as the authors; bf16 and fp16 can "
+                            "flip tags near the thresholds)")
+    add_tagger_options(parser)
+    # fmt: on
+
+
+def _read_existing(out: Path, manifest: Path, settings: dict, overwrite: bool) -> dict[str, str]:
+    """The lines already in ``out`` by id, after checking that this tool wrote them."""
+    if out.is_dir():
+        raise CommandError(f"--out '{out}' is a folder; give a file name such as tags.txt", code=2)
+    if not out.exists():
+        return {}
+    try:
+        recorded = json.loads(manifest.read_text(encoding="utf-8"))
+        if recorded.get("command") != NAME:
+            raise ValueError
+    except (OSError, ValueError, AttributeError):
+        raise CommandError(
+            f"refusing to overwrite '{out}': this tool did not write it (no {manifest.name} "
+            "beside it); move it away or choose another --out"
+        ) from None
+    if recorded.get("settings") != settings:
+        if overwrite:
+            return {}
+        old = recorded.get("settings") or {}
+        changed = ", ".join(
+            f"{k}: {old.get(k)!r} → {settings.get(k)!r}"
+            for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)
+        )  # fmt: skip
+        raise CommandError(
+            f"'{out}' holds tags of other settings ({changed}); rerun with --overwrite to "
+            "replace them, or choose another --out"
+        )
+    lines = {}
+    for line in out.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            lines.setdefault(line.split()[0], line.strip())
+    return lines
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    from ..runner import save_atomic
+
+    save_atomic(lambda f: f.write(text.encode("utf-8")), path)
+
+
+def run(args: argparse.Namespace) -> int:
+    """``iseg tag``: returns the exit status (raises CommandError for a failed run)."""
+    # 1. Check everything before the model loads
+    paths = _common.expand_inputs(args.images)
+    _common.check_images(paths)
+    ids: dict[str, Path] = {}
+    for path in paths:
+        if path.stem in ids:
+            raise CommandError(
+                f"images '{ids[path.stem]}' and '{path}' have the same id '{path.stem}'; "
+                "tag them into separate --out files",
+                code=2,
+            )
+        if any(c.isspace() for c in path.stem):
+            raise CommandError(f"image '{path}': its id (the file stem) holds whitespace", code=2)
+        ids[path.stem] = path
+    preset = resolve_tagger_vocabulary(args.vocabulary)
+    device, dtype = _common.resolve_device(args.device, args.dtype)
+    overrides = tagger_settings(args)
+    model = args.tagger_model
+    if _common.looks_like_path(model):
+        model = str(Path(model).expanduser().absolute())
+    settings = {
+        "tagger_model": model,
+        "dtype": str(dtype).removeprefix("torch."),
+        "vocabulary": preset.name or list(preset.vocabulary),
+        "background": list(preset.background),
+        **{k: overrides.get(k, getattr(preset, k)) for k in ("r_cwr", "w_local", "w_crop", "r_final")},
+    }
+    out = Path(args.out)
+    manifest = out.with_name(out.name + MANIFEST_SUFFIX)
+    lines = _read_existing(out, manifest, settings, args.overwrite)
+    todo = [(stem, path) for stem, path in ids.items() if stem not in lines]
+    skipped = len(ids) - len(todo)
+    if not todo:
+        print(f"{_common.PROG}: all {len(ids)} images already tagged in '{out}'", file=sys.stderr)
+        return 0
+
+    # 2. Load the tagger, then record the settings before the first line is written
+    tagger = load_tagger(args.tagger_model, device, dtype)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(manifest, json.dumps({"command": NAME, "settings": settings}, indent=1) + "\n")
+    except OSError as exc:
+        raise CommandError(f"cannot write '{manifest}': {first_line(exc)}") from None
+
+    # 3. Tag, appending lines; rewrite the file now and then, and whatever happens
+    from ..images import load_image
+
+    call = {"preset": preset.name} if preset.name else {"vocabulary": preset.vocabulary}
+    failed = 0
+    written = len(lines)
+    last_flush = time.monotonic()
+
+    def flush() -> None:
+        nonlocal written, last_flush
+        if len(lines) != written or not out.exists():
+            _write_atomic(out, "".join(line + "\n" for line in lines.values()))
+            written, last_flush = len(lines), time.monotonic()
+
+    progress = _progress(len(todo))
+    try:
+        for stem, path in todo:
+            try:
+                image = load_image(path)
+            except (OSError, ValueError) as exc:
+                print(f"{_common.PROG}: error: cannot read image '{path}': {first_line(exc)}", file=sys.stderr)
+                failed += 1
+                continue
+            result = tagger(image, **call, **overrides)
+            lines[stem] = " ".join([stem, *map(str, result.indices)])
+            progress.update(1)
+            if len(lines) - written >= FLUSH_EVERY_IMAGES or time.monotonic() - last_flush > FLUSH_EVERY_SECONDS:
+                flush()
+    finally:
+        progress.close()
+        flush()
+    done = len(todo) - failed
+    print(
+        f"{_common.PROG}: tagged {done} image(s) into '{out}'"
+        + (f", {skipped} already there" if skipped else "")
+        + (f", {failed} failed" if failed else ""),
+        file=sys.stderr,
+    )
+    return 1 if failed else 0
+
+
+def _progress(total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="image", disable=not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty()))
