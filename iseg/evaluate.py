@@ -742,7 +742,9 @@ def run_eval(
                 if need:
                     if pipe is None:
                         pipe = load_pipe()
-                    dev = device if device is not None else pipe._execution_device
+                    if device is None:  # once: diffusers' _execution_device walks every module
+                        device = pipe._execution_device
+                    dev = device
                     try:
                         labels = _segment(pipe, need, names, recipe_name if have_recipes else None, seed, dev)
                     except Exception:  # noqa: BLE001 — isolate the image that fails
