@@ -644,6 +644,10 @@ class ISegPipeline(DiffusionPipeline):
         _check_generator(generator, 1)
         grid = self._grid(self._plan(recipe, text=False), resolution)
         columns, ids = seeds.label_map_seeds(label_map, grid)
+        if not ids:  # nothing but background and ignore: nothing to refine
+            labels = torch.where(label_map == 255, 255, 0).long()[None]
+            heat = torch.zeros(1, 0, *sizes[0])
+            return ISegPipelineOutput(heat, labels) if return_dict else (heat, labels)
         # 2. One text-free capture, 3. refine every class's map
         self_attention, _ = self._text_free_capture(pixels, recipe, generator)
         device = self._execution_device
