@@ -794,7 +794,8 @@ def build_app(pipe, model_name: str | None = None) -> "gr.Blocks":  # noqa: F821
                                            elem_id="iseg-classes-overlay", format="png")  # fmt: skip
                         legend = gr.HTML(elem_id="iseg-classes-legend")
                 heatmaps = gr.Gallery(label="Heatmap per class (dark = 0, pale yellow = 1)",
-                                      columns=4, height=330, object_fit="contain", elem_id="iseg-classes-heatmaps",
+                                      columns=4, fit_columns=False, height=300, object_fit="contain",
+                                      elem_id="iseg-classes-heatmaps",
                                       format="png")  # fmt: skip
                 with gr.Row():
                     labels_file = gr.File(label="Label PNG (palette: 0 = background, k = k-th class)",
@@ -829,7 +830,7 @@ def build_app(pipe, model_name: str | None = None) -> "gr.Blocks":  # noqa: F821
                                                   elem_id="iseg-regions-overlay", format="png")  # fmt: skip
                         region_legend = gr.HTML(elem_id="iseg-regions-legend")
                 region_gallery = gr.Gallery(label="Each region: heatmap and mask", columns=4,
-                                            height=330, object_fit="contain", elem_id="iseg-regions-gallery",
+                                            fit_columns=False, height=300, object_fit="contain", elem_id="iseg-regions-gallery",
                                             format="png")  # fmt: skip
                 with gr.Row():
                     region_json = gr.File(label="Regions JSON (reproduce with iseg regions)",
