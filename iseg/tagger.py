@@ -59,6 +59,7 @@ __all__ = [
     "refine_scores",
     "resolve_vocabulary",
     "tag_classes",
+    "tag_indices",
     "vote_mask",
 ]
 
@@ -911,6 +912,14 @@ class CLIPTagger:
         return results[0] if single else results
 
 
+def _tag_all(tagger: CLIPTagger, images, vocabulary: str | Sequence[str], settings) -> tuple[Preset, list[TagResult]]:
+    chosen = resolve_vocabulary(vocabulary)
+    images = list(images) if isinstance(images, (list, tuple)) else [images]
+    if chosen.name:
+        return chosen, tagger(images, preset=chosen.name, **settings)
+    return chosen, tagger(images, chosen.vocabulary, chosen.background, **settings)
+
+
 def tag_classes(
     tagger: CLIPTagger,
     images,
@@ -922,16 +931,26 @@ def tag_classes(
     Args:
         tagger: a loaded :class:`CLIPTagger`.
         images: one image or a list (PIL or uint8 arrays).
-        vocabulary: a preset name (``voc|context|coco``), a vocabulary file, or a list of names.
+        vocabulary: a preset name (``voc|context|coco``: its vocabulary, background list and
+            settings), a vocabulary file (one name per line), or a list of names.
         **settings: ``r_cwr``, ``w_local``, ``w_crop``, ``r_final`` overriding the preset's.
 
     Returns:
         Per image, the kept names in vocabulary order (at least one).
+
+    Example:
+        >>> tag_classes(tagger, [img1, img2], "voc")
+        [['aeroplane'], ['person', 'tvmonitor']]
     """
-    chosen = resolve_vocabulary(vocabulary)
-    images = list(images) if isinstance(images, (list, tuple)) else [images]
-    if chosen.name:
-        results = tagger(images, preset=chosen.name, **settings)
-    else:
-        results = tagger(images, chosen.vocabulary, chosen.background, **settings)
-    return [r.tags for r in results]
+    return [r.tags for r in _tag_all(tagger, images, vocabulary, settings)[1]]
+
+
+def tag_indices(
+    tagger: CLIPTagger,
+    images,
+    vocabulary: str | Sequence[str],
+    **settings: float,
+) -> list[list[int]]:
+    """As :func:`tag_classes`, but the 0-based vocabulary indices (the ``ovs_labels`` ids):
+    for a preset, index k is row k of the dataset's class table (label ``k + 1``)."""
+    return [r.indices for r in _tag_all(tagger, images, vocabulary, settings)[1]]

@@ -36,6 +36,7 @@ from iseg.tagger import (
     refine_scores,
     resolve_vocabulary,
     tag_classes,
+    tag_indices,
     vote_mask,
 )
 from iseg.testing import tiny_clip_components
@@ -605,6 +606,8 @@ def test_preset_call_and_overrides(tagger, monkeypatch):
     assert captured["settings"] == {"r_cwr": 0.6, "w_local": 0.4, "w_crop": 0.8, "r_final": 0.6}
     assert captured["text"] == ["a", "b"]
     assert tag_classes(tagger, [image, image], "voc") == [["bicycle"], ["bicycle"]]
+    assert tag_indices(tagger, image, ["x", "y", "z"]) == [[1]]
+    assert captured["text"] == ["x", "y", "z"]
 
 
 @pytest.mark.parametrize(
