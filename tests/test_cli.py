@@ -688,6 +688,7 @@ def test_readme_main_command_offline_names_the_way_out(tmp_path):
     line = one_error_line(result.stderr)
     assert line.startswith(f"iseg: error: cannot load model '{DEFAULT_MODEL}': tried the hub repo")
     assert "HF_HUB_OFFLINE" in line and "--model DIR" in line
+    assert ": it is not in the local cache; " in line and "stacktrace" not in line
     assert not (tmp_path / "masks").exists()
 
 

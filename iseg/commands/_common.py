@@ -292,6 +292,24 @@ def check_model_folder(model: str) -> None:
         )
 
 
+def _short_cause(exc: BaseException) -> str:
+    """A short reason for a failed hub or folder load, without diffusers' pointers to a
+    stack trace the user never sees."""
+    text = " ".join(str(exc).split())
+    low = text.lower()
+    if any(k in low for k in ("not fully cached", "appropriate cached snapshot",
+                              "outgoing traffic has been disabled", "local_files_only")):
+        return "it is not in the local cache"
+    if "repository not found" in low or "not a valid model identifier" in low or " 404 " in f" {low} ":
+        return "no such repo on the hub (a private or gated repo needs `hf auth login`)"
+    if any(k in low for k in ("max retries", "failed to resolve", "network is unreachable",
+                              "connection", "timed out")):
+        return "the hub cannot be reached (no network?)"
+    line = first_line(exc)
+    line = line.split(" Please check out the root cause")[0].strip()
+    return line if len(line) <= 200 else line[:197].rstrip() + "..."
+
+
 def load_pipeline(model: str, device: str, dtype):
     """``ISegPipeline.from_pretrained(model)`` in ``dtype`` on ``device``, quietly.
 
@@ -312,7 +330,7 @@ def load_pipeline(model: str, device: str, dtype):
     except KeyboardInterrupt:
         raise
     except Exception as exc:
-        cause = first_line(exc)
+        cause = _short_cause(exc)
         if local:
             tried = f"the local folder '{model}'"
             todo = _WHAT_TO_DO
