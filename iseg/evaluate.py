@@ -268,10 +268,12 @@ class Task:
         name: the task (also the name of its default recipe).
         dataset, split: the class table / layout (``voc``, ``coco14``, ``voc_context``) and the
             shipped split list.
-        mode: ``wsss`` (classes = the GT classes present; background-only images skipped) or
-            ``ovs`` (classes from tags; no skipping).
-        paper_miou: the paper's mIoU (%) for this task (Tables 1–2).
+        mode: ``wsss`` (classes = the GT classes present; background-only images skipped),
+            ``ovs`` (classes from tags; no skipping) or ``unsupervised`` (DiffSeg's segments
+            refined by iSeg, scored by per-image Hungarian matching, UNSUPERVISED.md §2).
+        paper_miou: the paper's mIoU (%) for this task (Tables 1–3).
         published_tags: the shipped TagCLIP tags of this split (``ovs_labels/``), for OVS.
+        kl_threshold: DiffSeg's merging threshold τ (unsupervised tasks).
     """
 
     name: str
@@ -281,6 +283,7 @@ class Task:
     paper_miou: float
     published_tags: str | None = None
     table: str = ""
+    kl_threshold: float | None = None
 
 
 TASKS: dict[str, Task] = {
@@ -291,6 +294,8 @@ TASKS: dict[str, Task] = {
         Task("voc-ovs", "voc", "val", "ovs", 68.2, "voc2012_val_tagclip_example.txt", "Table 2, VOC val"),
         Task("context-ovs", "voc_context", "val", "ovs", 30.9, "voc_context_val_tagclip.txt", "Table 2, Context val"),
         Task("coco-ovs", "coco14", "val_5k", "ovs", 38.4, "coco2014_val_tagclip.txt", "Table 2, COCO-Object val"),
+        Task("cityscapes", "cityscapes", "val", "unsupervised", 25.0, table="Table 3, Cityscapes val", kl_threshold=0.9),
+        Task("cocostuff27", "cocostuff27", "val", "unsupervised", 45.2, table="Table 3, COCO-Stuff-27", kl_threshold=1.1),
     )
 }  # fmt: skip
 
@@ -364,7 +369,9 @@ class _PredictSamples:
             sample.error = str(exc)
             return sample
         sample.gt = gt
-        if self.mode == "wsss":
+        if self.mode == "unsupervised":
+            sample.classes = ()
+        elif self.mode == "wsss":
             sample.classes = _gt_classes(gt, self.ds.num_classes)
             if not sample.classes:
                 sample.skip = True
@@ -386,8 +393,32 @@ class _PredictSamples:
                 f"{path.name} is {pixels.shape[0]}×{pixels.shape[1]} (H×W)"
             )
             return sample
+        if self.mode == "unsupervised":  # DiffSeg's centre crop at 512, image and label alike
+            from .data.datasets import center_crop_resize
+
+            sample.image, sample.gt = center_crop_resize(pixels, gt, UNSUPERVISED_SIZE)
+            return sample
         sample.image = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
         return sample
+
+
+UNSUPERVISED_SIZE = 512  # UNSUPERVISED.md §2: evaluated at 512×512 after the crop
+
+
+def _read_gt(ds, image_id: str, mode: str) -> np.ndarray:
+    """The label as scored: as stored, or DiffSeg's centre crop at 512 for unsupervised tasks."""
+    gt = ds.read_label(image_id)
+    if mode != "unsupervised":
+        return gt
+    import torch
+    import torch.nn.functional as F
+
+    h, w = gt.shape
+    c = min(h, w)
+    top, left = (h - c) // 2, (w - c) // 2
+    crop = torch.from_numpy(np.ascontiguousarray(gt[top : top + c, left : left + c]))[None, None].float()
+    size = (UNSUPERVISED_SIZE, UNSUPERVISED_SIZE)
+    return F.interpolate(crop, size=size, mode="nearest-exact")[0, 0].to(torch.uint8).numpy()
 
 
 def _collate_list(batch):
@@ -425,7 +456,7 @@ class _ScoreSamples:
 
         image_id = self.ids[index]
         try:
-            gt = self.ds.read_label(image_id)
+            gt = _read_gt(self.ds, image_id, self.mode)
         except LabelError as exc:
             return image_id, "error", None, str(exc)
         if self.mode == "wsss" and not _gt_classes(gt, self.ds.num_classes):
@@ -434,9 +465,12 @@ class _ScoreSamples:
         if not path.is_file():
             return image_id, "missing", None, f"{path}: no prediction"
         try:
-            pred = _read_prediction(path, gt.shape, self.ds.num_classes)
+            pred = _read_prediction(path, gt.shape, 256 if self.mode == "unsupervised" else self.ds.num_classes)
         except (OSError, SyntaxError, ValueError) as exc:
             return image_id, "error", None, f"{path}: {exc}"
+        if self.mode == "unsupervised":  # (tp, fp, fn) per class stacked, and the pixel count
+            tp, fp, fn, total = hungarian_match(gt, pred, self.ds.num_classes)
+            return image_id, "scored", (np.stack([tp, fp, fn]), total), None
         return image_id, "scored", confusion_matrix(gt, pred, self.ds.num_classes), None
 
 
@@ -445,7 +479,10 @@ def _collate_scores(batch):
     hist = None
     rows = []
     for image_id, status, h, message in batch:
-        if h is not None:
+        if isinstance(h, tuple):  # unsupervised: ([3, C] counts, pixels)
+            h = (h[0], np.int64(h[1]))
+            hist = h if hist is None else (hist[0] + h[0], hist[1] + h[1])
+        elif h is not None:
             hist = h if hist is None else hist + h
         rows.append((image_id, status, message))
     return hist, rows
@@ -460,6 +497,7 @@ def _write_atomic(path, data: bytes) -> None:
     import os
     import secrets
 
+    path.parent.mkdir(parents=True, exist_ok=True)  # ids may hold a folder (Cityscapes' city/)
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.iseg-tmp")
     try:
         with open(tmp, "xb") as f:
@@ -494,7 +532,7 @@ def _remove_stale_temps(folder) -> None:
     import re
 
     pattern = re.compile(r"^\..+\.(\d+)-[0-9a-f]{8}\.iseg-tmp$")
-    for path in folder.iterdir():
+    for path in folder.rglob("*.iseg-tmp"):
         match = pattern.match(path.name)
         if not match:
             continue
@@ -580,6 +618,26 @@ def _segment(pipe, samples: list[_Sample], names: Sequence[str], recipe: str | N
     return results
 
 
+def _segment_unsupervised(task: Task):
+    """A ``segment`` function for unsupervised tasks: ``pipe.segment_unsupervised`` on the
+    512×512 crops (DiffSeg's τ of the task), segment ids as uint8."""
+
+    def segment(pipe, samples, names, recipe, seed, device):
+        import torch
+
+        pixels = torch.stack([s.image for s in samples]).to(device)
+        out = pipe.segment_unsupervised(pixels, kl_threshold=task.kl_threshold)
+        results = {}
+        for b, s in enumerate(samples):
+            label = out.labels[b]
+            if int(label.max()) > 255:
+                raise ValueError(f"{int(label.max()) + 1} segments do not fit a uint8 PNG")
+            results[s.index] = label.to(torch.uint8)
+        return results
+
+    return segment
+
+
 def run_eval(
     task: str | Task,
     root,
@@ -642,13 +700,25 @@ def run_eval(
     if not (isinstance(num_shards, int) and num_shards >= 1 and 0 <= shard_index < num_shards):
         raise EvalError(f"shard index {shard_index} must be in [0, {num_shards}) with num_shards ≥ 1")
     try:
-        ids = read_ids(ids_file) if ids_file is not None else split_ids(task.dataset, task.split)
+        if ids_file is not None:
+            ids = read_ids(ids_file)
+        elif task.dataset == "cityscapes":  # no shipped list: the val frames on disk
+            from .data.datasets import cityscapes_ids
+
+            ids = cityscapes_ids(root)
+        elif task.dataset == "cocostuff27":
+            ids = read_ids(data_path("diffseg", "Coco164kFull_Stuff_Coarse_7.txt"))
+        else:
+            ids = split_ids(task.dataset, task.split)
     except DatasetError as exc:
         raise EvalError(str(exc)) from None
     if limit is not None:
         ids = ids[:limit]
     try:
-        recipe_name, seed, have_recipes = _recipe_info(recipe, task)
+        if task.mode == "unsupervised":  # DiffSeg + iSeg: no text recipe
+            recipe_name, seed, have_recipes = f"diffseg+iseg (τ = {task.kl_threshold})", 1101, False
+        else:
+            recipe_name, seed, have_recipes = _recipe_info(recipe, task)
     except ValueError as exc:
         raise EvalError(str(exc)) from None
     tagger = None
@@ -718,6 +788,7 @@ def run_eval(
         n = ds.num_classes
         running = None
         model_failures = 0
+        segment = _segment_unsupervised(task) if task.mode == "unsupervised" else _segment
         bar = tqdm(total=len(todo), unit="img", disable=not progress, dynamic_ncols=True, desc=task.name)
         from concurrent.futures import ThreadPoolExecutor
 
@@ -733,7 +804,7 @@ def run_eval(
                         failures[s.image_id] = s.error
                     elif s.skip:
                         skipped += 1
-                    elif not s.classes:  # OVS image without tags: all background, no model call
+                    elif task.mode == "ovs" and not s.classes:  # untagged: all background, no model call
                         ready.append((s, torch.zeros(s.gt.shape, dtype=torch.uint8)))
                     else:
                         ready.append((s, None))
@@ -746,11 +817,11 @@ def run_eval(
                         device = pipe._execution_device
                     dev = device
                     try:
-                        labels = _segment(pipe, need, names, recipe_name if have_recipes else None, seed, dev)
+                        labels = segment(pipe, need, names, recipe_name if have_recipes else None, seed, dev)
                     except Exception:  # noqa: BLE001 — isolate the image that fails
                         for s in need:
                             try:
-                                labels.update(_segment(pipe, [s], names, recipe_name if have_recipes else None, seed, dev))
+                                labels.update(segment(pipe, [s], names, recipe_name if have_recipes else None, seed, dev))
                             except Exception as exc:  # noqa: BLE001
                                 failures[s.image_id] = f"{ds.image_path(s.image_id)}: {type(exc).__name__}: {exc}"
                                 model_failures += 1
@@ -763,9 +834,12 @@ def run_eval(
                     pred = labels.get(s.index) if pred is None else pred
                     if pred is None:
                         continue
-                    gt = torch.from_numpy(s.gt).to(pred.device)
-                    h = confusion_matrix(gt, pred, n)
-                    running = h if running is None else running + h
+                    if task.mode == "unsupervised":
+                        running = running or HungarianScores(n)
+                        running.update(s.gt, pred.cpu().numpy())
+                    else:
+                        h = confusion_matrix(torch.from_numpy(s.gt).to(pred.device), pred, n)
+                        running = h if running is None else running + h
                     array = pred.cpu().numpy()
                     path = pred_dir / f"{s.image_id}.png"
                     pending.append(writer.submit(lambda a=array, p=path: _write_atomic(p, _png_bytes(a))))
@@ -774,7 +848,7 @@ def run_eval(
                     pending.pop(0).result()
                 bar.update(len(batch))
                 if ready and running is not None:
-                    miou = scores(running).miou
+                    miou = running.miou if task.mode == "unsupervised" else scores(running).miou
                     bar.set_postfix_str(f"mIoU {100 * miou:.1f}" if miou is not None else "")
             for f in pending:
                 f.result()
@@ -825,7 +899,8 @@ def score(task: Task, ds, ids: Sequence[str], out, *, workers: int = 2, known_fa
 
     out = Path(out)
     n = ds.num_classes
-    total = np.zeros((n, n), np.int64)
+    unsupervised = task.mode == "unsupervised"
+    total = (np.zeros((3, n), np.int64), np.int64(0)) if unsupervised else np.zeros((n, n), np.int64)
     counts = {"scored": 0, "skipped": 0, "missing": 0, "error": 0}
     failures = {}
     loader = DataLoader(
@@ -834,14 +909,26 @@ def score(task: Task, ds, ids: Sequence[str], out, *, workers: int = 2, known_fa
     )  # fmt: skip
     for hist, rows in loader:
         if hist is not None:
-            total += hist
+            total = (total[0] + hist[0], total[1] + hist[1]) if unsupervised else total + hist
         for image_id, status, message in rows:
             counts[status] += 1
             if status in ("missing", "error"):
                 failures[image_id] = (known_failures or {}).get(image_id, message) if status == "missing" else message
-    s = scores(total)
     pct = lambda v: None if v is None else 100.0 * v  # noqa: E731
-    names = ("background",) + ds.class_names
+    if unsupervised:
+        meter = HungarianScores(n)
+        (meter.tp, meter.fp, meter.fn), meter.total = total[0], int(total[1])
+        present = meter.tp + meter.fn > 0
+        s = SegmentationScores(
+            iou=meter.iou,
+            acc=tuple(float(t / (t + f)) if t + f > 0 else None for t, f in zip(meter.tp, meter.fn)),
+            present=tuple(bool(v) for v in present),
+            miou=meter.miou, miou_mmseg=None, pixel_acc=meter.acc, mean_acc=None, pixels=meter.total,
+        )  # fmt: skip
+        names = ds.class_names
+    else:
+        s = scores(total)
+        names = ("background",) + ds.class_names
     metrics = {
         "task": task.name,
         "table": task.table,
@@ -850,6 +937,7 @@ def score(task: Task, ds, ids: Sequence[str], out, *, workers: int = 2, known_fa
         "split": task.split,
         "images": len(ids),
         **{f"images_{k}": v for k, v in counts.items()},
+        "metric": "Hungarian-matched per image (DiffSeg)" if unsupervised else "one confusion matrix (authors)",
         "miou": pct(s.miou),
         "miou_mmseg": pct(s.miou_mmseg),
         "pixel_acc": pct(s.pixel_acc),
@@ -895,6 +983,8 @@ def format_table(metrics: dict) -> str:
 def format_markdown(metrics: dict) -> str:
     """``metrics.md``: the summary beside the paper's figure, then the per-class table."""
     diff = metrics["difference"]
+    hungarian = metrics.get("metric", "").startswith("Hungarian")
+    miou_label = "mIoU (Hungarian-matched per image)" if hungarian else "mIoU (authors: classes in GT)"
     lines = [
         f"# iseg eval {metrics['task']} ({metrics['table']})",
         "",
@@ -905,7 +995,7 @@ def format_markdown(metrics: dict) -> str:
         "",
         "| metric | ours | paper | difference |",
         "|---|---:|---:|---:|",
-        f"| mIoU (authors: classes in GT) | {_fmt(metrics['miou'])} | {metrics['paper_miou']:.1f} | "
+        f"| {miou_label} | {_fmt(metrics['miou'])} | {metrics['paper_miou']:.1f} | "
         f"{'–' if diff is None else f'{diff:+.2f}'} |",
         f"| mIoU (MMSegmentation: union > 0) | {_fmt(metrics['miou_mmseg'])} | | |",
         f"| pixel accuracy | {_fmt(metrics['pixel_acc'])} | | |",

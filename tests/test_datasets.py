@@ -328,3 +328,27 @@ def test_context_converter(tmp_path):
         context_labels(tmp_path / "trainval", tmp_path / "out")
     out = np.asarray(Image.open(tmp_path / "out" / "2008_000002.png"))
     np.testing.assert_array_equal(out, [[1, 21, 20], [0, 0, 59]])  # 5 is not one of the 59: 0
+
+
+# --- unsupervised benchmarks --------------------------------------------------------------------
+
+
+def test_cocostuff27_fine_to_coarse_and_cityscapes_ids(tmp_path):
+    (tmp_path / "val2017").mkdir()
+    _image(0, 6, 8).save(tmp_path / "val2017" / "000000000139.jpg")
+    fine = np.array([[0, 71, 91, 255], [181, 0, 0, 0]], np.uint8)  # person, fine 71, 91, ignore; 181
+    _save_label(fine, tmp_path / "stuffthingmaps" / "val2017" / "000000000139.png")
+    ds = open_dataset("cocostuff27", tmp_path, "000000000139")
+    np.testing.assert_array_equal(ds.read_label("000000000139"), [[9, 0, 17, 255], [24, 9, 9, 9]])
+    _save_label(np.array([[200]], np.uint8), tmp_path / "stuffthingmaps" / "val2017" / "bad.png")
+    with pytest.raises(LabelError, match="bad.png: label value 200"):
+        ds.read_label("bad")
+    from iseg.data.datasets import cityscapes_ids
+
+    with pytest.raises(DatasetError, match="no leftImg8bit/val/ folder"):
+        cityscapes_ids(tmp_path)
+    for frame in ("lindau/lindau_000000_000019", "frankfurt/frankfurt_000000_000294"):
+        path = tmp_path / "leftImg8bit" / "val" / f"{frame}_leftImg8bit.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _image(0, 4, 8).save(path)
+    assert cityscapes_ids(tmp_path) == ["frankfurt/frankfurt_000000_000294", "lindau/lindau_000000_000019"]

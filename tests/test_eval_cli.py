@@ -314,3 +314,62 @@ def test_broken_files_are_reported_and_the_run_goes_on(tmp_path, capsys, monkeyp
     captured = capsys.readouterr()
     assert "mIoU 100.00" in captured.out
     assert captured.err.count("iseg: error:") == 4 and f"{ids[3]}.png" in captured.err
+
+
+# --- unsupervised (Table 3) ----------------------------------------------------------------------
+
+
+class FakeUnsupervised:
+    """``segment_unsupervised`` that returns the (cropped) ground truth under renamed segment
+    ids, with the ids of ``merge`` classes merged into one segment."""
+
+    _execution_device = torch.device("cpu")
+
+    def __init__(self, merge=()):
+        self.merge = set(merge)
+        self.shapes = []
+
+    def segment_unsupervised(self, image, kl_threshold):
+        self.shapes.append((tuple(image.shape), kl_threshold))
+        ids = torch.round(image[:, 0] * 255 / 4).long()  # the red channel: 4 × labelId
+        segments = (ids * 7 + 3) % 256  # a renaming: Hungarian matching must undo it
+        for c in self.merge:
+            segments[ids == c] = (min(self.merge) * 7 + 3) % 256
+        return type("Out", (), {"labels": segments})()
+
+
+def make_cityscapes(root: Path, frames, size=(512, 600)):  # the crop is then 512² as is
+    labels = {}
+    for i, frame in enumerate(frames):
+        h, w = size
+        label = np.full((h, w), 7, np.uint8)  # road
+        label[:, w // 2 - 8 : w // 2 + 4] = 11 + i  # building / wall ... in the centre crop
+        label[:4] = 1  # ego vehicle: ignored
+        label[:, :10] = 26  # car, left: outside the centre crop (cropped away)
+        for folder, suffix, image in (
+            ("leftImg8bit", "_leftImg8bit.png", label_image(i, label)),
+            ("gtFine", "_gtFine_labelIds.png", Image.fromarray(label)),
+        ):
+            path = root / folder / "val" / f"{frame}{suffix}"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            image.save(path)
+        labels[frame] = label
+    return labels
+
+
+def test_unsupervised_cityscapes_with_hungarian_matching(tmp_path):
+    frames = ["frankfurt/frankfurt_000000_000294", "lindau/lindau_000001_000019"]
+    make_cityscapes(tmp_path / "cs", frames)
+    pipe = FakeUnsupervised()
+    run = run_eval("cityscapes", tmp_path / "cs", tmp_path / "out", pipe=pipe, workers=0, progress=False)
+    m = run.metrics
+    assert pipe.shapes == [((1, 3, 512, 512), 0.9)] * 2  # centre crop at 512, Cityscapes τ
+    assert m["images_scored"] == 2 and m["miou"] == 100.0 and m["pixel_acc"] == 100.0
+    present = [c["name"] for c in m["per_class"] if c["present"]]
+    assert present == ["road", "building", "wall"]  # labelIds 7, 11, 12 → 0, 4, 5; car cropped away
+    # merging road and building into one segment: one of them is lost per image
+    merged = run_eval("cityscapes", tmp_path / "cs", tmp_path / "out2", pipe=FakeUnsupervised(merge={7, 11}),
+                      workers=0, progress=False).metrics  # fmt: skip
+    assert merged["per_class"][0]["iou"] < 100.0 and merged["pixel_acc"] < 100.0
+    pred = np.asarray(Image.open(tmp_path / "out2" / "pred" / f"{frames[0]}.png"))
+    assert pred.shape == (512, 512)

@@ -15,6 +15,7 @@ Example:
     $ iseg eval voc-wsss --root ~/data/VOCdevkit --out runs/voc-wsss
     $ iseg eval context-ovs --root ~/data/VOCdevkit --tags published --batch-size 4
     $ accelerate launch --num_processes 4 -m iseg eval coco-wsss --root ~/data/coco
+    $ iseg eval cityscapes --root ~/data/cityscapes      # Table 3: DiffSeg + iSeg, Hungarian
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import sys
 from . import _common
 from ._common import CommandError, first_line
 
-TASK_NAMES = ("voc-wsss", "coco-wsss", "voc-ovs", "context-ovs", "coco-ovs")
+TASK_NAMES = ("voc-wsss", "coco-wsss", "voc-ovs", "context-ovs", "coco-ovs", "cityscapes", "cocostuff27")
 
 
 def add_parser(subparsers) -> None:

@@ -51,7 +51,15 @@ __all__ = [
 ]
 
 DATASETS = ("voc", "coco14", "voc_context")
-NUM_CLASSES = {"voc": 21, "coco14": 81, "voc_context": 60}  # background included
+UNSUPERVISED_DATASETS = ("cityscapes", "cocostuff27")
+NUM_CLASSES = {"voc": 21, "coco14": 81, "voc_context": 60, "cityscapes": 27, "cocostuff27": 27}
+# (background included for the first three)
+CITYSCAPES_NAMES = (
+    "road", "sidewalk", "parking", "rail track", "building", "wall", "fence", "guard rail",
+    "bridge", "tunnel", "pole", "polegroup", "traffic light", "traffic sign", "vegetation",
+    "terrain", "sky", "person", "rider", "car", "truck", "bus", "caravan", "trailer", "train",
+    "motorcycle", "bicycle",
+)  # labelIds 7..33 → 0..26 (UNSUPERVISED.md §2)
 IGNORE = 255
 
 
@@ -69,7 +77,12 @@ def _table(dataset: str) -> dict:
 
 
 def class_names(dataset: str) -> tuple[str, ...]:
-    """The prompt names of ``dataset``'s classes as the authors spell them, label id k at k−1."""
+    """The prompt names of ``dataset``'s classes as the authors spell them, label id k at k−1
+    (for the unsupervised datasets: the 27 class names, id k at k)."""
+    if dataset == "cityscapes":
+        return CITYSCAPES_NAMES
+    if dataset == "cocostuff27":
+        return _cocostuff_coarse_names()
     if dataset not in DATASETS:
         raise ValueError(f"dataset must be one of {', '.join(DATASETS)}, got {dataset!r}")
     return tuple(c["prompt_name"] for c in _table(dataset)["classes"])
@@ -312,6 +325,8 @@ def open_dataset(
     Raises:
         DatasetError: one line naming the first missing folder or file and the layout expected.
     """
+    if dataset in UNSUPERVISED_DATASETS:
+        return _unsupervised(dataset, Path(root).expanduser(), first_id)
     if dataset not in DATASETS:
         raise ValueError(f"dataset must be one of {', '.join(DATASETS)}, got {dataset!r}")
     root = Path(root).expanduser()
@@ -422,3 +437,84 @@ def detect_context_order(ds: SegDataset, ids: list[str] | None = None, probe: in
         f"cannot tell the class order of the Context labels in {ds.root / ds.label_template.split('{')[0]} "
         f"from {checked} PNGs checked against val_cls.txt; give --context-order official|mmseg"
     )
+
+
+# --- unsupervised benchmarks (UNSUPERVISED.md §2) ----------------------------------------------
+
+
+def _cocostuff_coarse_names() -> tuple[str, ...]:
+    """Names of the 27 coarse COCO-Stuff classes by id. DiffSeg's tables map fine ids to coarse
+    ids and fine names to coarse names, but not ids to names, so the ids name them."""
+    return tuple(f"coarse {k}" for k in range(27))
+
+
+def cityscapes_ids(root: str | Path) -> list[str]:
+    """Cityscapes val ids (``<city>/<city>_<seq>_<frame>``) found under ``root``, sorted."""
+    base = Path(root).expanduser() / "leftImg8bit" / "val"
+    if not base.is_dir():
+        raise DatasetError(
+            f"no leftImg8bit/val/ folder in {root}; expected leftImg8bit/val/<city>/*_leftImg8bit.png "
+            "and gtFine/val/<city>/*_gtFine_labelIds.png"
+        )
+    ids = sorted(str(p.relative_to(base))[: -len("_leftImg8bit.png")] for p in base.glob("*/*_leftImg8bit.png"))
+    if not ids:
+        raise DatasetError(f"no */*_leftImg8bit.png images in {base}")
+    return ids
+
+
+def _unsupervised(dataset: str, root: Path, first_id: str | None) -> SegDataset:
+    if not root.is_dir():
+        raise DatasetError(f"dataset root {root} not found (or not a folder)")
+    lut = np.full(256, IGNORE, np.int16)
+    if dataset == "cityscapes":
+        lut[7:34] = np.arange(27)  # labelIds 7..33 → 0..26, every other id ignored
+        for folder in ("leftImg8bit/val", "gtFine/val"):
+            if not (root / folder).is_dir():
+                raise DatasetError(
+                    f"no {folder}/ folder in {root}; expected leftImg8bit/val/<city>/*_leftImg8bit.png "
+                    "and gtFine/val/<city>/*_gtFine_labelIds.png"
+                )
+        ds = SegDataset(
+            dataset, root, "Cityscapes gtFine labelIds", "leftImg8bit/val/{id}_leftImg8bit.png",
+            "gtFine/val/{id}_gtFine_labelIds.png", 27, lut,
+        )  # fmt: skip
+    else:
+        table = json.loads(data_path("diffseg", "fine_to_coarse_dict.json").read_text())
+        lut[:182] = -1
+        for fine, coarse in table["fine_index_to_coarse_index"].items():
+            lut[int(fine)] = coarse
+        lut[182:255] = -1  # not COCO-Stuff ids: an error
+        images = "val2017" if (root / "val2017").is_dir() else "images/val2017"
+        labels = next(
+            (f for f in ("stuffthingmaps/val2017", "stuffthingmaps_trainval2017/val2017", "annotations/val2017")
+             if (root / f).is_dir()), None,
+        )  # fmt: skip
+        if labels is None:
+            raise DatasetError(
+                f"no stuffthingmaps/val2017/ folder in {root}; expected val2017/<id>.jpg and "
+                "stuffthingmaps/val2017/<id>.png (COCO-Stuff fine ids 0..181, 255)"
+            )
+        ds = SegDataset(dataset, root, f"COCO-Stuff-27 {labels}", images + "/{id}.jpg", labels + "/{id}.png", 27, lut)
+    return _check_first(ds, first_id)
+
+
+def center_crop_resize(image, label, size: int = 512):
+    """DiffSeg's input: the centre square crop of side ``min(H, W)`` resized to ``size`` —
+    the image ``[H, W, 3]`` uint8 bilinearly without antialias (half-pixel centres) to float
+    ``[3, size, size]`` in [0, 1], the label ``[H, W]`` by nearest-exact.
+
+    Returns ``(image tensor, label array)``.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    h, w = label.shape
+    c = min(h, w)
+    top, left = (h - c) // 2, (w - c) // 2
+    pixels = torch.from_numpy(np.ascontiguousarray(image[top : top + c, left : left + c])).permute(2, 0, 1)
+    pixels = F.interpolate(
+        pixels[None].float() / 255, size=(size, size), mode="bilinear", align_corners=False, antialias=False
+    )[0]
+    crop = torch.from_numpy(np.ascontiguousarray(label[top : top + c, left : left + c]))
+    crop = F.interpolate(crop[None, None].float(), size=(size, size), mode="nearest-exact")[0, 0]
+    return pixels, crop.to(torch.uint8).numpy()
