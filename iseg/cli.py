@@ -28,6 +28,7 @@ COMMANDS = [
     "eval",
     "data",
     "tag",
+    "regions",  # regions and refine-masks
 ]
 
 
