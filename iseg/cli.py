@@ -28,6 +28,7 @@ COMMANDS = [
     "eval",
     "data",
     "tag",
+    "unsupervised",
     "regions",  # regions and refine-masks
 ]
 

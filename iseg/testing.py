@@ -37,6 +37,7 @@ __all__ = [
     "DEFAULT_WORDS",
     "bytes_to_unicode",
     "make_clip_tokenizer",
+    "sd14_components",
     "sd21_base_components",
     "tiny_components",
 ]
@@ -461,3 +462,82 @@ def clip_vit_b16_components(tokenizer_dir: str | os.PathLike[str] | None = None)
         projection_dim=512,
     )  # fmt: skip
     return {"model": model, "tokenizer": tokenizer}
+
+
+def sd14_components(
+    torch_dtype: torch.dtype = torch.float16,
+    tokenizer_dir: str | os.PathLike[str] | None = None,
+) -> dict[str, torch.nn.Module | CLIPTokenizer | DDIMScheduler]:
+    """Stable Diffusion 1.4 architectures with random weights (DiffSeg's backbone).
+
+    The configs of ``CompVis/stable-diffusion-v1-4`` written out, built in ``torch_dtype``:
+
+    * UNet (859.5M parameters): latent ``[B, 4, 64, 64]`` (512 px), channels
+      (320, 640, 1280, 1280), 8 heads everywhere (width 40, 80, 160, 160), conv projections,
+      text states ``[B, 77, 768]``; 16 ``attn1`` layers (5 at 64×64, 5 at 32×32, 5 at 16×16,
+      1 at 8×8).
+    * VAE: as SD 2.1's (the same architecture), scaling factor 0.18215.
+    * Text encoder: CLIP ViT-L/14's text tower (12 layers, width 768, quick-GELU).
+    * Scheduler and tokenizer as :func:`sd21_base_components`.
+
+    Returns:
+        ``{"vae", "text_encoder", "tokenizer", "unet", "scheduler"}``.
+    """
+    tokenizer = make_clip_tokenizer(tokenizer_dir or tempfile.mkdtemp())
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch_dtype)
+    try:
+        unet = UNet2DConditionModel(
+            sample_size=64,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2,
+            attention_head_dim=8,
+            cross_attention_dim=768,
+            norm_num_groups=32,
+            norm_eps=1e-5,
+            act_fn="silu",
+            flip_sin_to_cos=True,
+            freq_shift=0,
+            downsample_padding=1,
+            mid_block_scale_factor=1,
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+            latent_channels=4,
+            norm_num_groups=32,
+            act_fn="silu",
+            sample_size=512,
+            scaling_factor=0.18215,
+        )
+        text_encoder = CLIPTextModel(
+            _text_config(
+                tokenizer,
+                vocab_size=49408,
+                hidden_size=768,
+                intermediate_size=3072,
+                num_hidden_layers=12,
+                num_attention_heads=12,
+                hidden_act="quick_gelu",
+                projection_dim=768,
+                layer_norm_eps=1e-5,
+            )
+        )
+    finally:
+        torch.set_default_dtype(default_dtype)
+
+    return {
+        "vae": vae.eval(),
+        "text_encoder": text_encoder.eval(),
+        "tokenizer": tokenizer,
+        "unet": unet.eval(),
+        "scheduler": _sd_scheduler(),
+    }

@@ -41,18 +41,22 @@ CLUSTER_ZERO_FILL = 1e-6
 CLUSTER_DISTANCE_EPS = 1e-5
 
 
-def _check_distributions(fn: str, **tensors: torch.Tensor) -> None:
-    """Finite and non-negative, with one device-to-host read for all tensors."""
-    flags = []
-    for t in tensors.values():
-        flags += [torch.isfinite(t).all(), (t >= 0).all()]
-    flags = torch.stack(flags).tolist()
-    for i, (name, t) in enumerate(tensors.items()):
+def _check_distributions(fn: str, **tensors: torch.Tensor) -> dict[str, bool]:
+    """Finite and non-negative, from one min/max reduction per tensor (no temporaries the size
+    of the input) and a single device-to-host read. Returns whether each tensor has an exact
+    zero (its minimum is 0)."""
+    stats = torch.stack(
+        [torch.stack(torch.aminmax(t)).double() for t in tensors.values()]
+    ).tolist()
+    zeros = {}
+    for (name, t), (low, high) in zip(tensors.items(), stats):
         shape = "×".join(map(str, t.shape))
-        if not flags[2 * i]:
+        if math.isnan(low) or math.isnan(high) or math.isinf(low) or math.isinf(high):
             raise ValueError(f"{fn}: {name} ({shape}) contains NaN or Inf")
-        if not flags[2 * i + 1]:
+        if low < 0:
             raise ValueError(f"{fn}: {name} ({shape}) has negative entries; distributions are ≥ 0")
+        zeros[name] = low == 0
+    return zeros
 
 
 def _log0(t: torch.Tensor) -> torch.Tensor:
@@ -122,10 +126,9 @@ def symmetric_kl(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     if x.numel() == 0 or y.numel() == 0:
         dtype = torch.float64 if torch.float64 in (x.dtype, y.dtype) else torch.float32
         return torch.empty(*x.shape[:-1], y.shape[-2], dtype=dtype, device=x.device)
-    _check_distributions(fn, x=x, y=y)
+    zeros = _check_distributions(fn, x=x, y=y)
     dtype = torch.float64 if torch.float64 in (x.dtype, y.dtype) else torch.float32
-    has_zeros = bool(torch.stack([(x == 0).any(), (y == 0).any()]).any())
-    return _symmetric_kl(x, y, dtype, has_zeros)
+    return _symmetric_kl(x, y, dtype, zeros["x"] or zeros["y"])
 
 
 def cluster_anchors(grid: tuple[int, int], num_clusters: int) -> torch.Tensor:

@@ -1,0 +1,180 @@
+"""``iseg unsupervised IMAGE... --out DIR``: segments without class names (DiffSeg + iSeg).
+
+For each input ``OUT/<name>_labels.png`` (palette PNG of segment ids 0..M-1, DiffSeg's merged-map
+order, VOC colours) and ``OUT/<name>_overlay.png`` (or ``.jpg``; none with ``--no-overlay``): the
+image with every segment's colour blended in. Names, the manifest, resuming and atomic writes as
+in ``iseg segment`` (:mod:`iseg.runner`).
+
+Example:
+    $ iseg unsupervised street.jpg --kl-threshold 0.9 --out segments
+    $ iseg unsupervised photos/ --iters none --model CompVis/stable-diffusion-v1-4
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from . import _common
+from ._common import CommandError, first_line
+
+NAME = "unsupervised"
+DIFFSEG_MODEL = "CompVis/stable-diffusion-v1-4"  # DiffSeg's backbone
+OVERLAY_FORMATS = ("png", "jpg")
+
+
+def _optional(kind, what: str):
+    """An argparse type: ``kind(text)``, or ``'none'`` → the string ``"none"``."""
+
+    def parse(text: str):
+        if text.strip().lower() == "none":
+            return "none"
+        return kind(text)
+
+    parse.__name__ = what
+    return parse
+
+
+def _lam(text: str) -> float:
+    return _common.finite_float(text, 0.0, inclusive=True)
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        NAME,
+        help="segment images without class names (DiffSeg's segments refined by iSeg)",
+        description=(
+            "Write OUT/<name>_labels.png (palette PNG of segment ids) and OUT/<name>_overlay.png "
+            "for each IMAGE: DiffSeg's unsupervised segments (one UNet call, self-attention "
+            "aggregated over all layers, KL merging) refined by iSeg's Ent-Self. A rerun of the "
+            "same command skips finished images, so a stopped run resumes."
+        ),
+    )
+    # fmt: off
+    add = parser.add_argument
+    add("images", nargs="+", metavar="IMAGE",
+        help="image files, folders (their images) or quoted glob patterns ('shots/**/*.jpg')")
+    _common.add_model_options(parser)
+    parser.set_defaults(model=DIFFSEG_MODEL)
+    for action in parser._actions:  # say the default this command uses
+        if action.dest == "model":
+            action.help = f"diffusers Stable Diffusion repo id or local folder (default: {DIFFSEG_MODEL}, DiffSeg's)"
+
+    add = parser.add_argument_group("DiffSeg and iSeg settings").add_argument
+    add("--kl-threshold", type=_common.positive_float, default=1.1, metavar="TAU",
+        help="DiffSeg's merging threshold τ: larger merges more (1.1 COCO-Stuff, 0.9 Cityscapes; "
+             "default 1.1)")
+    add("--iters", type=_optional(_common.non_negative_int, "an int ≥ 0 or 'none'"), default=10,
+        help="refinement iterations N, or 'none' for DiffSeg's own segments (default: 10)")
+    add("--lam", type=_optional(_lam, "λ (a number ≥ 0 or 'none')"), default=0.01,
+        help="Ent-Self strength λ, or 'none' for the raw aggregated attention (default: 0.01)")
+    add("--init", choices=("maps", "onehot"), default="maps",
+        help="the refinement's initial maps: DiffSeg's merged maps or their one-hot argmax "
+             "(default: maps)")
+    add("--anchor-grid", type=_common.positive_int, default=16, metavar="N",
+        help="DiffSeg's anchors per side (default: 16, 256 anchors)")
+
+    _common.add_output_options(parser)
+    group = parser.add_argument_group("overlays")
+    group.add_argument("--no-overlay", action="store_true", help="write only the label PNGs")
+    group.add_argument("--overlay-format", choices=OVERLAY_FORMATS, default="png",
+                       help="overlay file format (default: png)")
+    # fmt: on
+
+
+def outputs_for(args: argparse.Namespace):
+    def outputs(name: str) -> list[str]:
+        files = [f"{name}_labels.png"]
+        if not args.no_overlay:
+            files.append(f"{name}_overlay.{args.overlay_format}")
+        return files
+
+    return outputs
+
+
+def run(args: argparse.Namespace) -> int:
+    """``iseg unsupervised``: returns the exit status (raises CommandError for a failed run)."""
+    _common.check_ops_backend()
+    paths = _common.expand_inputs(args.images)
+    _common.check_images(paths)
+    device, dtype = _common.resolve_device(args.device, args.dtype)
+
+    from ..runner import Runner
+
+    model = args.model
+    if _common.looks_like_path(model):
+        from pathlib import Path
+
+        model = str(Path(model).expanduser().absolute())
+    settings = {
+        "model": model,
+        "dtype": str(dtype).removeprefix("torch."),
+        "kl_threshold": args.kl_threshold,
+        "iters": args.iters,
+        "lam": args.lam,
+        "init": args.init,
+        "anchor_grid": args.anchor_grid,
+    }
+    runner = Runner(args.out, NAME, settings, overwrite=args.overwrite)
+    todo = runner.plan(paths, outputs_for(args))
+    if todo:
+        pipe = _common.load_pipeline(args.model, device, dtype)
+        runner.run(todo, _load, _processor(pipe, args, device), args.batch_size)
+    return runner.finish("segmented")
+
+
+def _load(path):
+    from ..images import load_image
+
+    return load_image(path)
+
+
+def overlay(image, label, alpha: float = 0.5):
+    """The image with every segment's palette colour blended in (segment 0 too)."""
+    from PIL import Image
+
+    from .. import masks
+
+    return Image.blend(image.convert("RGB"), masks.label_image(label).convert("RGB"), alpha)
+
+
+def _processor(pipe, args: argparse.Namespace, device: str):
+    import torch
+
+    from .. import masks
+    from ..diffseg import segment_unsupervised
+
+    options = {
+        "kl_threshold": args.kl_threshold,
+        "iters": None if args.iters == "none" else args.iters,
+        "lam": None if args.lam == "none" else args.lam,
+        "init": args.init,
+        "anchor_grid": args.anchor_grid,
+    }
+    outputs = outputs_for(args)
+
+    def process(items, images):
+        try:
+            output = segment_unsupervised(pipe, images, **options)
+        except torch.OutOfMemoryError:
+            raise CommandError(
+                f"out of memory on {device} with --batch-size {args.batch_size}; "
+                "try a smaller --batch-size or --dtype fp16"
+            ) from None
+        except ValueError as exc:  # a setting the pipeline refuses: the same for every batch
+            raise CommandError(first_line(exc), code=2) from None
+        results = []
+        for item, image, label in zip(items, images, output.labels):  # [B, H, W] or a list
+            label = label.cpu()
+            files = {f"{item.name}_labels.png": _saver(masks.label_image(label), "PNG")}
+            if not args.no_overlay:
+                fmt = "PNG" if args.overlay_format == "png" else "JPEG"
+                files[outputs(item.name)[1]] = _saver(overlay(image, label), fmt)
+            results.append(files)
+        return results
+
+    return process
+
+
+def _saver(image, fmt: str):
+    options = {"quality": 90} if fmt == "JPEG" else {}
+    return lambda f: image.save(f, format=fmt, **options)

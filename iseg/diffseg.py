@@ -1,0 +1,417 @@
+"""Unsupervised segmentation: DiffSeg (Tian et al., CVPR 2024) in PyTorch, refined by iSeg.
+
+DiffSeg as ``shared/docs/UNSUPERVISED.md`` §1 states it from its official code, and iSeg on top
+(§3, the paper's Table 3; our design, since the authors released none):
+
+1. The full image, resized to the working resolution without antialias, → VAE → latent mean ×
+   scaling factor; **no noise**; one UNet call at **t = 300** with the empty prompt.
+2. Every ``attn1`` layer's head-mean self-attention (:func:`iseg_ops.head_mean_attention`; the
+   per-head probabilities are never materialised) feeds a running fp32 sum
+   (:class:`SelfAttentionAggregate`): per resolution the layer mean, the key side bilinearly
+   upsampled to the latent grid and renormalised, the query side repeated, weighted by
+   ``r / Σr`` (0.5333, 0.2667, 0.1333, 0.0667 on SD at 512 px) → ``A`` ``[B, HW, HW]``,
+   row-stochastic. The full-resolution layers are added straight into ``A`` (their rows already
+   sum to 1; upsampling by 1 and renormalising is the identity), so ``A`` and one layer's
+   head-mean are the only ``HW × HW`` tensors alive.
+3. Merging (:func:`merge_maps`): 16×16 anchors, pass 0 = the mean of the maps within KL
+   distance τ of each anchor (:func:`iseg_ops.symmetric_kl`, two GEMMs), passes 1–2 greedy
+   on the M×M distance matrix (float64).
+4. Labels: the merged maps upsampled bilinearly to the image size, argmax (ties → the first).
+5. iSeg: ``refine(A, C₀)`` with ``C₀`` = the merged maps as columns (or their one-hot argmax
+   on the latent grid), Ent-Self λ and N iterations; the refined maps are upsampled and argmaxed
+   the same way, so segment ids stay DiffSeg's merged-map order. ``iters=None`` skips it.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention
+from diffusers.utils import BaseOutput
+
+import iseg_ops
+
+from .capture import attend, project_heads
+from .images import to_tensor_batch
+
+DIFFSEG_TIMESTEP = 300
+KL_THRESHOLDS = {"coco-stuff-27": 1.1, "cityscapes": 0.9}  # DiffSeg's τ per benchmark
+DEFAULT_ANCHOR_GRID = 16
+DEFAULT_ITERS = 10
+DEFAULT_LAM = 0.01
+INITS = ("maps", "onehot")
+
+# Bytes of fp32 upsampled maps held at once when labelling (bounds memory for large images).
+_LABEL_CHUNK_ELEMENTS = 1 << 24
+
+
+@dataclass
+class UnsupervisedOutput(BaseOutput):
+    """Output of :func:`segment_unsupervised`.
+
+    Args:
+        labels: ``[B, H, W]`` int64 segment ids at the input images' size (a list of
+            ``[H_i, W_i]`` when the sizes differ); id ``m`` = ``merged_maps[b][m]``.
+        merged_maps: per image ``[M_b, g, g]`` float32 DiffSeg merged maps on the latent grid,
+            each summing to 1 (a distribution over the ``g × g`` keys).
+        attention: ``[B, HW, HW]`` float32 aggregated self-attention ``A`` (row-stochastic);
+            only with ``output_attentions=True``.
+    """
+
+    labels: torch.Tensor | list[torch.Tensor]
+    merged_maps: list[torch.Tensor]
+    attention: torch.Tensor | None = None
+
+
+# --------------------------------------------------------------------------- 1. aggregation
+
+
+class SelfAttentionAggregate:
+    """Running fp32 sums of the head-mean self-attention per resolution (UNSUPERVISED §1).
+
+    ``add`` takes one layer's head-mean ``[B, L, L]``; the full-resolution layers go straight
+    into the result, the lower ones into small ``[B, L, L]`` sums. ``result`` finishes ``A``.
+    """
+
+    def __init__(self, grid: tuple[int, int]):
+        self.grid = grid
+        self.full: torch.Tensor | None = None  # [B, HW, HW], the sum of the full-res layers
+        self.low: dict[int, torch.Tensor] = {}  # factor → [B, L, L] sums
+        self.counts: dict[int, int] = {}
+
+    def factor(self, tokens: int) -> int:
+        h, w = self.grid
+        f = round(math.sqrt(h * w / tokens))
+        if f < 1 or h % f or w % f or (h // f) * (w // f) != tokens:
+            raise ValueError(
+                f"diffseg: a self-attention layer has {tokens} tokens, which is no integer "
+                f"downsampling of the {h}×{w} latent grid"
+            )
+        return f
+
+    def add(self, probs: torch.Tensor) -> None:
+        f = self.factor(probs.shape[-1])
+        self.counts[f] = self.counts.get(f, 0) + 1
+        if f == 1:
+            if self.full is None:
+                self.full = probs if probs.dtype == torch.float32 else probs.float()
+            else:
+                self.full.add_(probs)
+        elif f in self.low:
+            self.low[f].add_(probs)
+        else:
+            self.low[f] = probs.float()
+
+    def result(self) -> torch.Tensor:
+        """``A = Σ_r w_r · repeat_q(renorm(upsample_k(mean_layers A_r)))``, ``[B, HW, HW]``
+        (computed in place in the full-resolution sum)."""
+        if self.full is None:
+            raise RuntimeError("diffseg: no self-attention layer ran at the latent resolution")
+        h, w = self.grid
+        inv = {f: 1.0 / f for f in self.counts}  # r = side / f, so w_r ∝ 1 / f
+        total = sum(inv.values())
+        a = self.full.mul_(inv[1] / total / self.counts[1])
+        batch = a.shape[0]
+        for f, sums in sorted(self.low.items()):
+            rh, rw = h // f, w // f
+            maps = (sums / self.counts[f]).reshape(batch * rh * rw, 1, rh, rw)
+            up = F.interpolate(maps, size=(h, w), mode="bilinear", align_corners=False)
+            up = up.reshape(batch, rh * rw, h * w)
+            up = up / up.sum(-1, keepdim=True)  # each map sums to 1 over the keys again
+            # query side: the map of low-res query (i, j) serves its f×f block of full-res queries
+            a.view(batch, rh, f, rw, f, h * w).add_(
+                up.view(batch, rh, 1, rw, 1, h * w), alpha=inv[f] / total
+            )
+        self.full, self.low = None, {}
+        return a
+
+
+class SelfAttentionAggregation:
+    """Attention processor for an ``attn1`` layer: adds its head-mean probabilities to a
+    :class:`SelfAttentionAggregate` and returns the layer's output computed with SDPA."""
+
+    def __init__(self, aggregate: SelfAttentionAggregate, name: str):
+        self.aggregate, self.name = aggregate, name
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 temb=None, **kwargs):  # fmt: skip
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise ValueError(f"diffseg: {self.name} is not a plain self-attention call")
+        if attn.spatial_norm is not None or attn.group_norm is not None or attn.residual_connection:
+            raise ValueError(f"diffseg: {self.name} is not a transformer-block attention layer")
+        q, k, v = project_heads(attn, hidden_states, None)
+        self.aggregate.add(iseg_ops.head_mean_attention(q, k, attn.scale))
+        return attend(attn, q, k, v)
+
+
+def self_attention_layers(unet) -> dict[str, Attention]:
+    """Every transformer-block self-attention (``…attn1``) layer of ``unet``, by name."""
+    layers = {
+        name: module
+        for name, module in unet.named_modules()
+        if isinstance(module, Attention) and name.endswith("attn1")
+    }
+    if not layers:
+        raise ValueError("diffseg: the UNet has no self-attention (attn1) layers")
+    return layers
+
+
+@torch.no_grad()
+def aggregate_self_attention(unet, latents: torch.Tensor, timestep: int, context: torch.Tensor):
+    """One UNet call on ``latents`` at ``timestep`` with text ``context``; returns the
+    aggregated self-attention ``A`` ``[B, HW, HW]`` fp32. The aggregation processors are
+    installed on the ``attn1`` layers for this call only and the previous ones always restored."""
+    aggregate = SelfAttentionAggregate(tuple(latents.shape[-2:]))
+    layers = self_attention_layers(unet)
+    previous = {m: m.processor for m in layers.values()}
+    try:
+        for name, module in layers.items():
+            module.set_processor(SelfAttentionAggregation(aggregate, name))
+        t = torch.full((latents.shape[0],), timestep, device=latents.device, dtype=torch.long)
+        unet(latents, t, encoder_hidden_states=context, return_dict=False)
+    finally:
+        for module, processor in previous.items():
+            module.set_processor(processor)
+    return aggregate.result()
+
+
+# --------------------------------------------------------------------------- 2. merging
+
+
+def anchor_indices(grid: tuple[int, int], anchor_grid: int) -> torch.Tensor:
+    """DiffSeg's sampling grid: ``anchor_grid`` points per side, evenly spaced by
+    ``(side − 1) // (n − 1)`` and centred (rows and columns 1, 5, …, 61 for 16 on 64);
+    flat row-major indices ``[n²]``. One point sits at the centre ``(side − 1) // 2``."""
+    def points(side: int) -> list[int]:
+        if anchor_grid == 1:
+            return [(side - 1) // 2]
+        step = (side - 1) // (anchor_grid - 1)
+        start = (side - 1 - step * (anchor_grid - 1)) // 2
+        return [start + i * step for i in range(anchor_grid)]
+
+    h, w = grid
+    return torch.tensor([r * w + c for r in points(h) for c in points(w)], dtype=torch.long)
+
+
+def greedy_groups(close: np.ndarray) -> list[np.ndarray]:
+    """DiffSeg's merging pass on a boolean ``[M, M]`` matrix ``close[i, j] = D(i, j) < τ``: in
+    order, each map not yet matched is marked and takes every ``j`` close to it (matched or
+    not), which are marked too. Returns the groups (index arrays), in order. ``D(i, i) = 0``,
+    so each group holds its leader."""
+    matched = np.zeros(close.shape[0], dtype=bool)
+    groups = []
+    for i in range(close.shape[0]):
+        if matched[i]:
+            continue
+        members = np.flatnonzero(close[i] | (np.arange(close.shape[0]) == i))
+        matched[members] = True
+        groups.append(members)
+    return groups
+
+
+def merge_maps(
+    attention: torch.Tensor, grid: tuple[int, int], kl_threshold: float, anchor_grid: int = DEFAULT_ANCHOR_GRID
+) -> torch.Tensor:
+    """DiffSeg's three KL merging passes for one image (UNSUPERVISED §1).
+
+    Args:
+        attention (Tensor): ``[HW, HW]`` aggregated self-attention, rows sum to 1.
+        grid (tuple[int, int]): ``(h, w)`` with ``h · w = HW``.
+        kl_threshold (float): τ (> 0).
+        anchor_grid (int): anchors per side (16).
+
+    Returns:
+        Tensor: ``[M, HW]`` float32 merged maps, each summing to 1, in merge order.
+    """
+    anchors = attention[anchor_indices(grid, anchor_grid).to(attention.device)]  # [n², HW]
+    # pass 0 (fp32 GEMMs): each anchor's map becomes the mean of the maps close to it
+    close = iseg_ops.symmetric_kl(anchors, attention) < kl_threshold  # [n², HW]
+    close[torch.arange(len(anchors)), anchor_indices(grid, anchor_grid).to(attention.device)] = True
+    weights = close.to(attention.dtype)
+    maps = (weights / weights.sum(-1, keepdim=True)) @ attention
+    # passes 1 and 2 (float64): greedy on the M×M matrix, fixed within a pass
+    maps = maps.double()
+    for _ in range(2):
+        close = (iseg_ops.symmetric_kl(maps, maps) < kl_threshold).cpu().numpy()
+        groups = greedy_groups(close)
+        select = torch.zeros(len(groups), maps.shape[0], dtype=maps.dtype)
+        for g, members in enumerate(groups):
+            select[g, torch.from_numpy(members)] = 1.0 / len(members)
+        maps = select.to(maps.device) @ maps
+    return maps.float()
+
+
+# --------------------------------------------------------------------------- 3. labels
+
+
+def label_maps(maps: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
+    """``[M, HW]`` maps on ``grid`` → ``[H, W]`` int64 argmax after bilinear upsampling
+    (align_corners=False) to ``size``; ties go to the lower index. Upsampled in chunks of maps
+    with a running maximum, so memory stays bounded for large images."""
+    m = maps.shape[0]
+    maps = maps.float().reshape(1, m, *grid)
+    chunk = max(1, _LABEL_CHUNK_ELEMENTS // (size[0] * size[1]))
+    best = labels = None
+    for start in range(0, m, chunk):
+        up = F.interpolate(maps[:, start : start + chunk], size=size, mode="bilinear", align_corners=False)[0]
+        value, index = up.max(dim=0)  # first maximum within the chunk
+        if best is None:
+            best, labels = value, index
+        else:
+            better = value > best  # strict: earlier chunks win ties
+            best = torch.where(better, value, best)
+            labels = torch.where(better, index + start, labels)
+    return labels.long()
+
+
+# --------------------------------------------------------------------------- 4. the call
+
+_EMPTY_PROMPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def empty_prompt_embeddings(pipe) -> torch.Tensor:
+    """The text encoder's output ``[1, 77, D]`` for the empty prompt ``""`` padded to the
+    tokenizer's length (DiffSeg's unconditional context); cached per text encoder."""
+    device, dtype = pipe._execution_device, pipe.unet.dtype
+    cache = _EMPTY_PROMPT.setdefault(pipe.text_encoder, {})
+    if (device, dtype) not in cache:
+        tokenizer = pipe.tokenizer
+        ids = tokenizer(
+            "", padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+            return_tensors="pt",
+        ).input_ids  # fmt: skip
+        cache[(device, dtype)] = pipe.text_encoder(ids.to(device))[0].to(dtype)
+    return cache[(device, dtype)]
+
+
+def _number(name: str, value: object, low: float, inclusive: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    ok = value >= low if inclusive else value > low
+    if not ok or value != value or value == math.inf:
+        raise ValueError(f"{name} must be a finite number {'≥' if inclusive else '>'} {low}, got {value}")
+    return float(value)
+
+
+def _int(name: str, value: object, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"{name} must be ≥ {low}, got {value}")
+    return value
+
+
+@torch.no_grad()
+def segment_unsupervised(
+    pipe,
+    image,
+    kl_threshold: float = 1.1,
+    iters: int | None = DEFAULT_ITERS,
+    lam: float | None = DEFAULT_LAM,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    *,
+    init: str = "maps",
+    anchor_grid: int = DEFAULT_ANCHOR_GRID,
+    timestep: int = DIFFSEG_TIMESTEP,
+    add_noise: bool = False,
+    resolution: int | None = None,
+    output_attentions: bool = False,
+    return_dict: bool = True,
+) -> UnsupervisedOutput | tuple:
+    r"""Segment ``image`` without classes: DiffSeg's segments, refined by iSeg's Ent-Self.
+
+    Args:
+        pipe: an :class:`iseg.ISegPipeline` (any SD 1.x/2.x components; DiffSeg used SD 1.4).
+        image: a PIL image, a list of them, or a float tensor ``[B, 3, H, W]`` in [0, 1]. The
+            whole image is used, resized to the working resolution (bilinear, no antialias).
+        kl_threshold: DiffSeg's merging threshold τ (1.1 for COCO-Stuff-27, 0.9 for
+            Cityscapes); > 0.
+        iters: refinement iterations N; ``None`` switches iSeg off and returns DiffSeg's labels
+            exactly. Default 10, the paper's default (Table 5a): the paper gives no setting for
+            its Table 3, and its text experiments show the refinement saturating by ~10.
+        lam: Ent-Self λ (natural log; ``None``: refine with ``A`` as it is). Default 0.01, the
+            paper's best λ in Table 5 and the text pipeline's default. ``A`` averages every
+            resolution, so it is already smoother than the single 64×64 layer iSeg was tuned
+            on; λ sharpens it, which is what the entropy term is for.
+        generator: draws the noise when ``add_noise=True`` (unused otherwise: DiffSeg adds none).
+        init: ``"maps"`` (default): ``C₀`` = the merged maps, each a distribution over the grid;
+            ``"onehot"``: their one-hot argmax on the latent grid.
+        anchor_grid: anchors per side (16: 256 anchors).
+        timestep: the UNet's timestep (DiffSeg: 300).
+        add_noise: noise the latent at ``timestep`` as iSeg's capture does (DiffSeg: no).
+        resolution: working resolution (default: the UNet's sample size × the VAE factor).
+        output_attentions: also return the aggregated self-attention ``A``.
+
+    Returns:
+        :class:`UnsupervisedOutput` (``labels``, ``merged_maps``, ``attention``), or that tuple.
+
+    Example:
+        >>> out = segment_unsupervised(pipe, Image.open("street.jpg"), kl_threshold=0.9)
+        >>> out.labels.shape, len(out.merged_maps[0])  # ([1, H, W], M)
+    """
+    # 1. check inputs (no model runs before all of them pass)
+    kl_threshold = _number("kl_threshold", kl_threshold, 0.0, inclusive=False)
+    if iters is not None:
+        iters = _int("iters", iters, 0)
+    if lam is not None:
+        lam = _number("lam", lam, 0.0, inclusive=True)
+    if init not in INITS:
+        raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
+    anchor_grid = _int("anchor_grid", anchor_grid, 1)
+    train_steps = pipe.scheduler.config.num_train_timesteps
+    timestep = _int("timestep", timestep, 0)
+    if timestep >= train_steps:
+        raise ValueError(f"timestep must be < {train_steps}, got {timestep}")
+    factor = pipe.vae_scale_factor
+    resolution = pipe.unet.config.sample_size * factor if resolution is None else resolution
+    resolution = _int("resolution", resolution, 1)
+    if resolution % (factor * 8):
+        raise ValueError(f"resolution must be a multiple of {factor * 8}, got {resolution}")
+    grid = (resolution // factor, resolution // factor)
+    if anchor_grid > min(grid):
+        raise ValueError(f"anchor_grid must be ≤ the latent grid side {min(grid)}, got {anchor_grid}")
+    pixels, sizes = to_tensor_batch(image, resolution, antialias=False)
+    batch = len(sizes)
+    if isinstance(generator, list) and len(generator) != batch:
+        raise ValueError(f"generator: got {len(generator)} generators for {batch} images")
+
+    # 2. encode: empty prompt, clean latent (optionally noised)
+    device, stage = pipe._execution_device, pipe.stage_timer
+    with stage("text", device):
+        context = empty_prompt_embeddings(pipe).expand(batch, -1, -1)
+    with stage("vae", device):
+        latents = pipe.encode_images(pixels).to(pipe.unet.dtype)
+        if add_noise:
+            noise = pipe.make_noise(tuple(latents.shape), generator)
+            t = torch.full((batch,), timestep, device=device, dtype=torch.long)
+            latents = pipe.scheduler.add_noise(latents, noise, t)
+
+    # 3. one UNet call, aggregating every attn1 layer
+    with stage("unet", device):
+        attention = aggregate_self_attention(pipe.unet, latents, timestep, context)
+
+    # 4. DiffSeg's merging, per image; 5. iSeg's refinement; 6. labels
+    merged, labels = [], []
+    for b in range(batch):
+        with stage("ops", device):  # DiffSeg merging
+            maps = merge_maps(attention[b], grid, kl_threshold, anchor_grid)  # [M, HW]
+        merged.append(maps.reshape(-1, *grid))
+        if iters is not None:
+            with stage("ops", device):
+                initial = maps.T  # [HW, M]
+                if init == "onehot":
+                    initial = F.one_hot(maps.argmax(0), maps.shape[0]).float()
+                maps = iseg_ops.refine(attention[b : b + 1], initial[None], iters=iters, lam=lam)[0].T
+        with stage("post", device):
+            labels.append(label_maps(maps, grid, sizes[b]))
+    if len(set(sizes)) == 1:
+        labels = torch.stack(labels)
+    pipe.maybe_free_model_hooks()
+    out = (labels, merged, attention if output_attentions else None)
+    return UnsupervisedOutput(*out) if return_dict else out
