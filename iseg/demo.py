@@ -131,6 +131,10 @@ def legend_html(names: Sequence[str], background: str | None = "background") -> 
     """An HTML legend: one swatch in the label colour per name (label k = ``names[k-1]``),
     preceded by label 0's when ``background`` is given."""
     entries = ([(0, background)] if background is not None else []) + list(enumerate(names, 1))
+    return _legend(entries)
+
+
+def _legend(entries: Sequence[tuple[int, str]]) -> str:
     items = []
     for label, name in entries:
         r, g, b = label_colour(label)
@@ -450,7 +454,9 @@ def to_api_regions(regions: Sequence[dict]) -> list:
     return built
 
 
-def regions_command(regions: Sequence[dict], image_name: str, iters: int, threshold: float) -> str:
+def regions_command(
+    regions: Sequence[dict], image_name: str, iters: int, threshold: float, seed: int = 0
+) -> str:
     """The ``iseg regions`` command line that segments ``regions`` the same way."""
     args: list[str] = ["regions", image_name]
     for region in regions:
@@ -461,12 +467,18 @@ def regions_command(regions: Sequence[dict], image_name: str, iters: int, thresh
             args += ["--box", ",".join(str(region[k]) for k in ("x0", "y0", "x1", "y1"))]
         else:
             args += ["--line", ":".join(f"{x},{y}" for x, y in region["points"])]
-    args += ["--iters", str(iters), "--threshold", f"{threshold:g}", "--out", "iseg-regions"]
+    args += ["--iters", str(iters), "--threshold", f"{threshold:g}", "--seed", str(seed),
+             "--out", "iseg-regions"]  # fmt: skip
     return _command(*args)
 
 
 def regions_json(
-    regions: Sequence[dict], image_name: str, size: tuple[int, int], iters: int, threshold: float
+    regions: Sequence[dict],
+    image_name: str,
+    size: tuple[int, int],
+    iters: int,
+    threshold: float,
+    seed: int = 0,
 ) -> str:
     """The session as JSON: the image, its size (W, H), the settings, the regions in image
     pixels and the ``iseg regions`` command that reproduces the masks."""
@@ -477,8 +489,9 @@ def regions_json(
             "recipe": "interactive",
             "iters": iters,
             "threshold": threshold,
+            "seed": seed,
             "regions": list(regions),
-            "command": regions_command(regions, image_name, iters, threshold),
+            "command": regions_command(regions, image_name, iters, threshold, seed),
         },
         indent=2,
     )
@@ -556,27 +569,38 @@ def segment_regions(
         gallery=gallery,
         legend=legend_html([region_caption(r, g) for r, g in enumerate(regions, 1)], "none"),
         labels=masks.label_image(label),
-        json=regions_json(regions, image_name, image.size, iters, threshold),
-        command=regions_command(regions, image_name, iters, threshold),
+        json=regions_json(regions, image_name, image.size, iters, threshold, seed),
+        command=regions_command(regions, image_name, iters, threshold, seed),
         masks=[m.numpy() for m in region_masks],
     )
 
 
-def segment_unsupervised(pipe, image: Image.Image | None, seed: int = 0) -> tuple[Image.Image, str, Image.Image]:
-    """``pipe.segment_unsupervised(image)`` → ``(overlay, legend HTML, label PNG image)``."""
-    import torch
-
+def segment_unsupervised(
+    pipe,
+    image: Image.Image | None,
+    kl_threshold: float = 1.1,
+    iters: int = 10,
+    image_name: str = "IMAGE",
+) -> tuple[Image.Image, str, Image.Image, str]:
+    """``pipe.segment_unsupervised(image, kl_threshold=, iters=)`` (DiffSeg's segments refined
+    by Ent-Self) → ``(overlay with every segment's colour, legend HTML, label PNG image of the
+    segment ids, the iseg unsupervised command)``."""
     if image is None:
         raise DemoError("upload an image first")
+    kl_threshold = _float_setting("KL threshold", kl_threshold, 0.0, inclusive=False)
+    iters = _int_setting("iterations", iters, 0)
     try:
-        output = pipe.segment_unsupervised(image, generator=torch.Generator().manual_seed(seed))
+        output = pipe.segment_unsupervised(image, kl_threshold=kl_threshold, iters=iters)
     except ValueError as exc:
         raise DemoError(_first_line(exc)) from None
-    label = output.labels[0].cpu()
-    count = int(label.max())
-    overlay = masks.overlay(image, label)
-    legend = legend_html([f"segment {k}" for k in range(1, count + 1)], None)
-    return overlay, legend, masks.label_image(label)
+    label = output.labels[0].cpu()  # [H, W] segment ids 0..M-1, no background
+    labels = masks.label_image(label)
+    overlay = Image.blend(image.convert("RGB"), labels.convert("RGB"), 0.5)  # segment 0 too
+    count = int(label.max()) + 1
+    legend = _legend([(k, f"segment {k}") for k in range(count)])  # id k in colour k
+    command = _command("unsupervised", image_name, "--kl-threshold", f"{kl_threshold:g}",
+                       "--iters", str(iters))  # fmt: skip
+    return overlay, legend, labels, command
 
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -752,9 +776,11 @@ def build_app(pipe, model_name: str | None = None) -> "gr.Blocks":  # noqa: F821
         return _regions_outputs(image, name, regions, iters, threshold, seed)
 
     @page_errors
-    def on_unsupervised(image, name, seed):
-        overlay, legend, labels = segment_unsupervised(pipe, image, seed)
-        return overlay, legend, save_download(labels, f"{Path(name or 'image').stem}_segments.png")
+    def on_unsupervised(image, name, kl_threshold, iters):
+        overlay, legend, labels, command = segment_unsupervised(
+            pipe, image, kl_threshold, iters, name or "IMAGE"
+        )
+        return overlay, legend, save_download(labels, f"{Path(name or 'image').stem}_labels.png"), command
 
     # -- layout --
 
@@ -839,14 +865,22 @@ def build_app(pipe, model_name: str | None = None) -> "gr.Blocks":  # noqa: F821
                                                 elem_id="iseg-regions-command", buttons=["copy"])  # fmt: skip
 
             with gr.Tab("Unsupervised", id="unsupervised", visible=has_unsupervised):
-                run_unsupervised = gr.Button("Segment without names", variant="primary",
-                                             elem_id="iseg-run-unsupervised")  # fmt: skip
                 with gr.Row():
-                    unsupervised_overlay = gr.Image(label="Segments", interactive=False,
-                                                    elem_id="iseg-unsupervised-overlay", format="png")  # fmt: skip
-                    with gr.Column():
+                    with gr.Column(scale=1):
+                        kl_threshold = gr.Slider(0.3, 3.0, value=1.1, step=0.05,
+                                                 label="DiffSeg merging threshold (KL) τ")  # fmt: skip
+                        unsupervised_iters = gr.Slider(0, 50, value=10, step=1, label="Iterations N")
+                        run_unsupervised = gr.Button("Segment without names", variant="primary",
+                                                     elem_id="iseg-run-unsupervised")  # fmt: skip
+                    with gr.Column(scale=2):
+                        unsupervised_overlay = gr.Image(label="Segments", interactive=False,
+                                                        elem_id="iseg-unsupervised-overlay",
+                                                        format="png")  # fmt: skip
                         unsupervised_legend = gr.HTML()
-                        unsupervised_file = gr.File(label="Segment PNG")
+                with gr.Row():
+                    unsupervised_file = gr.File(label="Segment ids PNG (palette)")
+                    unsupervised_command = gr.Textbox(label="The same with the CLI", interactive=False,
+                                                      buttons=["copy"])  # fmt: skip
 
         # -- events --
         region_outputs = [region_overlay, region_gallery, region_legend, region_json, region_command]
@@ -876,8 +910,10 @@ def build_app(pipe, model_name: str | None = None) -> "gr.Blocks":  # noqa: F821
                 on_region_settings, [regions_state, image_state, name_state, *settings], full, **busy
             )  # fmt: skip
 
-        run_unsupervised.click(on_unsupervised, [image_state, name_state, seed],
-                               [unsupervised_overlay, unsupervised_legend, unsupervised_file])  # fmt: skip
+        run_unsupervised.click(
+            on_unsupervised, [image_state, name_state, kl_threshold, unsupervised_iters],
+            [unsupervised_overlay, unsupervised_legend, unsupervised_file, unsupervised_command],
+        )  # fmt: skip
     return app
 
 

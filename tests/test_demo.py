@@ -398,11 +398,13 @@ def test_segment_regions_passes_the_regions_and_shows_each_heatmap_and_mask(regi
     # the session's JSON: image, size, settings, regions and the CLI command
     session = json.loads(result.json)
     assert session["image"] == "my photo.png" and session["size"] == [52, 36]
-    assert session["iters"] == 20 and session["threshold"] == 0.4 and session["regions"] == REGIONS
+    assert session["iters"] == 20 and session["threshold"] == 0.4 and session["seed"] == 3
+    assert session["regions"] == REGIONS
     assert session["command"] == result.command
     assert shlex.split(result.command) == [
         "iseg", "regions", "my photo.png", "--point", "20,12", "--box", "4,6,30,28",
-        "--line", "2,3:40,30:50,10", "--iters", "20", "--threshold", "0.4", "--out", "iseg-regions",
+        "--line", "2,3:40,30:50,10", "--iters", "20", "--threshold", "0.4", "--seed", "3",
+        "--out", "iseg-regions",
     ]  # fmt: skip
 
 
@@ -441,6 +443,26 @@ def test_segment_regions_on_the_tiny_model_matches_the_pipeline(saved):
         assert np.array_equal(result.masks[r], reference.masks[0, r].numpy())
 
 
+def test_the_regions_command_reproduces_the_masks(saved, tmp_path):
+    pipe, model = saved
+    from iseg import cli
+
+    if not all(hasattr(iseg, name) for name in ("Point", "Box", "Line")) or "regions" not in cli.COMMANDS:
+        pytest.skip("the regions API and `iseg regions` (issue 8) have not landed")
+    image = make_image(6, (36, 52))
+    image.save(tmp_path / "photo.png")
+    result = demo.segment_regions(pipe, image, REGIONS, iters=12, threshold=0.45, seed=4,
+                                  image_name="photo.png")  # fmt: skip
+    args = shlex.split(json.loads(result.json)["command"])
+    assert args[:3] == ["iseg", "regions", "photo.png"] and args[-2:] == ["--out", "iseg-regions"]
+    args[2], args[-1] = str(tmp_path / "photo.png"), str(tmp_path / "out")
+    assert cli.main([*args[1:], "--model", str(model), "--device", "cpu", "--dtype", "fp32"]) == 0
+    written = Image.open(tmp_path / "out" / "photo_labels.png")
+    assert np.array_equal(np.asarray(written), np.asarray(result.labels))
+    for r, mask in enumerate(result.masks, 1):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / f"photo_region{r}_mask.png")) > 0, mask)
+
+
 def test_draw_regions_draws_each_region_in_its_colour():
     layer = np.asarray(demo.draw_regions((64, 48), REGIONS))
     assert layer.shape == (48, 64, 4)
@@ -448,6 +470,36 @@ def test_draw_regions_draws_each_region_in_its_colour():
     assert tuple(layer[6 + 1, 17]) == (*demo.label_colour(2), 255)  # on the box's top edge
     assert layer[18, 12, 3] == 0  # inside the box, away from the line: transparent
     assert layer[0, 63, 3] == 0
+
+
+# --- the Unsupervised tab ---------------------------------------------------------------------
+
+
+def test_segment_unsupervised_shows_every_segment_and_reproduces_with_the_cli(saved, tmp_path):
+    pipe, model = saved
+    from iseg import cli
+
+    if not hasattr(pipe, "segment_unsupervised"):
+        pytest.skip("segment_unsupervised has not landed")
+    image = make_image(7, (40, 56))
+    overlay, legend, labels, command = demo.segment_unsupervised(pipe, image, 0.4, 3, "photo.png")
+    reference = pipe.segment_unsupervised(image, kl_threshold=0.4, iters=3).labels[0]
+    assert np.array_equal(np.asarray(labels), reference.numpy()) and labels.mode == "P"
+    expected = Image.blend(image, masks.label_image(reference).convert("RGB"), 0.5)
+    assert np.array_equal(np.asarray(overlay), np.asarray(expected))  # segment 0 tinted too
+    for k in range(int(reference.max()) + 1):
+        assert f'data-label="{k}"' in legend and f"segment {k}<" in legend
+    assert shlex.split(command) == ["iseg", "unsupervised", "photo.png", "--kl-threshold", "0.4", "--iters", "3"]
+    if "unsupervised" not in cli.COMMANDS:
+        return
+    image.save(tmp_path / "photo.png")
+    args = [*shlex.split(command)[1:], "--model", str(model), "--device", "cpu", "--dtype", "fp32",
+            "--out", str(tmp_path / "out")]  # fmt: skip
+    args[1] = str(tmp_path / "photo.png")
+    assert cli.main(args) == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / "photo_labels.png")), np.asarray(labels))
+    with pytest.raises(DemoError, match="KL threshold must be a finite number > 0"):
+        demo.segment_unsupervised(NoModel(), image, 0.0, 3)
 
 
 # --- the app ----------------------------------------------------------------------------------
