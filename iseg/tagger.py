@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from scipy import ndimage
 
 from .data import data_path
 from .images import to_rgb
@@ -372,24 +373,14 @@ def vote_mask(attention: torch.Tensor, min_votes: int = 4) -> torch.Tensor:
     return (attention > means).sum(dim=0) >= min_votes
 
 
+_EIGHT_NEIGHBOURS = np.ones((3, 3), dtype=bool)
+
+
 def _min_max(x: torch.Tensor, dim: int) -> torch.Tensor:
     """``(x − min) / (max − min)`` along ``dim``; 0 where the values are all equal."""
     low = x.amin(dim=dim, keepdim=True)
     span = x.amax(dim=dim, keepdim=True) - low
     return torch.where(span > 0, (x - low) / torch.where(span > 0, span, 1), 0)
-
-
-def _component_labels(binary: torch.Tensor) -> torch.Tensor:
-    """8-connected component labels of ``[C, gh, gw]`` bool maps: each component's largest
-    flat index + 1, 0 off the maps (max-propagation until stable)."""
-    c, gh, gw = binary.shape
-    labels = torch.arange(1, gh * gw + 1, device=binary.device).view(1, gh, gw).expand(c, gh, gw)
-    labels = torch.where(binary, labels, 0).float()
-    while True:
-        grown = F.max_pool2d(labels[:, None], 3, stride=1, padding=1)[:, 0] * binary
-        if torch.equal(grown, labels):
-            return labels.long()
-        labels = grown
 
 
 def class_box_masks(coarse_refined: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -415,32 +406,14 @@ def class_box_masks(coarse_refined: torch.Tensor, grid: tuple[int, int]) -> torc
     m = _min_max(column, dim=1)
     binary = (255 * m).to(torch.uint8) > (255 * m.mean(dim=1, keepdim=True)).floor().to(torch.uint8)
     binary &= column.amax(dim=1, keepdim=True) > 0
-    labels = _component_labels(binary.view(c, gh, gw)).view(c, n)
-
-    # Bounding box of each (class, label): min/max row and column over its cells.
-    cls, cell = binary.nonzero(as_tuple=True)
-    if cls.numel() == 0:
-        return torch.zeros(n, c, device=device)
-    key = cls * (n + 1) + labels[cls, cell]
-    keys, inverse = torch.unique(key, return_inverse=True)
-    ys, xs = cell // gw, cell % gw
-    k = keys.numel()
-    big = torch.full((k,), n, device=device)
-    y0 = big.scatter_reduce(0, inverse, ys, "amin")
-    x0 = big.scatter_reduce(0, inverse, xs, "amin")
-    y1 = torch.zeros_like(y0).scatter_reduce(0, inverse, ys, "amax") + 1
-    x1 = torch.zeros_like(x0).scatter_reduce(0, inverse, xs, "amax") + 1
-    # [x0, y0, min(x0 + w, gw − 1), min(y0 + h, gh − 1)] with w = x1 − x0, h = y1 − y0.
-    y1 = y1.clamp(max=gh - 1)
-    x1 = x1.clamp(max=gw - 1)
-    rows = torch.arange(gh, device=device).view(1, gh, 1)
-    cols = torch.arange(gw, device=device).view(1, 1, gw)
-    inside = (
-        (rows >= y0.view(-1, 1, 1)) & (rows < y1.view(-1, 1, 1))
-        & (cols >= x0.view(-1, 1, 1)) & (cols < x1.view(-1, 1, 1))
-    )  # fmt: skip
-    covered = torch.zeros(c, n, device=device).index_add_(0, keys // (n + 1), inside.view(k, n).float())
-    return (covered > 0).float().T
+    # Boxes of the 8-connected components, [y0, y0 + h) × [x0, x0 + w) cut at gh − 1, gw − 1.
+    binary = binary.view(c, gh, gw).cpu().numpy()
+    boxes = np.zeros((c, gh, gw), dtype=np.float32)
+    for k in np.flatnonzero(binary.any(axis=(1, 2))):
+        labels, _ = ndimage.label(binary[k], structure=_EIGHT_NEIGHBOURS)
+        for rows, cols in ndimage.find_objects(labels):
+            boxes[k, rows.start : min(rows.stop, gh - 1), cols.start : min(cols.stop, gw - 1)] = 1
+    return torch.from_numpy(boxes).view(c, n).T.to(device)
 
 
 def refine_scores(
