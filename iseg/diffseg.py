@@ -36,6 +36,7 @@ from diffusers.models.attention_processor import Attention
 from diffusers.utils import BaseOutput
 
 import iseg_ops
+from iseg_ops._dispatch import value_checks
 
 from .capture import attend, project_heads
 from .images import to_tensor_batch
@@ -392,9 +393,15 @@ def segment_unsupervised(
             t = torch.full((batch,), timestep, device=device, dtype=torch.long)
             latents = pipe.scheduler.add_noise(latents, noise, t)
 
-    # 3. one UNet call, aggregating every attn1 layer
-    with stage("unet", device):
+    # 3. one UNet call, aggregating every attn1 layer (the ops' per-call NaN checks, each a
+    # host synchronisation, are off inside; A is checked once after)
+    with stage("unet", device), value_checks(False):
         attention = aggregate_self_attention(pipe.unet, latents, timestep, context)
+    if not bool(torch.isfinite(attention.sum())):
+        raise RuntimeError(
+            "diffseg: the aggregated self-attention holds NaN or Inf (the UNet overflowed; "
+            "try fp32 or bf16)"
+        )
 
     # 4. DiffSeg's merging, per image; 5. iSeg's refinement; 6. labels
     merged, labels = [], []
@@ -407,7 +414,9 @@ def segment_unsupervised(
                 initial = maps.T  # [HW, M]
                 if init == "onehot":
                     initial = F.one_hot(maps.argmax(0), maps.shape[0]).float()
-                maps = iseg_ops.refine(attention[b : b + 1], initial[None], iters=iters, lam=lam)[0].T
+                with value_checks(False):  # A and the maps are finite (checked above)
+                    refined = iseg_ops.refine(attention[b : b + 1], initial[None], iters=iters, lam=lam)
+                maps = refined[0].T
         with stage("post", device):
             labels.append(label_maps(maps, grid, sizes[b]))
     if len(set(sizes)) == 1:

@@ -300,7 +300,7 @@ def test_deterministic_and_batched(sharp):
 def test_pipeline_method_and_tensor_input(sharp):
     image = make_image(3)
     out = sharp.segment_unsupervised(image, kl_threshold=TAU)
-    pixels = torch.from_numpy(np.asarray(image)).permute(2, 0, 1).float() / 255
+    pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255
     same = run(sharp, pixels, kl_threshold=TAU)
     assert torch.equal(out.labels, same.labels)  # PIL and float input resize identically
 
@@ -358,6 +358,15 @@ def test_processors_restored_even_on_error(sharp):
     finally:
         handle.remove()
     assert sharp.unet.attn_processors == before
+
+
+def test_nan_from_the_model_is_an_error_not_an_output(sharp):
+    handle = sharp.unet.conv_in.register_forward_hook(lambda m, a, out: out * math.nan)
+    try:
+        with pytest.raises(RuntimeError, match="NaN or Inf"):
+            run(sharp)
+    finally:
+        handle.remove()
 
 
 class LiveBigTensors(TorchDispatchMode):
