@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -527,7 +528,7 @@ def test_other_settings_are_refused_without_overwrite(saved, rgb_images, tmp_pat
     assert main(command(rgb_images, model, out)) == 0
     capsys.readouterr()
     for extra, classes, change in [
-        (["--seed", "5"], CLASSES, "seed: 0 → 5"),
+        (["--seed", "5"], CLASSES, "seed: None → 5"),
         ([], ["cat"], "classes: ['cat', 'potted plant'] → ['cat']"),
         (["--iters", "3"], CLASSES, "iters: None → 3"),
     ]:
@@ -677,30 +678,42 @@ def test_explicit_settings_are_passed(saved, rgb_images, tmp_path, calls):
 
 def test_readme_main_command_offline_names_the_way_out(tmp_path):
     """The README's first command, with the hub offline and an empty cache: one line that
-    says what was tried and what to do (--model), and nothing created on disk."""
+    says what was tried and what to do (--model), and nothing created on disk. Then the
+    withdrawn Stability repo: the line points to the mirror. (One fresh interpreter for both:
+    huggingface_hub reads HF_HUB_OFFLINE when imported.)"""
     for name in ("cat.jpg", "street.png"):
         random_image("RGB", (32, 32), seed=12).save(tmp_path / name)
-    result = run_iseg(
-        "segment", "cat.jpg", "street.png", "--classes", "cat,dog,potted plant", "--out", "masks/",
-        env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}, cwd=tmp_path,
-    )  # fmt: skip
-    assert result.returncode == 1, result.stderr
-    line = one_error_line(result.stderr)
+    readme = (ROOT / "README.md").read_text()
+    main_command = 'iseg segment cat.jpg street.png --classes "cat,dog,potted plant" --out masks/'
+    assert main_command in readme
+    withdrawn = ["segment", "cat.jpg", "--classes", "cat", "--out", "out",
+                 "--model", "stabilityai/stable-diffusion-2-1-base"]  # fmt: skip
+    script = textwrap.dedent(
+        f"""
+        import sys
+        from iseg.cli import main
+        for argv in ({shlex.split(main_command)[1:]!r}, {withdrawn!r}):
+            print("status", main(argv), file=sys.stderr)
+        """
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=180, env=env, cwd=tmp_path)  # fmt: skip
+    lines = result.stderr.splitlines()
+    assert len(lines) == 4 and lines[1] == lines[3] == "status 1", result.stderr
+    line = one_error_line(lines[0] + "\n")
     assert line.startswith(f"iseg: error: cannot load model '{DEFAULT_MODEL}': tried the hub repo")
     assert "HF_HUB_OFFLINE" in line and "--model DIR" in line
     assert ": it is not in the local cache; " in line and "stacktrace" not in line
-    assert not (tmp_path / "masks").exists()
+    assert f"Stability AI withdrew it: use --model {DEFAULT_MODEL}" in one_error_line(lines[2] + "\n")
+    assert not (tmp_path / "masks").exists() and not (tmp_path / "out").exists()
 
 
-def test_withdrawn_model_points_to_the_mirror(tmp_path, rgb_images):
-    result = run_iseg(
-        *command(rgb_images[:1], "stabilityai/stable-diffusion-2-1-base", tmp_path / "out"),
-        env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")},
-    )  # fmt: skip
-    assert result.returncode == 1
-    line = one_error_line(result.stderr)
-    assert f"Stability AI withdrew it: use --model {DEFAULT_MODEL}" in line
-    assert not (tmp_path / "out").exists()
+def test_noise_seeds():
+    assert segment.noise_seeds(7, None, [0, 2]) == [7, 9]
+    assert segment.noise_seeds(7, 1101, [0, 2]) == [7, 9]  # --seed beats the recipe's
+    assert segment.noise_seeds(None, None, [0, 2]) == [0, 2]
+    assert segment.noise_seeds(None, 1101, [0, 2]) is None  # the pipeline seeds with 1101
 
 
 def test_default_model_is_the_mirror():

@@ -90,8 +90,9 @@ def add_parser(subparsers) -> None:
     add("--background-threshold", type=_common.positive_float, default=None, metavar="TAU",
         help="pixels whose best heat is below TAU are background "
              "(default: the background score (1 - max heat)²)")
-    add("--seed", type=_common.seed, default=0,
-        help="noise seed in [0, 2**64); the i-th IMAGE uses seed + i (default: 0)")
+    add("--seed", type=_common.seed, default=None,
+        help="noise seed in [0, 2**64); the i-th IMAGE uses seed + i (default: the recipe's "
+             "seed for every image, e.g. the authors' 1101, or 0 + i if it has none)")
 
     _common.add_output_options(parser)
     group = parser.add_argument_group("overlays")
@@ -112,6 +113,23 @@ def _check_recipe(name: str) -> None:
         raise CommandError(
             f"--recipe: unknown recipe {name!r}; known: {', '.join(RECIPES)}", code=2
         )
+
+
+def noise_seeds(seed: int | None, recipe_seed: int | None, indices) -> list[int] | None:
+    """The seed of each image's noise generator: ``seed + i`` for the i-th input when
+    ``--seed`` is given; ``None`` (no generator: the pipeline seeds every image with the
+    recipe's seed, as the authors do) when it is not and the recipe has a seed; else ``0 + i``."""
+    if seed is None and recipe_seed is not None:
+        return None
+    return [(seed or 0) + i for i in indices]
+
+
+def _recipe_seed(name: str | None) -> int | None:
+    try:
+        from ..recipes import get_recipe
+    except ImportError:
+        return None
+    return getattr(get_recipe(name or "paper"), "seed", None)
 
 
 def _pipeline_options(args: argparse.Namespace, call_parameters) -> dict:
@@ -147,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
     _common.check_ops_backend()
     paths = _common.expand_inputs(args.images)
     _common.check_images(paths)  # before the model loads, so a typo fails fast
-    if args.seed + len(paths) - 1 > _common.SEED_MAX:
+    if args.seed is not None and args.seed + len(paths) - 1 > _common.SEED_MAX:
         raise CommandError(
             f"--seed {args.seed}: image {len(paths) - 1} would use seed {args.seed + len(paths) - 1}, "
             "beyond 2**64 - 1; give a smaller --seed",
@@ -211,10 +229,14 @@ def _processor(pipe, args: argparse.Namespace, device: str):
     classes = list(args.classes)
     outputs = outputs_for(args)
 
+    recipe_seed = _recipe_seed(args.recipe)
+
     def process(items, images):
-        generators = [torch.Generator().manual_seed(args.seed + item.index) for item in items]
+        seeds = noise_seeds(args.seed, recipe_seed, [item.index for item in items])
+        if seeds is not None:
+            options["generator"] = [torch.Generator().manual_seed(s) for s in seeds]
         try:
-            output = pipe(images, classes, generator=generators, **options)
+            output = pipe(images, classes, **options)
         except torch.OutOfMemoryError:
             raise CommandError(
                 f"out of memory on {device} with --batch-size {args.batch_size}; "
