@@ -180,6 +180,47 @@ def test_aggregation_recomputed_from_hooks(sharp, base):
     torch.testing.assert_close(out.attention.sum(-1), torch.ones(1, HW), atol=1e-5, rtol=0)
 
 
+def test_sd1_layout(components):
+    """SD 1.x's UNet layout (conv projections in and out of the transformers, one head count
+    for all levels) at the tiny width: the same aggregation and a full call."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        block_out_channels=(8, 16, 16, 16), layers_per_block=2, attention_head_dim=2,
+        cross_attention_dim=32, norm_num_groups=4,
+    ).eval()  # fmt: skip
+    for name, module in unet.named_modules():
+        if name.endswith("attn1"):
+            module.to_q.weight.data *= 6.0
+    pipe = ISegPipeline(**{**components, "unet": unet})
+    seen, handles = record_attn1(unet)
+    try:
+        out = run(pipe, kl_threshold=TAU, output_attentions=True)
+    finally:
+        for h in handles:
+            h.remove()
+    expected, counts, _ = aggregate_direct(unet, seen)
+    assert counts == {16: 5, 8: 5, 4: 5, 2: 1}
+    torch.testing.assert_close(out.attention.double(), expected, atol=2e-6, rtol=1e-5)
+    assert out.labels.shape == (1, 96, 120) and int(out.labels.max()) < len(out.merged_maps[0])
+
+
+def test_labels_feed_the_hungarian_evaluation(base):
+    evaluate = pytest.importorskip("iseg.evaluate")
+    pred = base[0].labels[0]
+    # ground truth = the segments themselves under other ids (segments beyond 27 unlabelled)
+    ids = pred.unique()
+    lookup = torch.full((int(ids.max()) + 1,), 255)
+    lookup[ids[:27]] = torch.randperm(27, generator=torch.Generator().manual_seed(0))[: min(27, len(ids))]
+    gt = lookup[pred]
+    tp, fp, fn, total = evaluate.hungarian_match(gt, pred, 27)
+    assert total == int((gt != 255).sum()) and tp.sum() == total and fn.sum() == 0
+
+
 def test_anchor_grid_is_diffsegs():
     assert diffseg_anchors(64, 16) == list(range(1, 62, 4))
     idx = diffseg.anchor_indices((64, 64), 16)
