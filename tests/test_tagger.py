@@ -670,6 +670,10 @@ def test_from_pretrained_folder(clip, tagger, tmp_path):
     a, b = loaded(image, VOCABULARY, r_cwr=0.1), tagger(image, VOCABULARY, r_cwr=0.1)
     assert a.tags == b.tags
     torch.testing.assert_close(a.scores, b.scores, rtol=1e-5, atol=1e-7)
+    bf16 = CLIPTagger.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
+    assert bf16.dtype == torch.bfloat16
+    c = bf16(image, VOCABULARY, r_cwr=0.1)
+    assert c.scores.dtype == torch.float32 and torch.isfinite(c.scores).all() and c.tags
 
 
 def test_missing_weights_give_one_clear_line(tmp_path, monkeypatch):

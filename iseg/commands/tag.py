@@ -203,13 +203,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"{_common.PROG}: all {len(ids)} images already tagged in '{out}'", file=sys.stderr)
         return 0
 
-    # 2. Load the tagger, then record the settings before the first line is written
+    # 2. Load the tagger; write the kept lines (none after --overwrite), then the settings
+    #    (in this order, a kill in between never leaves old tags under new settings)
     tagger = load_tagger(args.tagger_model, device, dtype)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(out, "".join(line + "\n" for line in lines.values()))
         _write_atomic(manifest, json.dumps({"command": NAME, "settings": settings}, indent=1) + "\n")
     except OSError as exc:
-        raise CommandError(f"cannot write '{manifest}': {first_line(exc)}") from None
+        raise CommandError(f"cannot write '{out}': {first_line(exc)}") from None
 
     # 3. Tag, appending lines; rewrite the file now and then, and whatever happens
     from ..images import load_image
@@ -221,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
 
     def flush() -> None:
         nonlocal written, last_flush
-        if len(lines) != written or not out.exists():
+        if len(lines) != written:
             _write_atomic(out, "".join(line + "\n" for line in lines.values()))
             written, last_flush = len(lines), time.monotonic()
 
