@@ -85,9 +85,9 @@ def load_upload(path: str | os.PathLike[str] | None) -> Image.Image:
     try:
         with Image.open(path) as header:  # the header only: a huge image is refused unread
             width, height = header.size
-    except Image.DecompressionBombError:
-        raise DemoError(f"'{name}' is too large (more than {MAX_PIXELS / 1e6:g} MP)") from None
-    except (OSError, ValueError) as exc:
+    except Image.DecompressionBombError:  # PIL's limit, far above ours: too large either way
+        raise DemoError(f"'{name}' is too large; the demo takes at most {MAX_PIXELS / 1e6:g} MP") from None
+    except (OSError, ValueError):
         raise DemoError(f"'{name}' is not an image (or not one that PIL can read)") from None
     if width * height > MAX_PIXELS:
         raise DemoError(

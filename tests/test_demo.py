@@ -551,6 +551,23 @@ def test_demo_command_loads_the_model_once_and_serves_the_app(saved, monkeypatch
     assert set(_tabs(app)) == {"Classes", "Regions", "Unsupervised"}
 
 
+def test_demo_command_refuses_a_taken_port_before_loading_anything(monkeypatch, capsys):
+    import socket
+
+    from iseg import cli
+    from iseg.commands import _common
+
+    monkeypatch.setattr(_common, "load_pipeline", lambda *a: pytest.fail("the model loaded"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert cli.main(["demo", "--port", str(port), "--device", "cpu"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"iseg: error: cannot serve on 127.0.0.1:{port}: Address already in use; "
+                   "give a free one with --port N"]  # fmt: skip
+
+
 @pytest.mark.parametrize("port", ["0", "65536", "http"])
 def test_demo_command_refuses_a_bad_port(port, capsys):
     from iseg import cli

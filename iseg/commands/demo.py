@@ -50,6 +50,8 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``iseg demo``: load the model once, then serve until interrupted."""
+    if args.port is not None:
+        _check_port(args.host, args.port)  # before anything loads, so a taken port fails fast
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local demo
     try:
         import gradio  # noqa: F401
@@ -64,6 +66,28 @@ def run(args: argparse.Namespace) -> int:
     app = build_app(pipe, model_name=args.model)
     try:
         launch(app, host=args.host, port=args.port, share=args.share)
-    except OSError as exc:  # the port is taken, the address is not this machine's
-        raise CommandError(f"cannot serve on {args.host}:{args.port or 7860}: {_common.first_line(exc)}") from None
+    except OSError as exc:  # taken meanwhile, or no free port from 7860 on
+        where = f"{args.host}:{args.port}" if args.port else f"{args.host} (ports 7860 and up)"
+        raise CommandError(f"cannot serve on {where}: {_common.first_line(exc).split('. ')[0]}; "
+                           "give a free one with --port N") from None  # fmt: skip
     return 0
+
+
+def _check_port(host: str, port: int) -> None:
+    """A one-line error where ``host:port`` cannot be listened on (taken, or not an address of
+    this machine)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise CommandError(f"--host {host}: {_common.first_line(exc)}", code=2) from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise CommandError(
+                f"cannot serve on {host}:{port}: {_common.first_line(exc)}; give a free one with --port N"
+            ) from None
