@@ -28,6 +28,7 @@ COMMANDS = [
     "eval",
     "data",
     "tag",
+    "demo",
     "unsupervised",
     "regions",  # regions and refine-masks
 ]
