@@ -237,6 +237,8 @@ class Runner:
                 (without ``overwrite``); or an output path holds a file this tool did not write.
         """
         check_writable(self.out)
+        if self.out.is_dir():  # also when nothing is left to do
+            remove_stale_temp_files(self.out)
         manifest = _read_manifest(self.out)
         section = manifest["commands"].setdefault(self.command, {"settings": None, "items": {}})
         old = section.get("settings")

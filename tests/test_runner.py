@@ -206,6 +206,16 @@ def test_stale_temp_files_of_dead_processes_are_removed(tmp_path):
         live.wait()
 
 
+def test_stale_temp_files_go_even_when_all_is_done(tmp_path):
+    inputs = make_inputs(tmp_path / "in")
+    runner = Runner(tmp_path / "out", "t", {})
+    runner.run(runner.plan(inputs, outputs), read, upper)
+    stale = tmp_path / "out" / f".a.out.{2**22 + 9}.00c0ffee.iseg-tmp"
+    stale.write_text("half")
+    assert Runner(tmp_path / "out", "t", {}).plan(inputs, outputs) == []
+    assert not stale.exists()
+
+
 def test_check_writable_creates_nothing(tmp_path):
     check_writable(tmp_path / "new" / "deeper")  # its parent chain is writable
     assert os.listdir(tmp_path) == []
