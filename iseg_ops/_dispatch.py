@@ -189,10 +189,12 @@ def check_t_max(fn: str, t_max: object, lam: object) -> None:
     needs Ent-Self (``lam`` not ``None``)."""
     if t_max is None:
         return
-    if isinstance(t_max, bool) or not isinstance(t_max, (int, float)):
+    if isinstance(t_max, (bool, np_bool)) or not isinstance(t_max, numbers.Real):
         raise TypeError(f"{fn}: t_max must be a float or None, got {type(t_max).__name__}")
-    if not 0 < t_max < float("inf"):
-        raise ValueError(f"{fn}: t_max must be a finite number > 0 or None, got {t_max}")
+    if not 0 < t_max <= FLOAT32_MAX:  # the kernels take it as float32
+        raise ValueError(
+            f"{fn}: t_max must be a finite number > 0 (≤ float32's max) or None, got {t_max}"
+        )
     if lam is None:
         raise ValueError(
             f"{fn}: t_max clamps Ent-Self's T, so it needs lam (got lam=None with t_max={t_max})"

@@ -1,6 +1,6 @@
 """Ent-Self (METHOD §2): entropy-reduced self-attention, as a fused Triton kernel.
 
-``P = rownorm(clamp(T + lam * (1 + ln T), 0))`` with ``T = S / colmax(S)``. Also holds the
+``P = rownorm(clamp(T + lam * (1 + ln T), 0[, t_max]))`` with ``T = S / colmax(S)``. Also holds the
 column-maximum pass and the per-tile transform that :mod:`iseg_ops.refine` fuses into its
 product, so the transform is written once.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from ._dispatch import use_triton, validate_ent_self
+from ._dispatch import check_t_max, use_triton, validate_ent_self
 from ._triton import tl, triton
 
 
@@ -46,10 +46,11 @@ def _col_max_kernel(
 
 
 @triton.jit
-def _ent_self_tile(s, col_max, lam):
+def _ent_self_tile(s, col_max, lam, t_max):
     """Ent-Self numerators of a [BLOCK_M, BLOCK_N] tile of S (fp32) for columns with maxima
-    ``col_max`` [BLOCK_N]. Returns ``(T, T0)``: Eq. 7 clamped at 0, and ``S / colmax`` (the
-    lam = 0 transform, which rows that the clamp empties fall back to)."""
+    ``col_max`` [BLOCK_N]. Returns ``(T, T0)``: Eq. 7 clamped to [0, t_max] (``t_max = inf``
+    when no upper clamp is asked), and ``S / colmax`` (the lam = 0 transform, which rows that
+    the clamp empties fall back to)."""
     has_max = col_max > 0
     # 1/colmax overflows for a subnormal colmax: scale such columns by 2^100 (exact) first.
     scale = tl.where(col_max < 7.888609052210118e-31, 1.2676506002282294e30, 1.0)  # 2^-100, 2^100
@@ -57,7 +58,7 @@ def _ent_self_tile(s, col_max, lam):
     t0 = (s * scale[None, :]) * rcp[None, :]
     positive = t0 > 0
     t = tl.where(positive, t0 + lam * (1.0 + tl.log(tl.where(positive, t0, 1.0))), 0.0)
-    return tl.maximum(t, 0.0), t0
+    return tl.minimum(tl.maximum(t, 0.0), t_max), t0
 
 
 @triton.jit
@@ -72,14 +73,14 @@ def _row_weights(row_sum, row_sum0):
 
 
 @triton.jit
-def _load_ent_self_tile(s_rows, col_max_row, cols, row_ok, HW, stride_sk, lam):
+def _load_ent_self_tile(s_rows, col_max_row, cols, row_ok, HW, stride_sk, lam, t_max):
     """Load the tile of S at rows ``s_rows`` and columns ``cols`` and return ``(T, T0, mask)``
     of :func:`_ent_self_tile` (zeros outside the matrix)."""
     col_ok = cols < HW
     mask = row_ok[:, None] & col_ok[None, :]
     s = tl.load(s_rows + cols[None, :].to(tl.int64) * stride_sk, mask=mask, other=0.0)
     col_max = tl.load(col_max_row + cols, mask=col_ok, other=0.0)
-    t, t0 = _ent_self_tile(s.to(tl.float32), col_max, lam)
+    t, t0 = _ent_self_tile(s.to(tl.float32), col_max, lam, t_max)
     return t, t0, mask
 
 
@@ -91,6 +92,7 @@ def _ent_self_kernel(
     p_ptr,
     HW,
     lam,
+    t_max,
     stride_sb,
     stride_sq,
     stride_sk,
@@ -112,14 +114,18 @@ def _ent_self_kernel(
     row_sum0 = tl.zeros([BLOCK_M], dtype=tl.float32)
     for n in range(0, HW, BLOCK_N):
         cols = n + tl.arange(0, BLOCK_N)
-        t, t0, _ = _load_ent_self_tile(s_rows, col_max_row, cols, row_ok, HW, stride_sk, lam)
+        t, t0, _ = _load_ent_self_tile(
+            s_rows, col_max_row, cols, row_ok, HW, stride_sk, lam, t_max
+        )
         row_sum += tl.sum(t, axis=1)
         row_sum0 += tl.sum(t0, axis=1)
 
     w, w0 = _row_weights(row_sum, row_sum0)
     for n in range(0, HW, BLOCK_N):
         cols = n + tl.arange(0, BLOCK_N)
-        t, t0, mask = _load_ent_self_tile(s_rows, col_max_row, cols, row_ok, HW, stride_sk, lam)
+        t, t0, mask = _load_ent_self_tile(
+            s_rows, col_max_row, cols, row_ok, HW, stride_sk, lam, t_max
+        )
         p = t * w[:, None] + t0 * w0[:, None]
         tl.store(
             p_rows + cols[None, :].to(tl.int64) * stride_pk,
@@ -147,7 +153,7 @@ def col_max(s: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _ent_self_triton(attn: torch.Tensor, lam: float) -> torch.Tensor:
+def _ent_self_triton(attn: torch.Tensor, lam: float, t_max: float | None = None) -> torch.Tensor:
     hw = attn.shape[-1]
     s = attn.reshape(-1, hw, hw)  # a view for [HW, HW] and [B, HW, HW], whatever the strides
     out = torch.empty(s.shape, device=s.device, dtype=s.dtype)
@@ -159,6 +165,7 @@ def _ent_self_triton(attn: torch.Tensor, lam: float) -> torch.Tensor:
         out,
         hw,
         lam,
+        float("inf") if t_max is None else t_max,
         *s.stride(),
         *out.stride(),
         BLOCK_M=block_m,
@@ -167,7 +174,7 @@ def _ent_self_triton(attn: torch.Tensor, lam: float) -> torch.Tensor:
     return out.reshape(attn.shape)
 
 
-def ent_self(attn: torch.Tensor, lam: float = 0.01) -> torch.Tensor:
+def ent_self(attn: torch.Tensor, lam: float = 0.01, t_max: float | None = None) -> torch.Tensor:
     """Entropy-reduced self-attention (Ent-Self, iSeg Eq. 5–7; METHOD §2).
 
     Args:
@@ -175,6 +182,9 @@ def ent_self(attn: torch.Tensor, lam: float = 0.01) -> torch.Tensor:
             any strides).
         lam (float): strength of the entropy reduction, natural log (default 0.01, the paper's
             best). ``lam = 0`` still applies the column-max and row normalisation.
+        t_max (float | None): upper clamp of ``T`` after Eq. 7 (finite, > 0): ``T`` is clamped
+            to ``[0, t_max]`` instead of ``[0, ∞)``. The interactive recipe (the authors' demo)
+            uses ``t_max = 1``. ``None`` (default) clamps only at 0.
 
     Returns:
         Tensor: ``P``, same shape and dtype as ``attn``: non-negative and row-stochastic. A row
@@ -186,6 +196,8 @@ def ent_self(attn: torch.Tensor, lam: float = 0.01) -> torch.Tensor:
         True
     """
     validate_ent_self(attn, lam)
+    check_t_max("ent_self", t_max, lam)
+    t_max = None if t_max is None else float(t_max)
     if not use_triton("ent_self", attn):
-        return reference.ent_self(attn, float(lam))
-    return _ent_self_triton(attn, float(lam))
+        return reference.ent_self(attn, float(lam), t_max)
+    return _ent_self_triton(attn, float(lam), t_max)

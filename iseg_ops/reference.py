@@ -12,14 +12,15 @@ import torch
 import torch.nn.functional as F
 
 
-def _ent_self_fp32(attn: torch.Tensor, lam: float) -> torch.Tensor:
+def _ent_self_fp32(attn: torch.Tensor, lam: float, t_max: float | None = None) -> torch.Tensor:
     s = attn.float()
     col_max = s.amax(dim=-2, keepdim=True)  # max over the queries q, per key k
     t0 = torch.where(col_max > 0, s / col_max, 0.0)
     positive = t0 > 0
-    # Eq. 7 (natural log) where T > 0, then clamp at 0.
+    # Eq. 7 (natural log) where T > 0, then clamp at 0 (and at t_max when given: the
+    # interactive recipe clamps T to [0, 1]).
     t = torch.where(positive, t0 + lam * (1.0 + torch.log(t0.clamp_min(1e-38))), 0.0)
-    t = t.clamp_min(0.0)
+    t = t.clamp_min(0.0) if t_max is None else t.clamp(0.0, t_max)
     row_sum = t.sum(dim=-1, keepdim=True)
     row_sum0 = t0.sum(dim=-1, keepdim=True)
     # A row whose every entry the clamp removed falls back to lam = 0 (T0 itself).
@@ -27,9 +28,9 @@ def _ent_self_fp32(attn: torch.Tensor, lam: float) -> torch.Tensor:
     return torch.where((row_sum > 0) | (row_sum0 > 0), p, 0.0)
 
 
-def ent_self(attn: torch.Tensor, lam: float = 0.01) -> torch.Tensor:
+def ent_self(attn: torch.Tensor, lam: float = 0.01, t_max: float | None = None) -> torch.Tensor:
     """Reference Ent-Self (METHOD §2). Same contract as :func:`iseg_ops.ent_self`."""
-    return _ent_self_fp32(attn, lam).to(attn.dtype)
+    return _ent_self_fp32(attn, lam, t_max).to(attn.dtype)
 
 
 def _sum_normalise(c: torch.Tensor) -> torch.Tensor:
@@ -47,11 +48,15 @@ def minmax(c: torch.Tensor) -> torch.Tensor:
 
 
 def refine(
-    attn: torch.Tensor, cross: torch.Tensor, iters: int = 10, lam: float | None = 0.01
+    attn: torch.Tensor,
+    cross: torch.Tensor,
+    iters: int = 10,
+    lam: float | None = 0.01,
+    t_max: float | None = None,
 ) -> torch.Tensor:
     """Reference iterative refinement (METHOD §3, Algorithm 1). Same contract as
     :func:`iseg_ops.refine`: per-iteration normalisation, fp32 inside, output in ``cross.dtype``."""
-    p = _ent_self_fp32(attn, lam) if lam is not None else attn.float()
+    p = _ent_self_fp32(attn, lam, t_max) if lam is not None else attn.float()
     c = _sum_normalise(cross.float())
     for _ in range(iters):
         c = _sum_normalise(p @ c)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from ._dispatch import use_triton, validate_refine
+from ._dispatch import check_t_max, use_triton, validate_refine
 from ._triton import tl, triton
 from .ent_self import _ent_self_tile, _row_weights, col_max
 
@@ -34,6 +34,7 @@ def _refine_step_kernel(
     HW,
     K,
     lam,
+    t_max,
     stride_sb,
     stride_sq,
     stride_sk,
@@ -86,7 +87,7 @@ def _refine_step_kernel(
             c_dot = c
         if APPLY_ENT_SELF:
             col_max = tl.load(col_max_row + cols, mask=col_ok, other=0.0)
-            t, t0 = _ent_self_tile(s, col_max, lam)
+            t, t0 = _ent_self_tile(s, col_max, lam, t_max)
             row_sum += tl.sum(t, axis=1)
             row_sum0 += tl.sum(t0, axis=1)
             if HALF_DOT:
@@ -124,7 +125,11 @@ def _block_m(batch: int, hw: int) -> int:
 
 
 def _refine_triton(
-    attn: torch.Tensor, cross: torch.Tensor, iters: int, lam: float | None
+    attn: torch.Tensor,
+    cross: torch.Tensor,
+    iters: int,
+    lam: float | None,
+    t_max: float | None = None,
 ) -> torch.Tensor:
     hw, k = attn.shape[-1], cross.shape[-1]
     s = attn.reshape(-1, hw, hw)
@@ -159,6 +164,7 @@ def _refine_triton(
             hw,
             k,
             0.0 if lam is None else lam,
+            float("inf") if t_max is None else t_max,
             *s.stride(),
             *src.stride(),
             APPLY_ENT_SELF=lam is not None,
@@ -176,7 +182,11 @@ def _refine_triton(
 
 
 def refine(
-    attn: torch.Tensor, cross: torch.Tensor, iters: int = 10, lam: float | None = 0.01
+    attn: torch.Tensor,
+    cross: torch.Tensor,
+    iters: int = 10,
+    lam: float | None = 0.01,
+    t_max: float | None = None,
 ) -> torch.Tensor:
     """Iterative refinement of initial maps by (entropy-reduced) self-attention (iSeg Eq. 4).
 
@@ -187,6 +197,9 @@ def refine(
         lam (float | None): Ent-Self strength, applied to ``attn`` inside the fused product
             (``P`` is never written). ``None`` uses ``attn`` as given (naive iteration, or a
             precomputed :func:`ent_self` output).
+        t_max (float | None): upper clamp of Ent-Self's ``T`` (finite, > 0; see
+            :func:`iseg_ops.ent_self`): ``T`` clamped to ``[0, t_max]``, 1 in the interactive
+            recipe. Needs ``lam``; ``None`` (default) clamps only at 0.
 
     Returns:
         Tensor: ``[..., HW, K]`` in ``cross.dtype``, each column min-max normalised to [0, 1]
@@ -198,9 +211,11 @@ def refine(
         torch.Size([144, 3])
     """
     validate_refine(attn, cross, iters, lam)
+    check_t_max("refine", t_max, lam)
     lam = None if lam is None else float(lam)
+    t_max = None if t_max is None else float(t_max)
     if iters == 0:
         return reference.minmax(cross.float()).to(cross.dtype)
     if not use_triton("refine", attn, cross):
-        return reference.refine(attn, cross, iters, lam)
-    return _refine_triton(attn, cross, iters, lam)
+        return reference.refine(attn, cross, iters, lam, t_max)
+    return _refine_triton(attn, cross, iters, lam, t_max)
