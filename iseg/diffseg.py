@@ -47,6 +47,7 @@ DEFAULT_ANCHOR_GRID = 16
 DEFAULT_ITERS = 10
 DEFAULT_LAM = 0.01
 INITS = ("maps", "onehot")
+REFINE_ATTENTIONS = ("all", "full-resolution")
 
 # Bytes of fp32 upsampled maps held at once when labelling (bounds memory for large images).
 _LABEL_CHUNK_ELEMENTS = 1 << 24
@@ -109,14 +110,17 @@ class SelfAttentionAggregate:
         else:
             self.low[f] = probs.float()
 
-    def result(self) -> torch.Tensor:
+    def result(self, keep_full_resolution: bool = False):
         """``A = Σ_r w_r · repeat_q(renorm(upsample_k(mean_layers A_r)))``, ``[B, HW, HW]``
-        (computed in place in the full-resolution sum)."""
+        (computed in place in the full-resolution sum). With ``keep_full_resolution``, returns
+        ``(A, A_full)``: also the mean of the full-resolution layers alone (a second
+        ``HW × HW`` tensor, copied before the lower resolutions are added)."""
         if self.full is None:
             raise RuntimeError("diffseg: no self-attention layer ran at the latent resolution")
         h, w = self.grid
         inv = {f: 1.0 / f for f in self.counts}  # r = side / f, so w_r ∝ 1 / f
         total = sum(inv.values())
+        full_only = self.full / self.counts[1] if keep_full_resolution else None
         a = self.full.mul_(inv[1] / total / self.counts[1])
         batch = a.shape[0]
         for f, sums in sorted(self.low.items()):
@@ -130,7 +134,7 @@ class SelfAttentionAggregate:
                 up.view(batch, rh, 1, rw, 1, h * w), alpha=inv[f] / total
             )
         self.full, self.low = None, {}
-        return a
+        return (a, full_only) if keep_full_resolution else a
 
 
 class SelfAttentionAggregation:
@@ -164,10 +168,14 @@ def self_attention_layers(unet) -> dict[str, Attention]:
 
 
 @torch.no_grad()
-def aggregate_self_attention(unet, latents: torch.Tensor, timestep: int, context: torch.Tensor):
+def aggregate_self_attention(
+    unet, latents: torch.Tensor, timestep: int, context: torch.Tensor, keep_full_resolution: bool = False
+):
     """One UNet call on ``latents`` at ``timestep`` with text ``context``; returns the
-    aggregated self-attention ``A`` ``[B, HW, HW]`` fp32. The aggregation processors are
-    installed on the ``attn1`` layers for this call only and the previous ones always restored."""
+    aggregated self-attention ``A`` ``[B, HW, HW]`` fp32 (and, with ``keep_full_resolution``,
+    the mean of the full-resolution layers too: ``(A, A_full)``). The aggregation processors
+    are installed on the ``attn1`` layers for this call only and the previous ones always
+    restored."""
     aggregate = SelfAttentionAggregate(tuple(latents.shape[-2:]))
     layers = self_attention_layers(unet)
     previous = {m: m.processor for m in layers.values()}
@@ -179,7 +187,7 @@ def aggregate_self_attention(unet, latents: torch.Tensor, timestep: int, context
     finally:
         for module, processor in previous.items():
             module.set_processor(processor)
-    return aggregate.result()
+    return aggregate.result(keep_full_resolution)
 
 
 # --------------------------------------------------------------------------- 2. merging
@@ -318,6 +326,7 @@ def segment_unsupervised(
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
     *,
     init: str = "maps",
+    refine_attention: str = "all",
     anchor_grid: int = DEFAULT_ANCHOR_GRID,
     timestep: int = DIFFSEG_TIMESTEP,
     add_noise: bool = False,
@@ -343,6 +352,10 @@ def segment_unsupervised(
         generator: draws the noise when ``add_noise=True`` (unused otherwise: DiffSeg adds none).
         init: ``"maps"`` (default): ``C₀`` = the merged maps, each a distribution over the grid;
             ``"onehot"``: their one-hot argmax on the latent grid.
+        refine_attention: the attention the refinement propagates with: ``"all"`` (default)
+            DiffSeg's aggregate ``A``; ``"full-resolution"`` the mean of the latent-resolution
+            layers only (64×64 at 512 px; closer to the single layer iSeg uses for text; keeps
+            a second ``HW × HW`` matrix, +64 MiB per image at 512 px).
         anchor_grid: anchors per side (16: 256 anchors).
         timestep: the UNet's timestep (DiffSeg: 300).
         add_noise: noise the latent at ``timestep`` as iSeg's capture does (DiffSeg: no).
@@ -364,6 +377,10 @@ def segment_unsupervised(
         lam = _number("lam", lam, 0.0, inclusive=True)
     if init not in INITS:
         raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
+    if refine_attention not in REFINE_ATTENTIONS:
+        raise ValueError(
+            f"refine_attention must be one of {', '.join(REFINE_ATTENTIONS)}, got {refine_attention!r}"
+        )
     anchor_grid = _int("anchor_grid", anchor_grid, 1)
     train_steps = pipe.scheduler.config.num_train_timesteps
     timestep = _int("timestep", timestep, 0)
@@ -395,8 +412,10 @@ def segment_unsupervised(
 
     # 3. one UNet call, aggregating every attn1 layer (the ops' per-call NaN checks, each a
     # host synchronisation, are off inside; A is checked once after)
+    full_only = iters is not None and refine_attention == "full-resolution"
     with stage("unet", device), value_checks(False):
-        attention = aggregate_self_attention(pipe.unet, latents, timestep, context)
+        attention = aggregate_self_attention(pipe.unet, latents, timestep, context, full_only)
+    attention, propagate = attention if full_only else (attention, attention)
     if not bool(torch.isfinite(attention.sum())):
         raise RuntimeError(
             "diffseg: the aggregated self-attention holds NaN or Inf (the UNet overflowed; "
@@ -415,7 +434,7 @@ def segment_unsupervised(
                 if init == "onehot":
                     initial = F.one_hot(maps.argmax(0), maps.shape[0]).float()
                 with value_checks(False):  # A and the maps are finite (checked above)
-                    refined = iseg_ops.refine(attention[b : b + 1], initial[None], iters=iters, lam=lam)
+                    refined = iseg_ops.refine(propagate[b : b + 1], initial[None], iters=iters, lam=lam)
                 maps = refined[0].T
         with stage("post", device):
             labels.append(label_maps(maps, grid, sizes[b]))

@@ -117,6 +117,7 @@ def aggregate_direct(unet, seen):
         up = up / up.sum(-1, keepdim=True)
         rep = up.repeat_interleave(g // r, dim=1).repeat_interleave(g // r, dim=2)  # queries
         out = out + (r / total) * rep.reshape(b, g * g, g * g)
+    aggregate_direct.full_resolution = torch.stack(by_res[g]).mean(0)  # for the option test
     return out, {r: len(m) for r, m in by_res.items()}, {r: r / total for r in by_res}
 
 
@@ -296,6 +297,20 @@ def test_labels_diffseg_and_refined(sharp, base):
         assert torch.equal(refined.merged_maps[0], maps)
 
 
+def test_refine_with_full_resolution_attention(sharp, base):
+    out, seen = base
+    aggregate_direct(sharp.unet, seen)
+    full = aggregate_direct.full_resolution.float()  # mean of the five 16×16 layers
+    flat = out.merged_maps[0].reshape(len(out.merged_maps[0]), -1)
+    refined = run(sharp, iters=5, kl_threshold=TAU, refine_attention="full-resolution")
+    assert torch.equal(refined.merged_maps[0], out.merged_maps[0])  # DiffSeg part unchanged
+    expected = upsample_argmax(reference.refine(full, flat.T[None], iters=5, lam=0.01)[0].T, (96, 120))
+    # the full-resolution mean is recomputed in float64 here: a near-tied pixel may flip
+    assert (refined.labels[0] == expected).float().mean() > 0.99
+    default = run(sharp, iters=5, kl_threshold=TAU)
+    assert not torch.equal(default.labels, refined.labels)  # the option changes the result
+
+
 def test_labels_at_another_size(sharp):
     image = make_image(1, size=(90, 70))
     out = run(sharp, image, iters=None, kl_threshold=TAU)
@@ -366,6 +381,7 @@ def test_add_noise_uses_generator(sharp, base):
         ({"iters": 2.0}, TypeError, "iters must be an int"),
         ({"lam": -0.1}, ValueError, "lam"),
         ({"init": "kmeans"}, ValueError, "init must be one of maps, onehot"),
+        ({"refine_attention": "64"}, ValueError, "refine_attention must be one of all, full-resolution"),
         ({"timestep": 1000}, ValueError, "timestep must be < 1000"),
         ({"resolution": 100}, ValueError, "resolution must be a multiple of 64"),
         ({"image": "photo.jpg"}, TypeError, "image must be a PIL image"),

@@ -70,6 +70,9 @@ def add_parser(subparsers) -> None:
     add("--init", choices=("maps", "onehot"), default="maps",
         help="the refinement's initial maps: DiffSeg's merged maps or their one-hot argmax "
              "(default: maps)")
+    add("--refine-attention", choices=("all", "full-resolution"), default="all",
+        help="the attention the refinement propagates with: DiffSeg's aggregate of all layers, "
+             "or the latent-resolution (64×64) layers only (default: all)")
     add("--anchor-grid", type=_common.positive_int, default=16, metavar="N",
         help="DiffSeg's anchors per side (default: 16, 256 anchors)")
 
@@ -112,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
         "iters": args.iters,
         "lam": args.lam,
         "init": args.init,
+        "refine_attention": args.refine_attention,
         "anchor_grid": args.anchor_grid,
     }
     runner = Runner(args.out, NAME, settings, overwrite=args.overwrite)
@@ -148,6 +152,7 @@ def _processor(pipe, args: argparse.Namespace, device: str):
         "iters": None if args.iters == "none" else args.iters,
         "lam": None if args.lam == "none" else args.lam,
         "init": args.init,
+        "refine_attention": args.refine_attention,
         "anchor_grid": args.anchor_grid,
     }
     outputs = outputs_for(args)
