@@ -324,8 +324,9 @@ def interpolate_position_embedding(weight: torch.Tensor, grid: tuple[int, int]) 
     """Resize the patch part of a ViT position embedding to a ``gh×gw`` grid, as the authors did.
 
     Bilinear (align_corners=False) from the square pretrained grid, the CLS row kept, and the
-    whole result rounded through float16 (the authors kept it as a half parameter). Not
-    transformers' ``interpolate_pos_encoding``, which is bicubic.
+    whole result rounded through float16 (the authors kept it as a half parameter). At the
+    pretrained grid itself (224² for ViT-B/16: the crops of step 4) the embedding is used as it
+    is, as in TagCLIP's model. Not transformers' ``interpolate_pos_encoding``, which is bicubic.
 
     Args:
         weight: ``[1 + g0², D]`` the CLS row then the ``g0×g0`` patch rows.
@@ -337,6 +338,8 @@ def interpolate_position_embedding(weight: torch.Tensor, grid: tuple[int, int]) 
     side = math.isqrt(weight.shape[0] - 1)
     if side * side != weight.shape[0] - 1:
         raise ValueError(f"position embedding has {weight.shape[0] - 1} patch rows, not a square")
+    if tuple(grid) == (side, side):
+        return weight
     dim = weight.shape[1]
     patch = weight[1:].float().T.reshape(1, dim, side, side)
     patch = F.interpolate(patch, size=grid, mode="bilinear", align_corners=False)

@@ -92,14 +92,6 @@ def _vision_reference(model, pixels, layer_bias):
     return tokens, torch.stack([a.mean(dim=1) for a in unbiased.attentions])
 
 
-def _fp16_positions(model):
-    """Round the position embedding through fp16 in place, so that transformers' embedding
-    equals the tagger's at the pretrained grid."""
-    weight = model.vision_model.embeddings.position_embedding.weight
-    with torch.no_grad():
-        weight.copy_(weight.half().float())
-
-
 # --- data: presets, templates, background lists --------------------------------------------------
 
 
@@ -228,7 +220,12 @@ def _bilinear(grid: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
     return out
 
 
-@pytest.mark.parametrize("grid", [(7, 7), (3, 5), (10, 14)])  # same, shrink + wide, grow
+def test_position_embedding_unchanged_at_the_pretrained_grid():
+    weight = torch.randn(1 + 7 * 7, 6, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(interpolate_position_embedding(weight, (7, 7)), weight)  # not rounded
+
+
+@pytest.mark.parametrize("grid", [(7, 8), (3, 5), (10, 14), (14, 7)])  # wider, smaller, larger, taller
 def test_position_embedding_bilinear_cls_kept_rounded_through_fp16(grid):
     weight = torch.randn(1 + 7 * 7, 6, generator=torch.Generator().manual_seed(0))
     out = interpolate_position_embedding(weight, grid)
@@ -244,7 +241,6 @@ def test_position_embedding_bilinear_cls_kept_rounded_through_fp16(grid):
 
 
 def test_vision_pass_matches_transformers_with_the_diagonal_mask_in_the_last_layer(clip, tagger):
-    _fp16_positions(clip["model"])
     pixels = preprocess(make_image(4, size=(112, 112)))[None]  # the pretrained 7×7 grid
     tokens = 1 + 7 * 7
     diagonal = -100.0 * (1 - torch.eye(tokens))
@@ -529,7 +525,6 @@ def _vision_reference_tokens(model, pixels, bias):
 
 @pytest.mark.parametrize("r_cwr", [0.1, 1.0])  # most classes re-identified / none
 def test_whole_tagger_against_a_plain_recomputation(clip, tagger, r_cwr):
-    _fp16_positions(clip["model"])
     image = make_image(6, size=(90, 130))  # 96×144 after resize: a 6×9 grid
     result = tagger(image, VOCABULARY, BACKGROUND_NAMES, r_cwr=r_cwr, w_local=0.4, w_crop=0.8, r_final=0.6)
     scores, local, crops = _tag_reference(
