@@ -49,7 +49,8 @@ DEFAULT_LAM = 0.01
 INITS = ("maps", "onehot")
 REFINE_ATTENTIONS = ("all", "full-resolution")
 
-# Bytes of fp32 upsampled maps held at once when labelling (bounds memory for large images).
+# Elements of upsampled fp32 maps held at once when labelling (64 MiB; bounds the memory for
+# large images).
 _LABEL_CHUNK_ELEMENTS = 1 << 24
 
 
@@ -238,10 +239,11 @@ def merge_maps(
     Returns:
         Tensor: ``[M, HW]`` float32 merged maps, each summing to 1, in merge order.
     """
-    anchors = attention[anchor_indices(grid, anchor_grid).to(attention.device)]  # [n², HW]
+    index = anchor_indices(grid, anchor_grid).to(attention.device)
+    anchors = attention[index]  # [n², HW]
     # pass 0 (fp32 GEMMs): each anchor's map becomes the mean of the maps close to it
     close = iseg_ops.symmetric_kl(anchors, attention) < kl_threshold  # [n², HW]
-    close[torch.arange(len(anchors)), anchor_indices(grid, anchor_grid).to(attention.device)] = True
+    close[torch.arange(len(index), device=index.device), index] = True  # D(a, a) = 0 < τ
     weights = close.to(attention.dtype)
     maps = (weights / weights.sum(-1, keepdim=True)) @ attention
     # passes 1 and 2 (float64): greedy on the M×M matrix, fixed within a pass
