@@ -21,7 +21,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -813,6 +812,9 @@ def run_eval(
                 if need:
                     if pipe is None:
                         pipe = load_pipe()
+                        done = bar.n
+                        bar.reset()  # the rate and ETA count from here, not from before the load
+                        bar.update(done)
                     if device is None:  # once: diffusers' _execution_device walks every module
                         device = pipe._execution_device
                     dev = device

@@ -289,7 +289,7 @@ def _rel(path: Path, root: Path) -> str:
     return str(path.relative_to(root)) if path != root else ""
 
 
-def _voc_like(root: Path, name: str, year: str, label_dirs: tuple[str, ...], expected: str):
+def _voc_like(root: Path, year: str, label_dirs: tuple[str, ...], expected: str):
     bases = [root, root / f"VOC{year}", root / "VOCdevkit" / f"VOC{year}"]
     base = _first_dir([b / "JPEGImages" for b in bases])
     if base is None:
@@ -335,7 +335,7 @@ def open_dataset(
     n = NUM_CLASSES[dataset]
     if dataset == "voc":
         expected = "VOCdevkit/VOC2012/JPEGImages/<id>.jpg with SegmentationClassAug/<id>.png or SegmentationClass/<id>.png"
-        base, labels, kind = _voc_like(root, "voc", "2012", ("SegmentationClassAug", "SegmentationClass"), expected)
+        base, labels, kind = _voc_like(root, "2012", ("SegmentationClassAug", "SegmentationClass"), expected)
         ds = SegDataset(
             "voc", root, f"VOC 2012 {kind}", _join(base, root, "JPEGImages/{id}.jpg"),
             _join(labels, root, "{id}.png"), n, _identity_lut(n),
@@ -343,7 +343,7 @@ def open_dataset(
         return _check_first(ds, first_id)
     if dataset == "voc_context":
         expected = "VOCdevkit/VOC2010/JPEGImages/<id>.jpg with SegmentationClassContext/<id>.png"
-        base, labels, kind = _voc_like(root, "voc_context", "2010", ("SegmentationClassContext",), expected)
+        base, labels, kind = _voc_like(root, "2010", ("SegmentationClassContext",), expected)
         ds = SegDataset(
             "voc_context", root, f"Pascal Context {kind}", _join(base, root, "JPEGImages/{id}.jpg"),
             _join(labels, root, "{id}.png"), n, _identity_lut(n), "official",
