@@ -429,6 +429,16 @@ def test_folders_and_globs_skip_this_tools_outputs(saved, tmp_path, calls, capsy
     assert main(command([f"{ds}/*"], model, ds)) == 0
     assert len(calls) == 2
     assert "segmented 0 images, skipped 2 already done" in capsys.readouterr().err
+    # An unquoted ds/* is expanded by the shell: the outputs and the manifest arrive as file
+    # names; they are skipped with one note.
+    capsys.readouterr()
+    assert main(command(sorted(ds.iterdir()), model, ds)) == 1  # notes.txt is no image
+    assert capsys.readouterr().err.splitlines()[0] == (
+        "iseg: note: skipped 5 input files that this tool wrote (outputs, manifest)"
+    )
+    shell_glob = sorted(p for p in ds.iterdir() if p.is_file() and p.name != "notes.txt")
+    assert main(command(shell_glob, model, ds)) == 0
+    assert len(calls) == 2
     # ** recurses; the sub folder's image is new.
     assert main(command([f"{ds}/**/*.png"], model, ds)) == 0
     assert [c["batch"] for c in calls] == [1, 1, 1]

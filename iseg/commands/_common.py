@@ -384,7 +384,10 @@ def _recorded_outputs(folder: Path, cache: dict[Path, set[str]]) -> set[str]:
 def expand_inputs(specs: Sequence[str]) -> list[Path]:
     """Image paths from files, folders and glob patterns, in order, without duplicates.
 
-    * a file is taken as given (it is checked later, when it is read);
+    * a file is taken as given (it is checked later, when it is read), unless it is one this
+      tool wrote (recorded in the manifest next to it, or the manifest or a temporary file
+      itself): the shell's expansion of an unquoted ``ds/*`` lists them too. Those are skipped
+      with one note line;
     * a folder gives its image files (by extension, sorted, not recursive);
     * a pattern with ``*``, ``?`` or ``[`` (quoted, so the shell leaves it) gives its
       matching image files, sorted (``**`` recurses).
@@ -410,6 +413,7 @@ def expand_inputs(specs: Sequence[str]) -> list[Path]:
         )
 
     paths: list[Path] = []
+    skipped = 0
     for spec in specs:
         path = Path(spec)
         if path.is_dir():
@@ -420,9 +424,21 @@ def expand_inputs(specs: Sequence[str]) -> list[Path]:
             found = sorted(p for p in map(Path, glob.glob(spec, recursive=True)) if keep(p))
             if not found:
                 raise CommandError(f"no images match '{spec}'")
+        elif path.is_file() and (
+            path.name == MANIFEST
+            or path.name.endswith(TEMP_SUFFIX)
+            or path.name in _recorded_outputs(path.parent, manifests)
+        ):
+            skipped += 1
+            continue
         else:
             found = [path]
         paths += found
+    if skipped:
+        print(f"{PROG}: note: skipped {skipped} input file{'s' * (skipped != 1)} that this tool "
+              "wrote (outputs, manifest)", file=sys.stderr)  # fmt: skip
+        if not paths:
+            raise CommandError("no images left: every input is a file this tool wrote")
     seen: set[str] = set()
     unique = []
     for path in paths:
