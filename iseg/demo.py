@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import atexit
 import functools
 import html
 import inspect
@@ -30,6 +31,7 @@ import json
 import logging
 import os
 import shlex
+import shutil
 import tempfile
 import uuid
 from collections.abc import Callable, Sequence
@@ -645,11 +647,19 @@ def _command(*args: str) -> str:
     return "iseg " + " ".join(shlex.quote(a) for a in args)
 
 
+@functools.lru_cache(maxsize=1)
+def _download_root() -> Path:
+    """This process's folder of downloads, removed when the process exits."""
+    root = Path(tempfile.mkdtemp(prefix="iseg-demo-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    return root
+
+
 def save_download(image: Image.Image | str, name: str) -> str:
     """Write ``image`` (a PIL image as PNG, or text) to a fresh temporary folder as ``name``
-    and return the path (Gradio serves it for download)."""
-    folder = Path(tempfile.gettempdir()) / "iseg-demo" / uuid.uuid4().hex
-    folder.mkdir(parents=True, exist_ok=True)
+    and return the path (Gradio copies it into its cache and serves it for download)."""
+    folder = _download_root() / uuid.uuid4().hex
+    folder.mkdir()
     path = folder / name
     if isinstance(image, str):
         path.write_text(image)

@@ -568,6 +568,31 @@ def test_demo_command_refuses_a_taken_port_before_loading_anything(monkeypatch, 
                    "give a free one with --port N"]  # fmt: skip
 
 
+def test_launch_queues_requests_one_model_call_at_a_time():
+    calls = []
+
+    class App:
+        def queue(self, **kwargs):
+            calls.append(("queue", kwargs))
+
+        def launch(self, **kwargs):
+            calls.append(("launch", kwargs))
+
+    demo.launch(App(), host="127.0.0.1", port=7001)
+    assert calls[0] == ("queue", {"default_concurrency_limit": 1})
+    name, kwargs = calls[1]
+    assert name == "launch" and kwargs["server_name"] == "127.0.0.1" and kwargs["server_port"] == 7001
+    assert kwargs["max_file_size"] == demo.MAX_FILE_SIZE and kwargs["show_error"] is False
+
+
+def test_downloads_are_written_where_gradio_can_serve_them():
+    png = Path(demo.save_download(Image.new("P", (3, 2)), "x_labels.png"))
+    text = Path(demo.save_download('{"a": 1}', "x_regions.json"))
+    assert png.name == "x_labels.png" and Image.open(png).size == (3, 2)
+    assert json.loads(text.read_text()) == {"a": 1}
+    assert png.parent != text.parent and png.parent.parent == text.parent.parent  # one folder each
+
+
 @pytest.mark.parametrize("port", ["0", "65536", "http"])
 def test_demo_command_refuses_a_bad_port(port, capsys):
     from iseg import cli
