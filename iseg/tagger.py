@@ -598,6 +598,9 @@ class CLIPTagger:
             raise ValueError(f"min_votes must be in 1..{depth}, got {min_votes}")
         self.min_votes = min_votes
         self.crop_batch = max(1, int(crop_batch))
+        # T = logit_scale.exp() (100 for OpenAI's weights), read once: a later cast to bf16
+        # would round logit_scale to 4.59375 and T to 98.9.
+        self.temperature = float(model.logit_scale.detach().float().exp())
         self._text_cache: dict[str, torch.Tensor] = {}
 
     # --- loading and placement
@@ -642,13 +645,11 @@ class CLIPTagger:
                 "--local-dir DIR`) and pass --tagger-model DIR, or give a hub id"
                 + (" with HF_HUB_OFFLINE unset (it is set)" if offline else " with network access")
             ) from error
-        model = model.to(dtype=torch_dtype)
-        if device is not None:
-            model = model.to(device)
-        return cls(model, tokenizer, **kwargs)
+        return cls(model, tokenizer, **kwargs).to(device, torch_dtype)
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> CLIPTagger:
-        """Move the model (and cached text embeddings) to ``device`` / cast it to ``dtype``."""
+        """Move the model (and cached text embeddings) to ``device`` / cast it to ``dtype``
+        (the temperature stays the one read at construction)."""
         self.model.to(device=device, dtype=dtype)
         if device is not None:
             self._text_cache = {k: v.to(device) for k, v in self._text_cache.items()}
@@ -672,10 +673,6 @@ class CLIPTagger:
     def image_size(self) -> int:
         """Side of the re-identification crops (224 for ViT-B/16)."""
         return self.model.config.vision_config.image_size
-
-    @property
-    def temperature(self) -> float:
-        return float(self.model.logit_scale.float().exp())
 
     # --- text side
 
