@@ -322,7 +322,8 @@ def builtin_tagger(task: Task, device=None):
         preset = {"voc": "voc", "voc_context": "context", "coco14": "coco"}[task.dataset]
         return lambda image: tuple(i + 1 for i in tagger(image, preset=preset).indices)
 
-    The runner calls it in the main process, once per image that needs a prediction.
+    It is called before the dataset is checked: load the weights on the first tagging, not
+    here. The runner calls the function in the main process, once per image to predict.
     """
     return None
 
@@ -497,7 +498,7 @@ def _write_atomic(path, data: bytes) -> None:
     import secrets
 
     path.parent.mkdir(parents=True, exist_ok=True)  # ids may hold a folder (Cityscapes' city/)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.iseg-tmp")
+    tmp = path.with_name(f".{path.name}.{_HOST}-{os.getpid()}-{secrets.token_hex(4)}.iseg-tmp")
     try:
         with open(tmp, "xb") as f:
             f.write(data)
@@ -508,6 +509,16 @@ def _write_atomic(path, data: bytes) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def _host() -> str:
+    import re
+    import socket
+
+    return re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())[:40] or "host"
+
+
+_HOST = _host()  # in temporary names: shards on other machines sharing --out keep their temps
 
 
 def _png_bytes(pred: np.ndarray) -> bytes:
@@ -526,16 +537,17 @@ def _png_bytes(pred: np.ndarray) -> bytes:
 
 
 def _remove_stale_temps(folder) -> None:
-    """Remove temporary files left by killed writers (their process no longer runs)."""
+    """Remove temporary files left by killed writers: written on this machine by a process that
+    no longer runs (another machine's shard may be writing its own)."""
     import os
     import re
 
-    pattern = re.compile(r"^\..+\.(\d+)-[0-9a-f]{8}\.iseg-tmp$")
+    pattern = re.compile(r"^\..+\.([A-Za-z0-9_]+)-(\d+)-[0-9a-f]{8}\.iseg-tmp$")
     for path in folder.rglob("*.iseg-tmp"):
         match = pattern.match(path.name)
-        if not match:
+        if not match or match.group(1) != _HOST:
             continue
-        pid = int(match.group(1))
+        pid = int(match.group(2))
         try:
             os.kill(pid, 0)
             alive = pid != os.getpid()

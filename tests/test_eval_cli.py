@@ -373,3 +373,17 @@ def test_unsupervised_cityscapes_with_hungarian_matching(tmp_path):
     assert merged["per_class"][0]["iou"] < 100.0 and merged["pixel_acc"] < 100.0
     pred = np.asarray(Image.open(tmp_path / "out2" / "pred" / f"{frames[0]}.png"))
     assert pred.shape == (512, 512)
+
+
+def test_stale_temporary_files_of_dead_local_writers_are_removed(tmp_path):
+    from iseg.evaluate import _HOST, _remove_stale_temps, _write_atomic
+
+    _write_atomic(tmp_path / "city" / "frame.png", b"png")  # folders in ids are created
+    assert (tmp_path / "city" / "frame.png").read_bytes() == b"png"
+    dead = tmp_path / "city" / f".frame.png.{_HOST}-999999999-0123abcd.iseg-tmp"  # no such pid
+    remote = tmp_path / "city" / ".frame.png.otherhost-999999999-0123abcd.iseg-tmp"  # another machine's
+    alive = tmp_path / f".x.png.{_HOST}-1-0123abcd.iseg-tmp"  # pid 1 runs
+    for path in (dead, remote, alive):
+        path.write_bytes(b"")
+    _remove_stale_temps(tmp_path)
+    assert not dead.exists() and remote.exists() and alive.exists()
