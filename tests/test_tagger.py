@@ -667,6 +667,7 @@ def test_from_pretrained_folder(clip, tagger, tmp_path):
     torch.testing.assert_close(a.scores, b.scores, rtol=1e-5, atol=1e-7)
     bf16 = CLIPTagger.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
     assert bf16.dtype == torch.bfloat16
+    assert bf16.temperature == pytest.approx(100.0, rel=1e-6)  # not exp(bf16(ln 100)) = 98.9
     c = bf16(image, VOCABULARY, r_cwr=0.1)
     assert c.scores.dtype == torch.float32 and torch.isfinite(c.scores).all() and c.tags
 
