@@ -706,7 +706,8 @@ def build_app(pipe, model_name: str | None = None) -> "gr.Blocks":  # noqa: F821
                 raise gr.Error(_first_line(exc), print_exception=False) from None
             except Exception as exc:
                 if type(exc).__name__ == "OutOfMemoryError":
-                    raise gr.Error("out of memory: try a smaller image", print_exception=False) from None
+                    raise gr.Error("out of memory on the device: try again, or serve with --dtype fp16",
+                                   print_exception=False) from None
                 logger.exception("iseg demo: request failed")
                 raise gr.Error(
                     f"internal error ({type(exc).__name__}: {_first_line(exc)}); see the server log",
