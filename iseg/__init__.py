@@ -4,7 +4,10 @@
 kernels live in :mod:`iseg_ops`.
 """
 
-__all__ = ["ISegPipeline", "ISegPipelineOutput", "Point", "Box", "Line", "Mask"]
+__all__ = [
+    "ISegPipeline", "ISegPipelineOutput", "CaptureOutput", "RegionsOutput",
+    "Point", "Box", "Line", "Mask", "Recipe", "RECIPES", "get_recipe",
+]  # fmt: skip
 __version__ = "0.1.0"
 _SEEDS = ("Point", "Box", "Line", "Mask")  # regions for ISegPipeline.segment_regions
 
@@ -15,6 +18,10 @@ def __getattr__(name: str):
         from . import seeds
 
         return getattr(seeds, name)
+    if name in ("Recipe", "RECIPES", "get_recipe"):
+        from . import recipes
+
+        return getattr(recipes, name)
     if name in __all__:
         from . import pipeline
 

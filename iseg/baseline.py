@@ -1,13 +1,16 @@
 """iSeg computed the way the authors' environment did, for benchmarks and agreement tests.
 
-The authors ran PyTorch 1.13: every attention layer computed the classic, unfused way
-(``softmax(Q Kᵀ)`` materialised per head, then ``@ V``), the probabilities kept for the
-captured layers, the full UNet forward, the text encoder on every call, and Ent-Self and the
-refinement in fp32 PyTorch with per-iteration normalisation. :class:`AuthorsBaseline`
-reproduces that on the modules of an :class:`~iseg.ISegPipeline`; with
-``sdpa_elsewhere=True`` the layers that are not captured use diffusers' fused SDPA
-processor instead (what a straightforward modern port gets). It shares no capture code with
-the pipeline, so agreement between the two is an independent check of both.
+:class:`AuthorsBaseline` is the authors' *compute configuration*, not one of their recipes:
+PyTorch 1.13-style classic attention in every layer (``softmax(Q Kᵀ)`` materialised per head,
+then ``@ V``), the probabilities kept for the captured layers, the full UNet forward, the text
+encoder on every call, and Ent-Self and the refinement in fp32 PyTorch with per-iteration
+normalisation. What it computes is the ``"paper"`` recipe (METHOD §1, written out here rather
+than imported, so that the agreement test also catches a change to the pipeline's defaults),
+with an optional self-attention head subset. The authors' recipes (:mod:`iseg.recipes`) change
+what is computed (which heads and layers, clustering, λ), not how, so this configuration's
+timings stand for theirs. With ``sdpa_elsewhere=True`` the layers that are not captured use
+diffusers' fused SDPA processor instead (what a straightforward modern port gets). It shares no
+capture code with the pipeline, so agreement between the two is an independent check of both.
 """
 
 from __future__ import annotations

@@ -32,6 +32,11 @@ _VOC_CONTEXT = "ground, land, grass, tree, building, wall, sky, lake, water"
 _COCO_CONTEXT = "ground, land, grass, tree, building, wall, sky, lake, water, river, sea, railway, "
 
 
+MAX_GAMMA = 100.0
+"""Largest Cat-Cross weight accepted: the paper sweeps 1–2; beyond ~1e2 the class tokens'
+keys dominate every logit and large values overflow to Inf in fp16/fp32 attention."""
+
+
 def lam_from_ent(ent: float) -> float:
     """The authors write Ent-Self as ``ent · log10(e·T)``: λ (natural log, Eq. 7) = ent / ln 10."""
     return ent / math.log(10)
@@ -167,6 +172,8 @@ def check_recipe(recipe: Recipe) -> None:
     number("lam", recipe.lam, 0.0, True, allow_none=True)
     number("t_max", recipe.t_max, 0.0, False, allow_none=True)
     number("gamma", recipe.gamma, 0.0, False)
+    if recipe.gamma > MAX_GAMMA:  # 1e30 would overflow the attention logits to Inf
+        raise ValueError(f"{where}: gamma must be at most {MAX_GAMMA:g} (the paper uses 1.6), got {recipe.gamma!r}")
     number("threshold", recipe.threshold, 0.0, False)
     if recipe.threshold >= 1:
         raise ValueError(f"{where}: threshold must be in (0, 1), got {recipe.threshold!r}")

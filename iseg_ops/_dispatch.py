@@ -33,9 +33,13 @@ except ImportError:  # numpy is optional here
     np_bool = bool
 
 
+_TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    """Whether ``import triton`` would succeed (checked without importing it)."""
-    return importlib.util.find_spec("triton") is not None
+    """Whether ``import triton`` would succeed (checked once, at import, without importing it;
+    a constant, so ``torch.compile`` can trace the dispatch)."""
+    return _TRITON_AVAILABLE
 
 
 def interpreting() -> bool:

@@ -182,6 +182,18 @@ def _head_mean_attention_triton(query: torch.Tensor, key: torch.Tensor, scale: f
     return out.reshape(*query.shape[:-3], lq, lk)
 
 
+@torch.library.custom_op("iseg_ops::head_mean_attention_triton", mutates_args=())
+def _head_mean_attention_op(query: torch.Tensor, key: torch.Tensor, scale: float) -> torch.Tensor:
+    """The Triton launcher as a custom op: ``torch.compile`` (and CUDA graphs) treat it as one
+    opaque call instead of tracing the launch code."""
+    return _head_mean_attention_triton(query, key, scale)
+
+
+@_head_mean_attention_op.register_fake
+def _(query: torch.Tensor, key: torch.Tensor, scale: float) -> torch.Tensor:
+    return query.new_empty((*query.shape[:-3], query.shape[-2], key.shape[-2]))
+
+
 def head_mean_attention(
     query: torch.Tensor, key: torch.Tensor, scale: float | None = None
 ) -> torch.Tensor:
@@ -228,4 +240,4 @@ def head_mean_attention(
     check_finite(fn, query=query, key=key)
     if not use_triton(fn, query, key):
         return reference.head_mean_attention(query, key, float(scale))
-    return _head_mean_attention_triton(query, key, float(scale))
+    return _head_mean_attention_op(query, key, float(scale))
