@@ -311,21 +311,35 @@ class EvalError(ValueError):
     """A run that cannot start (bad root, layout, tags, settings that differ from --out's)."""
 
 
-def builtin_tagger(task: Task, device=None):
-    """Hook for the built-in tagger (the TagCLIP issue): a function ``image [H, W, 3] uint8 →
-    label ids`` (ascending, 1-based) for OVS runs without ``--tags``, or ``None`` when there is
-    none (then ``iseg eval`` asks for ``--tags FILE``).
+_TAGGER_PRESETS = {"voc": "voc", "voc_context": "context", "coco14": "coco"}
 
-    Wiring :class:`iseg.tagger.CLIPTagger` here is::
 
-        tagger = CLIPTagger.from_pretrained(DEFAULT_TAGGER_MODEL).to(device)
-        preset = {"voc": "voc", "voc_context": "context", "coco14": "coco"}[task.dataset]
-        return lambda image: tuple(i + 1 for i in tagger(image, preset=preset).indices)
+def builtin_tagger(task: Task, device=None, model: str | None = None):
+    """The built-in tagger for OVS runs without ``--tags``: a function ``image [H, W, 3] uint8
+    → label ids`` (ascending, 1-based) that tags with :class:`iseg.tagger.CLIPTagger` and the
+    dataset's preset (the authors' TagCLIP settings), or ``None`` for a dataset without one.
 
-    It is called before the dataset is checked: load the weights on the first tagging, not
-    here. The runner calls the function in the main process, once per image to predict.
+    The weights (``model``, default ``openai/clip-vit-base-patch16``) load on the first
+    tagging, not here (this runs before the dataset is checked); missing weights end the run
+    with one :class:`EvalError` saying how to get them or to give ``--tags``.
     """
-    return None
+    preset = _TAGGER_PRESETS.get(task.dataset)
+    if preset is None:
+        return None
+    state: dict = {}
+
+    def tag(image: np.ndarray) -> tuple[int, ...]:
+        if "tagger" not in state:
+            from .tagger import DEFAULT_TAGGER_MODEL, CLIPTagger
+
+            try:
+                state["tagger"] = CLIPTagger.from_pretrained(model or DEFAULT_TAGGER_MODEL, device=device)
+            except OSError as exc:
+                message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise EvalError(f"{message}; or give --tags FILE / --tags published") from None
+        return tuple(i + 1 for i in state["tagger"](image, preset=preset).indices)
+
+    return tag
 
 
 # --- per-image work (DataLoader workers) ----------------------------------------------------
@@ -662,6 +676,7 @@ def run_eval(
     ids_file=None,
     batch_size: int = 1,
     tags=None,
+    tagger_model: str | None = None,
     num_shards: int = 1,
     shard_index: int = 0,
     context_order: str | None = None,
@@ -734,7 +749,7 @@ def run_eval(
         raise EvalError(str(exc)) from None
     tagger = None
     if task.mode == "ovs" and tags is None:
-        tagger = builtin_tagger(task, device)
+        tagger = builtin_tagger(task, device, tagger_model)
         if tagger is None:
             raise EvalError(
                 f"{task.name}: give --tags FILE (lines 'id c1 c2 …', 0-based class indices) or "

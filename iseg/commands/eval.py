@@ -58,7 +58,11 @@ def add_parser(subparsers) -> None:
     group.add_argument(
         "--tags", default=None, metavar="FILE",
         help="OVS classes per image: lines 'id c1 c2 …' (0-based class indices), or 'published' "
-             "for the TagCLIP tags the paper used",
+             "for the TagCLIP tags the paper used (default: the built-in CLIP tagger)",
+    )  # fmt: skip
+    group.add_argument(
+        "--tagger-model", default=None, metavar="REPO_OR_DIR",
+        help="CLIP weights of the built-in tagger (default: openai/clip-vit-base-patch16)",
     )  # fmt: skip
     group.add_argument(
         "--context-order", choices=("official", "mmseg"), default=None,
@@ -128,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
             args.task, args.root, out, load_pipe=load, recipe=args.recipe,
             settings={"model": args.model, "dtype": dtype_name}, limit=args.limit,
             ids_file=args.ids_file, batch_size=args.batch_size, tags=args.tags,
+            tagger_model=args.tagger_model,
             num_shards=num_shards, shard_index=shard_index, context_order=args.context_order,
             workers=workers, progress=not args.quiet, log=log,
         )  # fmt: skip

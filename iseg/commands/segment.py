@@ -74,8 +74,12 @@ def add_parser(subparsers) -> None:
     add = parser.add_argument
     add("images", nargs="+", metavar="IMAGE",
         help="image files, folders (their images) or quoted glob patterns ('shots/**/*.jpg')")
-    add("--classes", type=_classes, required=True, metavar="NAMES",
+    add("--classes", type=_classes, default=None, metavar="NAMES",
         help="comma-separated class names, e.g. 'cat,potted plant' (label k = the k-th name)")
+    add("--vocabulary", default=None, metavar="voc|context|coco|FILE",
+        help="instead of --classes: tag each image with CLIP (TagCLIP) first, from a dataset's "
+             "classes (then the recipe <name>-ovs by default) or a file with one name per line; "
+             "label k = the k-th vocabulary name (VOC ids and colours for --vocabulary voc)")
     _common.add_model_options(parser)
 
     add = parser.add_argument_group("iSeg settings (default: the recipe's)").add_argument
@@ -94,6 +98,9 @@ def add_parser(subparsers) -> None:
         help="noise seed in [0, 2**64); the i-th IMAGE uses seed + i (default: the recipe's "
              "seed for every image, e.g. the authors' 1101, or 0 + i if it has none)")
 
+    from .tag import add_tagger_options
+
+    add_tagger_options(parser)
     _common.add_output_options(parser)
     group = parser.add_argument_group("overlays")
     group.add_argument("--no-overlay", action="store_true",
@@ -171,6 +178,15 @@ def run(args: argparse.Namespace) -> int:
             "beyond 2**64 - 1; give a smaller --seed",
             code=2,
         )
+    if (args.classes is None) == (args.vocabulary is None):
+        raise CommandError("give --classes NAMES or --vocabulary voc|context|coco|FILE (one of them)", code=2)
+    vocabulary = None
+    if args.vocabulary is not None:
+        from .tag import resolve_tagger_vocabulary
+
+        vocabulary = resolve_tagger_vocabulary(args.vocabulary)
+        if args.recipe is None and vocabulary.name:
+            args.recipe = f"{vocabulary.name}-ovs"  # the authors' open-vocabulary setting
     if args.recipe is not None:
         _check_recipe(args.recipe)
     device, dtype = _common.resolve_device(args.device, args.dtype)
@@ -185,7 +201,8 @@ def run(args: argparse.Namespace) -> int:
     settings = {
         "model": model,
         "dtype": str(dtype).removeprefix("torch."),
-        "classes": list(args.classes),
+        "classes": None if args.classes is None else list(args.classes),
+        "vocabulary": None if vocabulary is None else list(vocabulary.vocabulary),
         "recipe": args.recipe or "paper",
         "iters": args.iters,
         "lam": args.lam,
@@ -197,7 +214,15 @@ def run(args: argparse.Namespace) -> int:
     todo = runner.plan(paths, outputs_for(args))
     if todo:
         pipe = _common.load_pipeline(args.model, device, dtype)
-        _check_classes_fit(pipe, args.classes)
+        if vocabulary is None:
+            _check_classes_fit(pipe, args.classes)
+        else:  # fp32 whatever the SD dtype, as the authors (bf16 flips tags)
+            from .tag import load_tagger
+
+            import torch
+
+            pipe.tagger = load_tagger(args.tagger_model, device, torch.float32)
+        args.batch_size = _common.batch_size(args, device)
         runner.run(todo, _load, _processor(pipe, args, device), args.batch_size)
     return runner.finish("segmented")
 
@@ -226,8 +251,13 @@ def _processor(pipe, args: argparse.Namespace, device: str):
     from .. import masks
 
     options = _pipeline_options(args, inspect.signature(pipe.__call__).parameters)
-    classes = list(args.classes)
+    classes = None if args.classes is None else list(args.classes)
     outputs = outputs_for(args)
+    if args.vocabulary is not None:
+        from .tag import resolve_tagger_vocabulary, tagger_settings
+
+        names = list(resolve_tagger_vocabulary(args.vocabulary).vocabulary)
+        settings = tagger_settings(args)
 
     recipe_seed = _recipe_seed(args.recipe)
 
@@ -235,8 +265,13 @@ def _processor(pipe, args: argparse.Namespace, device: str):
         seeds = noise_seeds(args.seed, recipe_seed, [item.index for item in items])
         if seeds is not None:
             options["generator"] = [torch.Generator().manual_seed(s) for s in seeds]
+        tags = None
         try:
-            output = pipe(images, classes, **options)
+            if classes is None:  # tag first: each image gets its own classes
+                tags = pipe.tag(images, args.vocabulary, **settings)
+                output = pipe(images, [list(t) for t in tags], **options)
+            else:
+                output = pipe(images, classes, **options)
         except torch.OutOfMemoryError:
             raise CommandError(
                 f"out of memory on {device} with --batch-size {args.batch_size}; "
@@ -245,8 +280,11 @@ def _processor(pipe, args: argparse.Namespace, device: str):
         except ValueError as exc:  # a setting the pipeline refuses: the same for every batch
             raise CommandError(first_line(exc), code=2) from None
         results = []
-        for item, image, label in zip(items, images, output.labels):  # [B, H, W] or a list
+        for b, (item, image, label) in enumerate(zip(items, images, output.labels)):  # [B, H, W] or a list
             label = label.cpu()
+            if tags is not None:  # label k = tags[k-1] → its vocabulary id (1-based)
+                lut = torch.tensor([0] + [names.index(t) + 1 for t in tags[b]])
+                label = lut[label]
             labels_png = masks.label_image(label)
             files = {f"{item.name}_labels.png": _saver(labels_png, "PNG")}
             if not args.no_overlay:

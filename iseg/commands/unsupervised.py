@@ -122,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
     todo = runner.plan(paths, outputs_for(args))
     if todo:
         pipe = _common.load_pipeline(args.model, device, dtype)
+        args.batch_size = _common.batch_size(args, device)
         runner.run(todo, _load, _processor(pipe, args, device), args.batch_size)
     return runner.finish("segmented")
 

@@ -1,0 +1,83 @@
+"""``iseg segment --vocabulary``: tag each image with the CLIP tagger, then segment what was
+found; label ids are vocabulary ids. And the CLI's default batch size."""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from iseg import ISegPipeline
+from iseg.cli import main
+from iseg.commands import _common
+from iseg.tagger import CLIPTagger, tag_classes
+from iseg.testing import tiny_clip_components, tiny_components
+
+from .conftest import make_image
+
+
+@pytest.fixture(autouse=True)
+def reference_backend(monkeypatch):
+    monkeypatch.setenv("ISEG_OPS_BACKEND", "torch")
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vocab")
+    (root / "tok").mkdir()
+    pipe = ISegPipeline(**tiny_components(seed=0, tokenizer_dir=root / "tok"))
+    pipe.save_pretrained(root / "model")
+    clip = tiny_clip_components(seed=0, tokenizer_dir=root / "tok")
+    clip["model"].save_pretrained(root / "clip")
+    clip["tokenizer"].save_pretrained(root / "clip")
+    images = []
+    for i in range(2):
+        path = root / f"img{i}.png"
+        make_image(i + 1, size=(64, 80)).save(path)
+        images.append(path)
+    (root / "vocab.txt").write_text("cat\ndog\nperson\nsky\n")
+    return root, images
+
+
+def test_vocabulary_labels_are_vocabulary_ids(folders, tmp_path):
+    root, images = folders
+    out = tmp_path / "out"
+    args = [
+        "segment", *map(str, images), "--vocabulary", str(root / "vocab.txt"), "--model", str(root / "model"),
+        "--tagger-model", str(root / "clip"), "--out", str(out), "--device", "cpu", "--dtype", "fp32",
+        "--seed", "0", "--no-overlay",
+    ]  # fmt: skip
+    assert main(args) == 0
+    # Independently: the same tagger and pipeline, classes = the tags, label k → vocabulary id.
+    vocabulary = ["cat", "dog", "person", "sky"]
+    clip = CLIPTagger.from_pretrained(root / "clip")
+    pipe = ISegPipeline.from_pretrained(root / "model", **{_common.dtype_keyword(): torch.float32})
+    pipe.set_progress_bar_config(disable=True)
+    for i, path in enumerate(images):
+        image = Image.open(path).convert("RGB")
+        tags = tag_classes(clip, [image], vocabulary)[0]
+        labels = pipe(image, tags, generator=torch.Generator().manual_seed(i)).labels[0]
+        lut = torch.tensor([0] + [vocabulary.index(t) + 1 for t in tags])
+        written = np.asarray(Image.open(out / f"img{i}_labels.png"))
+        assert np.array_equal(written, lut[labels].numpy().astype(np.uint8))
+        assert set(np.unique(written)) <= {0} | {vocabulary.index(t) + 1 for t in tags}
+
+
+def test_classes_or_vocabulary_exactly_one(folders, tmp_path, capsys):
+    root, images = folders
+    base = ["segment", str(images[0]), "--model", str(root / "model"), "--out", str(tmp_path / "o")]
+    assert main(base) == 2
+    assert main([*base, "--classes", "cat", "--vocabulary", "voc"]) == 2
+    assert main([*base, "--vocabulary", str(tmp_path / "missing.txt")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("iseg: error:") == 3 and "Traceback" not in err
+    assert "--vocabulary" in err.splitlines()[-1]
+
+
+def test_default_batch_size_is_eight_on_cuda_one_elsewhere():
+    args = argparse.Namespace(batch_size=None)
+    assert _common.batch_size(args, "cuda:0") == 8 and _common.batch_size(args, "cpu") == 1
+    assert _common.batch_size(argparse.Namespace(batch_size=3), "cuda") == 3
