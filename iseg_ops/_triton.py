@@ -18,6 +18,6 @@ try:
     import triton.language as tl
 except ImportError:  # iseg_ops still works, on the PyTorch reference
     triton = SimpleNamespace(jit=lambda fn: fn, cdiv=lambda a, b: -(-a // b))
-    tl = SimpleNamespace(constexpr=object)
+    tl = SimpleNamespace(constexpr=lambda value=None: value)  # annotations and constants
 
 __all__ = ["INTERPRETED", "triton", "tl"]

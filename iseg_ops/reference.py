@@ -33,18 +33,31 @@ def ent_self(attn: torch.Tensor, lam: float = 0.01, t_max: float | None = None) 
     return _ent_self_fp32(attn, lam, t_max).to(attn.dtype)
 
 
+FLAT = 1e-5
+"""A column whose spread (max − min) is at most ``FLAT`` times its magnitude is constant: its
+variation is rounding noise (a blocked matrix product sums rows in different orders), which
+normalisation would blow up to [0, 1]. Such a column becomes 0, like an exactly constant one."""
+
+
+def is_flat(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """Whether columns with minimum ``lo`` and maximum ``hi`` are constant (see :data:`FLAT`)."""
+    return (hi - lo) <= FLAT * torch.maximum(lo.abs(), hi.abs())
+
+
 def _sum_normalise(c: torch.Tensor) -> torch.Tensor:
     """Per column: ``(C - min_hw C) / sum_hw(C - min_hw C)``; a constant column becomes 0."""
-    c = c - c.amin(dim=-2, keepdim=True)
+    lo, hi = c.amin(dim=-2, keepdim=True), c.amax(dim=-2, keepdim=True)
+    c = c - lo
     total = c.sum(dim=-2, keepdim=True)
-    return torch.where(total > 0, c / total.clamp_min(1e-38), 0.0)
+    return torch.where((total > 0) & ~is_flat(lo, hi), c / total.clamp_min(1e-38), 0.0)
 
 
 def minmax(c: torch.Tensor) -> torch.Tensor:
-    """Per column of ``[..., HW, K]``: ``(C - min) / (max - min)``; a constant column becomes 0."""
-    lo = c.amin(dim=-2, keepdim=True)
-    span = c.amax(dim=-2, keepdim=True) - lo
-    return torch.where(span > 0, (c - lo) / span.clamp_min(1e-38), 0.0)
+    """Per column of ``[..., HW, K]``: ``(C - min) / (max - min)``; a constant column (within
+    :data:`FLAT`) becomes 0."""
+    lo, hi = c.amin(dim=-2, keepdim=True), c.amax(dim=-2, keepdim=True)
+    span = hi - lo
+    return torch.where((span > 0) & ~is_flat(lo, hi), (c - lo) / span.clamp_min(1e-38), 0.0)
 
 
 def refine(

@@ -19,6 +19,8 @@ from ._dispatch import check_t_max, use_triton, validate_refine
 from ._triton import tl, triton
 from .ent_self import _ent_self_tile, _row_weights, col_max
 
+_FLAT = tl.constexpr(reference.FLAT)  # see reference.FLAT
+
 
 # One program: BLOCK_M rows of Y = P @ normalise(C) for all K columns of one matrix (K padded to
 # BLOCK_K). It reads its BLOCK_M rows of S once and all of C (from L2), writes BLOCK_M rows of Y
@@ -58,7 +60,8 @@ def _refine_step_kernel(
     lo = tl.load(c_stats_ptr + pid_b * 2 * K + ks, mask=k_ok, other=0.0)
     hi = tl.load(c_stats_ptr + pid_b * 2 * K + K + ks, mask=k_ok, other=0.0)
     span = hi - lo
-    has_span = span > 0
+    # constant within FLAT (rounding noise) counts as constant, as in the reference
+    has_span = span > _FLAT * tl.maximum(tl.abs(lo), tl.abs(hi))
     inv_span = tl.where(has_span, 1.0 / tl.where(has_span, span, 1.0), 0.0)
     shift = -lo * inv_span
 
@@ -177,7 +180,8 @@ def _refine_triton(
         src = y
     lo, hi = stats[iters, :, 0, None, :], stats[iters, :, 1, None, :]
     span = hi - lo
-    out = torch.where(span > 0, (src - lo) / torch.where(span > 0, span, 1.0), 0.0)
+    has_span = (span > 0) & ~reference.is_flat(lo, hi)
+    out = torch.where(has_span, (src - lo) / torch.where(has_span, span, 1.0), 0.0)
     return out.to(cross.dtype).reshape(cross.shape)
 
 
