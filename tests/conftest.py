@@ -13,6 +13,11 @@ import torch
 if not torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# One intra-op thread for the whole suite: the tiny models' ops take microseconds, so more
+# threads only add overhead, and OpenMP threads spinning while another process holds the cores
+# made tests up to 10× slower on a shared 2-core machine.
+torch.set_num_threads(1)
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402

@@ -44,16 +44,6 @@ def reference_backend(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ISEG_OPS_BACKEND", "torch")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: the tiny model gains nothing from more, and OpenMP threads that
-    spin while another process holds the cores made these tests 10× slower on 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def random_image(mode: str, size: tuple[int, int], seed: int) -> Image.Image:
     """A random image of ``mode`` and ``size`` (W, H)."""
     rng = np.random.default_rng(seed)

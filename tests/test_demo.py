@@ -33,14 +33,6 @@ def reference_backend(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ISEG_OPS_BACKEND", "torch")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[ISegPipeline, Path]:
     """The tiny pipeline as loaded back from the folder it was saved to (so the CLI, which

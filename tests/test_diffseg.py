@@ -59,16 +59,6 @@ def base(sharp):
     return out, seen
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: the tiny model gains nothing from more, and spinning OpenMP
-    threads make these tests many times slower on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(autouse=True)
 def _reference_backend(monkeypatch):
     monkeypatch.setenv("ISEG_OPS_BACKEND", "torch")

@@ -25,14 +25,6 @@ def reference_backend(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ISEG_OPS_BACKEND", "torch")  # the CLI's wiring is under test
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("model")

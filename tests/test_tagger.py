@@ -49,16 +49,6 @@ MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The tiny model's ops are microseconds: intra-op threads only add overhead (10× on a
-    # busy machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory):
     return tiny_clip_components(seed=0, tokenizer_dir=tmp_path_factory.mktemp("clip_tokenizer"))
