@@ -552,13 +552,13 @@ class ISegPipeline(DiffusionPipeline):
         recipe = self.resolve_recipe(recipe, iters=iters, lam=lam, gamma=gamma, timestep=timestep, **options)
         self._check_timestep(recipe)
         pixels, sizes = to_tensor_batch(image, self._check_resolution(resolution), antialias=recipe.antialias)
-        if vocabulary is not None:
+        _check_generator(generator, len(sizes))
+        self._plan(recipe, text=True)
+        if vocabulary is not None:  # the tagger's own checks come before its model runs
             classes = self.tag(image, vocabulary)
         class_lists = _class_lists(classes, len(sizes))
-        _check_generator(generator, len(sizes))
         for c in dict.fromkeys(class_lists):  # prompts that do not fit fail here
             self.prompt(c, recipe)
-        self._plan(recipe, text=True)
 
         with self.progress_bar(total=3) as progress:
             # 2. Encode and capture: one truncated UNet call
