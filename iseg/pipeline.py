@@ -282,6 +282,19 @@ class ISegPipeline(DiffusionPipeline):
         side = resolution // self.vae_scale_factor // plan.self_factor
         return (side, side)
 
+    def check_inputs(self, image, recipe, resolution, generator, text: bool, **options):
+        """Step 1 of every task, before any model runs: the recipe with the explicit keywords
+        applied, the images as pixels, the generator, and the capture plan (layers and heads
+        exist). Returns ``(recipe, pixels, sizes, grid)``; raises ``ValueError``/``TypeError``
+        naming the bad argument."""
+        recipe = self.resolve_recipe(recipe, **options)
+        self._check_timestep(recipe)
+        resolution = self._check_resolution(resolution)
+        pixels, sizes = to_tensor_batch(image, resolution, antialias=recipe.antialias)
+        _check_generator(generator, len(sizes))
+        grid = self._grid(self._plan(recipe, text=text), resolution)
+        return recipe, pixels, sizes, grid
+
     def _plan(self, recipe: Recipe, text: bool) -> CapturePlan:
         return make_plan(
             self.unet,
@@ -468,19 +481,15 @@ class ISegPipeline(DiffusionPipeline):
 
         Args: as :meth:`__call__` (``options`` override recipe fields).
         """
-        recipe = self.resolve_recipe(recipe, **options)
-        self._check_timestep(recipe)
-        pixels, sizes = to_tensor_batch(image, self._check_resolution(resolution), antialias=recipe.antialias)
-        _check_generator(generator, len(sizes))
-        if classes is None:
-            self._plan(recipe, text=False)
+        text = classes is not None
+        recipe, pixels, sizes, _ = self.check_inputs(image, recipe, resolution, generator, text, **options)
+        if not text:
             self_attention, grid = self._text_free_capture(pixels, recipe, generator)
             cross = None
         else:
             class_lists = _class_lists(classes, len(sizes))
             for c in dict.fromkeys(class_lists):
                 self.prompt(c, recipe)
-            self._plan(recipe, text=True)
             self_attention, cross, grid = self._text_capture(pixels, class_lists, recipe, generator)
         _check_finite_outputs(self_attention=self_attention, cross_attention=cross)
         return CaptureOutput(self_attention, cross, grid, sizes)
@@ -549,11 +558,8 @@ class ISegPipeline(DiffusionPipeline):
             raise ValueError("give classes (names to segment) or vocabulary (to tag first), not both or neither")
         if recipe is None and vocabulary in ("voc", "context", "coco"):
             recipe = f"{vocabulary}-ovs"
-        recipe = self.resolve_recipe(recipe, iters=iters, lam=lam, gamma=gamma, timestep=timestep, **options)
-        self._check_timestep(recipe)
-        pixels, sizes = to_tensor_batch(image, self._check_resolution(resolution), antialias=recipe.antialias)
-        _check_generator(generator, len(sizes))
-        self._plan(recipe, text=True)
+        options.update(iters=iters, lam=lam, gamma=gamma, timestep=timestep)
+        recipe, pixels, sizes, _ = self.check_inputs(image, recipe, resolution, generator, True, **options)
         if vocabulary is not None:  # the tagger's own checks come before its model runs
             classes = self.tag(image, vocabulary)
         class_lists = _class_lists(classes, len(sizes))
@@ -615,12 +621,7 @@ class ISegPipeline(DiffusionPipeline):
         from . import seeds
 
         # 1. Check inputs and build the initial maps (before any model runs)
-        recipe = self.resolve_recipe(recipe, **options)
-        self._check_timestep(recipe)
-        resolution = self._check_resolution(resolution)
-        pixels, sizes = to_tensor_batch(image, resolution, antialias=recipe.antialias)
-        _check_generator(generator, len(sizes))
-        grid = self._grid(self._plan(recipe, text=False), resolution)
+        recipe, pixels, sizes, grid = self.check_inputs(image, recipe, resolution, generator, False, **options)
         built = []
         for regions_i, size in zip(_region_lists(regions, len(sizes)), sizes):
             seeds.validate_regions(regions_i, size)
@@ -672,15 +673,10 @@ class ISegPipeline(DiffusionPipeline):
         from . import seeds
 
         # 1. Check inputs and build the initial maps (before any model runs)
-        recipe = self.resolve_recipe(recipe, **options)
-        self._check_timestep(recipe)
-        resolution = self._check_resolution(resolution)
-        pixels, sizes = to_tensor_batch(image, resolution, antialias=recipe.antialias)
+        recipe, pixels, sizes, grid = self.check_inputs(image, recipe, resolution, generator, False, **options)
         if len(sizes) != 1:
             raise ValueError(f"image: refine_masks takes one image, got {len(sizes)}")
         label_map = _label_map_tensor(label_map, sizes[0])
-        _check_generator(generator, 1)
-        grid = self._grid(self._plan(recipe, text=False), resolution)
         columns, ids = seeds.label_map_seeds(label_map, grid)
         if not ids:  # nothing but background and ignore: nothing to refine
             labels = torch.where(label_map == 255, 255, 0).long()[None]
