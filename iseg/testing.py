@@ -303,6 +303,60 @@ def tiny_components(
     }
 
 
+
+def _sd_components(
+    unet_config: dict, text_config: dict, torch_dtype: torch.dtype, tokenizer_dir
+) -> dict[str, torch.nn.Module | CLIPTokenizer | DDIMScheduler]:
+    """Stable Diffusion 1.x/2.x components with random weights, built directly in
+    ``torch_dtype``: the block layout, VAE and scheduler all SD 1.x/2.x-base share, plus the
+    UNet and text-encoder settings in which the versions differ."""
+    tokenizer = make_clip_tokenizer(tokenizer_dir or tempfile.mkdtemp())
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch_dtype)
+    try:
+        unet = UNet2DConditionModel(
+            sample_size=64,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2,
+            norm_num_groups=32,
+            norm_eps=1e-5,
+            act_fn="silu",
+            flip_sin_to_cos=True,
+            freq_shift=0,
+            downsample_padding=1,
+            mid_block_scale_factor=1,
+            **unet_config,
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+            latent_channels=4,
+            norm_num_groups=32,
+            act_fn="silu",
+            sample_size=512,
+            scaling_factor=0.18215,
+        )
+        text_encoder = CLIPTextModel(
+            _text_config(tokenizer, vocab_size=49408, layer_norm_eps=1e-5, **text_config)
+        )
+    finally:
+        torch.set_default_dtype(default_dtype)
+    return {
+        "vae": vae.eval(),
+        "text_encoder": text_encoder.eval(),
+        "tokenizer": tokenizer,
+        "unet": unet.eval(),
+        "scheduler": _sd_scheduler(),
+    }
+
 def sd21_base_components(
     torch_dtype: torch.dtype = torch.float16,
     tokenizer_dir: str | os.PathLike[str] | None = None,
@@ -337,66 +391,15 @@ def sd21_base_components(
     Returns:
         ``{"vae", "text_encoder", "tokenizer", "unet", "scheduler"}``.
     """
-    tokenizer = make_clip_tokenizer(tokenizer_dir or tempfile.mkdtemp())
-    default_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(torch_dtype)
-    try:
-        unet = UNet2DConditionModel(
-            sample_size=64,
-            in_channels=4,
-            out_channels=4,
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-            block_out_channels=(320, 640, 1280, 1280),
-            layers_per_block=2,
-            attention_head_dim=(5, 10, 20, 20),
-            cross_attention_dim=1024,
-            norm_num_groups=32,
-            norm_eps=1e-5,
-            act_fn="silu",
-            flip_sin_to_cos=True,
-            freq_shift=0,
-            downsample_padding=1,
-            mid_block_scale_factor=1,
-            use_linear_projection=True,
-            upcast_attention=False,
-        )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(128, 256, 512, 512),
-            layers_per_block=2,
-            latent_channels=4,
-            norm_num_groups=32,
-            act_fn="silu",
-            sample_size=512,
-            scaling_factor=0.18215,
-        )
-        text_encoder = CLIPTextModel(
-            _text_config(
-                tokenizer,
-                vocab_size=49408,
-                hidden_size=1024,
-                intermediate_size=4096,
-                num_hidden_layers=23,
-                num_attention_heads=16,
-                hidden_act="gelu",
-                projection_dim=512,
-                layer_norm_eps=1e-5,
-            )
-        )
-    finally:
-        torch.set_default_dtype(default_dtype)
-
-    return {
-        "vae": vae.eval(),
-        "text_encoder": text_encoder.eval(),
-        "tokenizer": tokenizer,
-        "unet": unet.eval(),
-        "scheduler": _sd_scheduler(),
-    }
+    unet = dict(
+        attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024,
+        use_linear_projection=True, upcast_attention=False,
+    )  # fmt: skip
+    text = dict(
+        hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+        num_attention_heads=16, hidden_act="gelu", projection_dim=512,
+    )  # fmt: skip
+    return _sd_components(unet, text, torch_dtype, tokenizer_dir)
 
 
 def _clip_model(tokenizer: CLIPTokenizer, text: dict, vision: dict, projection_dim: int):
@@ -483,61 +486,9 @@ def sd14_components(
     Returns:
         ``{"vae", "text_encoder", "tokenizer", "unet", "scheduler"}``.
     """
-    tokenizer = make_clip_tokenizer(tokenizer_dir or tempfile.mkdtemp())
-    default_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(torch_dtype)
-    try:
-        unet = UNet2DConditionModel(
-            sample_size=64,
-            in_channels=4,
-            out_channels=4,
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-            block_out_channels=(320, 640, 1280, 1280),
-            layers_per_block=2,
-            attention_head_dim=8,
-            cross_attention_dim=768,
-            norm_num_groups=32,
-            norm_eps=1e-5,
-            act_fn="silu",
-            flip_sin_to_cos=True,
-            freq_shift=0,
-            downsample_padding=1,
-            mid_block_scale_factor=1,
-        )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(128, 256, 512, 512),
-            layers_per_block=2,
-            latent_channels=4,
-            norm_num_groups=32,
-            act_fn="silu",
-            sample_size=512,
-            scaling_factor=0.18215,
-        )
-        text_encoder = CLIPTextModel(
-            _text_config(
-                tokenizer,
-                vocab_size=49408,
-                hidden_size=768,
-                intermediate_size=3072,
-                num_hidden_layers=12,
-                num_attention_heads=12,
-                hidden_act="quick_gelu",
-                projection_dim=768,
-                layer_norm_eps=1e-5,
-            )
-        )
-    finally:
-        torch.set_default_dtype(default_dtype)
-
-    return {
-        "vae": vae.eval(),
-        "text_encoder": text_encoder.eval(),
-        "tokenizer": tokenizer,
-        "unet": unet.eval(),
-        "scheduler": _sd_scheduler(),
-    }
+    unet = dict(attention_head_dim=8, cross_attention_dim=768)
+    text = dict(
+        hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+        num_attention_heads=12, hidden_act="quick_gelu", projection_dim=768,
+    )  # fmt: skip
+    return _sd_components(unet, text, torch_dtype, tokenizer_dir)
