@@ -473,3 +473,48 @@ def check_images(paths: Sequence[Path]) -> None:
                 pass
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
             raise CommandError(f"cannot read image '{path}': {first_line(exc)}") from None
+
+
+# --- per-image label outputs (segment, unsupervised, regions) ------------------------------
+
+OVERLAY_FORMATS = ("png", "jpg")
+
+
+def add_overlay_options(parser: argparse.ArgumentParser) -> None:
+    """``--no-overlay`` and ``--overlay-format``."""
+    group = parser.add_argument_group("overlays")
+    group.add_argument(
+        "--no-overlay", action="store_true",
+        help="write only the label PNGs (the overlay is most of the time and disk per image at "
+             "large sizes)",
+    )  # fmt: skip
+    group.add_argument(
+        "--overlay-format", choices=OVERLAY_FORMATS, default="png",
+        help="overlay file format (default: png; jpg is smaller and faster)",
+    )  # fmt: skip
+
+
+def label_outputs(args: argparse.Namespace):
+    """The runner's ``outputs(name)``: ``<name>_labels.png`` and, unless ``--no-overlay``,
+    ``<name>_overlay.<png|jpg>``."""
+
+    def outputs(name: str) -> list[str]:
+        files = [f"{name}_labels.png"]
+        if not args.no_overlay:
+            files.append(f"{name}_overlay.{args.overlay_format}")
+        return files
+
+    return outputs
+
+
+def load_image(path):
+    """The runner's loader: :func:`iseg.images.load_image` (imported when first used)."""
+    from ..images import load_image as load
+
+    return load(path)
+
+
+def saver(image, fmt: str = "PNG"):
+    """A writer of ``image`` for the runner's atomic files (JPEG at quality 90)."""
+    options = {"quality": 90} if fmt == "JPEG" else {}
+    return lambda f: image.save(f, format=fmt, **options)

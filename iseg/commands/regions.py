@@ -234,10 +234,6 @@ def _load_checked(pipe, options: dict) -> None:
         raise CommandError(first_line(exc), code=2) from None
 
 
-def _saver(image):
-    return lambda f: image.save(f, format="PNG")
-
-
 def _generator(seed: int):
     import torch
 
@@ -348,10 +344,10 @@ def _regions_processor(pipe, regions, options, args, outputs):
         names = outputs(item.name)
         for r, mask in enumerate(out.masks[0]):
             white = Image.fromarray(mask.cpu().numpy().astype("uint8") * 255, mode="L")
-            files[names[r]] = _saver(white)
+            files[names[r]] = _common.saver(white)
         label = out.labels[0].cpu()
-        files[names[-2]] = _saver(masks.label_image(label))
-        files[names[-1]] = _saver(masks.overlay(image, label))
+        files[names[-2]] = _common.saver(masks.label_image(label))
+        files[names[-1]] = _common.saver(masks.overlay(image, label))
         return [files]
 
     return process
@@ -416,14 +412,8 @@ def _run_refine(args: argparse.Namespace) -> int:
         pipe = _common.load_pipeline(args.model, device, dtype)
         options = _options(args)
         _load_checked(pipe, options)
-        runner.run(todo, _load, _refine_processor(pipe, masks_dir, options, args))
+        runner.run(todo, _common.load_image, _refine_processor(pipe, masks_dir, options, args))
     return runner.finish("refined the masks of")
-
-
-def _load(path):
-    from ..images import load_image
-
-    return load_image(path)
 
 
 def _refine_processor(pipe, masks_dir: Path, options: dict, args):
@@ -445,7 +435,7 @@ def _refine_processor(pipe, masks_dir: Path, options: dict, args):
             except torch.OutOfMemoryError:
                 raise CommandError(f"out of memory on {pipe.device}") from None
             labels = out.labels[0].cpu()
-        return [{f"{item.name}.png": _saver(masks.label_image(labels))}]
+        return [{f"{item.name}.png": _common.saver(masks.label_image(labels))}]
 
     return process
 

@@ -19,7 +19,6 @@ from . import _common
 from ._common import CommandError, first_line
 
 NAME = "segment"
-OVERLAY_FORMATS = ("png", "jpg")
 
 
 def parse_classes(text: str) -> tuple[str, ...]:
@@ -102,12 +101,7 @@ def add_parser(subparsers) -> None:
 
     add_tagger_options(parser)
     _common.add_output_options(parser)
-    group = parser.add_argument_group("overlays")
-    group.add_argument("--no-overlay", action="store_true",
-                       help="write only the label PNGs (the overlay is most of the time and "
-                            "disk per image at large sizes)")
-    group.add_argument("--overlay-format", choices=OVERLAY_FORMATS, default="png",
-                       help="overlay file format (default: png; jpg is smaller and faster)")
+    _common.add_overlay_options(parser)
     # fmt: on
 
 
@@ -157,16 +151,6 @@ def _pipeline_options(args: argparse.Namespace, call_parameters) -> dict:
     return options
 
 
-def outputs_for(args: argparse.Namespace):
-    def outputs(name: str) -> list[str]:
-        files = [f"{name}_labels.png"]
-        if not args.no_overlay:
-            files.append(f"{name}_overlay.{args.overlay_format}")
-        return files
-
-    return outputs
-
-
 def run(args: argparse.Namespace) -> int:
     """``iseg segment``: returns the exit status (raises CommandError for a failed run)."""
     _common.check_ops_backend()
@@ -211,7 +195,7 @@ def run(args: argparse.Namespace) -> int:
         "seed": args.seed,
     }
     runner = Runner(args.out, NAME, settings, overwrite=args.overwrite)
-    todo = runner.plan(paths, outputs_for(args))
+    todo = runner.plan(paths, _common.label_outputs(args))
     if todo:
         pipe = _common.load_pipeline(args.model, device, dtype)
         if vocabulary is None:
@@ -223,14 +207,8 @@ def run(args: argparse.Namespace) -> int:
 
             pipe.tagger = load_tagger(args.tagger_model, device, torch.float32)
         args.batch_size = _common.batch_size(args, device)
-        runner.run(todo, _load, _processor(pipe, args, device), args.batch_size)
+        runner.run(todo, _common.load_image, _processor(pipe, args, device), args.batch_size)
     return runner.finish("segmented")
-
-
-def _load(path):
-    from ..images import load_image
-
-    return load_image(path)
 
 
 def _check_classes_fit(pipe, classes) -> None:
@@ -252,7 +230,7 @@ def _processor(pipe, args: argparse.Namespace, device: str):
 
     options = _pipeline_options(args, inspect.signature(pipe.__call__).parameters)
     classes = None if args.classes is None else list(args.classes)
-    outputs = outputs_for(args)
+    outputs = _common.label_outputs(args)
     if args.vocabulary is not None:
         from .tag import resolve_tagger_vocabulary, tagger_settings
 
@@ -286,17 +264,12 @@ def _processor(pipe, args: argparse.Namespace, device: str):
                 lut = torch.tensor([0] + [names.index(t) + 1 for t in tags[b]])
                 label = lut[label]
             labels_png = masks.label_image(label)
-            files = {f"{item.name}_labels.png": _saver(labels_png, "PNG")}
+            files = {f"{item.name}_labels.png": _common.saver(labels_png, "PNG")}
             if not args.no_overlay:
                 overlay = masks.overlay(image, label)
                 fmt = "PNG" if args.overlay_format == "png" else "JPEG"
-                files[outputs(item.name)[1]] = _saver(overlay, fmt)
+                files[outputs(item.name)[1]] = _common.saver(overlay, fmt)
             results.append(files)
         return results
 
     return process
-
-
-def _saver(image, fmt: str):
-    options = {"quality": 90} if fmt == "JPEG" else {}
-    return lambda f: image.save(f, format=fmt, **options)

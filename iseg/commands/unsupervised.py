@@ -19,7 +19,6 @@ from ._common import CommandError, first_line
 
 NAME = "unsupervised"
 DIFFSEG_MODEL = "CompVis/stable-diffusion-v1-4"  # DiffSeg's backbone
-OVERLAY_FORMATS = ("png", "jpg")
 
 
 def _optional(kind, what: str):
@@ -77,21 +76,8 @@ def add_parser(subparsers) -> None:
         help="DiffSeg's anchors per side (default: 16, 256 anchors)")
 
     _common.add_output_options(parser)
-    group = parser.add_argument_group("overlays")
-    group.add_argument("--no-overlay", action="store_true", help="write only the label PNGs")
-    group.add_argument("--overlay-format", choices=OVERLAY_FORMATS, default="png",
-                       help="overlay file format (default: png)")
+    _common.add_overlay_options(parser)
     # fmt: on
-
-
-def outputs_for(args: argparse.Namespace):
-    def outputs(name: str) -> list[str]:
-        files = [f"{name}_labels.png"]
-        if not args.no_overlay:
-            files.append(f"{name}_overlay.{args.overlay_format}")
-        return files
-
-    return outputs
 
 
 def run(args: argparse.Namespace) -> int:
@@ -119,18 +105,12 @@ def run(args: argparse.Namespace) -> int:
         "anchor_grid": args.anchor_grid,
     }
     runner = Runner(args.out, NAME, settings, overwrite=args.overwrite)
-    todo = runner.plan(paths, outputs_for(args))
+    todo = runner.plan(paths, _common.label_outputs(args))
     if todo:
         pipe = _common.load_pipeline(args.model, device, dtype)
         args.batch_size = _common.batch_size(args, device)
-        runner.run(todo, _load, _processor(pipe, args, device), args.batch_size)
+        runner.run(todo, _common.load_image, _processor(pipe, args, device), args.batch_size)
     return runner.finish("segmented")
-
-
-def _load(path):
-    from ..images import load_image
-
-    return load_image(path)
 
 
 def overlay(image, label, alpha: float = 0.5):
@@ -156,7 +136,7 @@ def _processor(pipe, args: argparse.Namespace, device: str):
         "refine_attention": args.refine_attention,
         "anchor_grid": args.anchor_grid,
     }
-    outputs = outputs_for(args)
+    outputs = _common.label_outputs(args)
 
     def process(items, images):
         try:
@@ -171,16 +151,11 @@ def _processor(pipe, args: argparse.Namespace, device: str):
         results = []
         for item, image, label in zip(items, images, output.labels):  # [B, H, W] or a list
             label = label.cpu()
-            files = {f"{item.name}_labels.png": _saver(masks.label_image(label), "PNG")}
+            files = {f"{item.name}_labels.png": _common.saver(masks.label_image(label), "PNG")}
             if not args.no_overlay:
                 fmt = "PNG" if args.overlay_format == "png" else "JPEG"
-                files[outputs(item.name)[1]] = _saver(overlay(image, label), fmt)
+                files[outputs(item.name)[1]] = _common.saver(overlay(image, label), fmt)
             results.append(files)
         return results
 
     return process
-
-
-def _saver(image, fmt: str):
-    options = {"quality": 90} if fmt == "JPEG" else {}
-    return lambda f: image.save(f, format=fmt, **options)
