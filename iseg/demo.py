@@ -42,6 +42,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from . import masks
+from .commands._common import first_line
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ def load_upload(path: str | os.PathLike[str] | None) -> Image.Image:
     try:
         return load_image(path)
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise DemoError(f"'{name}' cannot be read: {_first_line(exc)}") from None
+        raise DemoError(f"'{name}' cannot be read: {first_line(exc)}") from None
 
 
 def heatmap_image(heat) -> Image.Image:
@@ -248,7 +249,7 @@ def segment_classes(
     try:
         output = pipe(image, list(classes), generator=torch.Generator().manual_seed(seed), **options)
     except ValueError as exc:
-        raise DemoError(_first_line(exc)) from None
+        raise DemoError(first_line(exc)) from None
     heat = output.heatmaps[0].float().cpu()  # [K, H, W]
     label = output.labels[0].cpu()  # [H, W]
     command = _command(
@@ -555,7 +556,7 @@ def segment_regions(
             generator=torch.Generator().manual_seed(seed),
         )  # fmt: skip
     except ValueError as exc:
-        raise DemoError(_first_line(exc)) from None
+        raise DemoError(first_line(exc)) from None
     heat = output.heatmaps[0].float().cpu()  # [R, H, W]
     region_masks = output.masks[0].cpu()  # [R, H, W]
     label = output.labels[0].cpu()  # [H, W]
@@ -594,7 +595,7 @@ def segment_unsupervised(
     try:
         output = pipe.segment_unsupervised(image, kl_threshold=kl_threshold, iters=iters)
     except ValueError as exc:
-        raise DemoError(_first_line(exc)) from None
+        raise DemoError(first_line(exc)) from None
     label = output.labels[0].cpu()  # [H, W] segment ids 0..M-1, no background
     labels = masks.label_image(label)
     overlay = Image.blend(image.convert("RGB"), labels.convert("RGB"), 0.5)  # segment 0 too
@@ -612,15 +613,6 @@ def _to_numpy(value) -> np.ndarray:
     if hasattr(value, "detach"):
         return value.detach().float().cpu().numpy() if value.is_floating_point() else value.cpu().numpy()
     return np.asarray(value)
-
-
-def _first_line(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    for line in str(exc).splitlines():
-        if line.strip():
-            return line.strip()
-    return type(exc).__name__
 
 
 def _int_setting(name: str, value, low: int) -> int:
@@ -703,14 +695,14 @@ def build_app(pipe, model_name: str | None = None) -> "gr.Blocks":  # noqa: F821
             except gr.Error:
                 raise
             except (ValueError, TypeError) as exc:
-                raise gr.Error(_first_line(exc), print_exception=False) from None
+                raise gr.Error(first_line(exc), print_exception=False) from None
             except Exception as exc:
                 if type(exc).__name__ == "OutOfMemoryError":
                     raise gr.Error("out of memory on the device: try again, or serve with --dtype fp16",
                                    print_exception=False) from None
                 logger.exception("iseg demo: request failed")
                 raise gr.Error(
-                    f"internal error ({type(exc).__name__}: {_first_line(exc)}); see the server log",
+                    f"internal error ({type(exc).__name__}: {first_line(exc)}); see the server log",
                     print_exception=False,
                 ) from None
 
