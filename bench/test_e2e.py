@@ -31,23 +31,10 @@ from PIL import Image
 
 from iseg import ISegPipeline
 from iseg.baseline import AuthorsBaseline
-from iseg.testing import sd21_base_components, tiny_components
 
 CUDA = torch.cuda.is_available()
 CLASSES = ["cat", "dog", "potted plant"]
 PIPELINES = ("authors", "sdpa_capture", "iseg", "iseg-compiled")
-
-
-@pytest.fixture(scope="module")
-def pipe(tmp_path_factory):
-    tokenizer_dir = tmp_path_factory.mktemp("tokenizer")
-    if CUDA:
-        components = sd21_base_components(torch.float16, tokenizer_dir=tokenizer_dir)
-        pipeline = ISegPipeline(**components).to("cuda")
-    else:
-        pipeline = ISegPipeline(**tiny_components(tokenizer_dir=tokenizer_dir))
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
 
 
 @pytest.fixture(scope="module")

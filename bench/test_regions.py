@@ -24,24 +24,11 @@ import torch
 from PIL import Image
 
 import iseg_ops
-from iseg import Box, ISegPipeline, Line
+from iseg import Box, Line
 from iseg.seeds import region_maps
-from iseg.testing import sd21_base_components, tiny_components
 
 CUDA = torch.cuda.is_available()
 LINE_CELLS, BOXES = 40, 3
-
-
-@pytest.fixture(scope="module")
-def pipe(tmp_path_factory):
-    tokenizer_dir = tmp_path_factory.mktemp("tokenizer")
-    if CUDA:
-        components = sd21_base_components(torch.float16, tokenizer_dir=tokenizer_dir)
-        pipeline = ISegPipeline(**components).to("cuda")
-    else:
-        pipeline = ISegPipeline(**tiny_components(tokenizer_dir=tokenizer_dir))
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
 
 
 @pytest.fixture(scope="module")
