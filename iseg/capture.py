@@ -95,7 +95,10 @@ def _execution_rank(name: str) -> tuple[int, ...]:
 
 
 def _check_layer(unet, name: str, what: str, which: str) -> Attention:
-    module = dict(unet.named_modules()).get(name)
+    try:
+        module = unet.get_submodule(name)
+    except AttributeError:
+        module = None
     if not isinstance(module, Attention) or _LAYER.match(name) is None:
         raise ValueError(
             f"{what}: the UNet has no transformer-block attention layer {name!r} (expected a "
