@@ -156,9 +156,10 @@ _FP16_ROW_SUM_LIMIT = 2048.0
 _FP16_BLOCK_ELEMENTS = 1 << 25
 
 
-def _distances_fp16(protos: torch.Tensor, pixels: torch.Tensor, log_pixels: torch.Tensor) -> torch.Tensor:
-    """The authors' ``kl_dis`` op by op in fp16: ``[B, K, L]`` prototypes and ``[B, HW, L]``
-    pixels (both already fp16 + 1e-5) → ``[B, K, HW]`` fp16 distances.
+def fp16_distances(protos: torch.Tensor, pixels: torch.Tensor, log_pixels: torch.Tensor) -> torch.Tensor:
+    """The symmetric KL op by op in fp16 (the authors' ``kl_dis``, DiffSeg's first pass):
+    ``[B, K, L]`` prototypes and ``[B, HW, L]`` pixels with their log (all fp16) →
+    ``[B, K, HW]`` fp16 distances (NaN where a zero meets ``ln 0``; not a public op).
 
     ``q = ln a − ln p``; ``½ Σ a·q − ½ Σ p·q``, each product in fp16, each sum over the ``L``
     positions a torch fp16 reduction (fp32 accumulation, fp16 result), the halves scaled and
@@ -289,7 +290,7 @@ def kl_cluster(
     for _ in range(rounds):
         protos = _fp16_eps(prototypes)
         if arithmetic == "fp16":
-            d = _distances_fp16(protos, pixels, log_pixels)
+            d = fp16_distances(protos, pixels, log_pixels)
         else:
             d = _distances_fp32(protos, pixel_side, entropy_pixels)  # ½ does not change argmin
         d = d.masked_fill(~alive.unsqueeze(-1), math.inf)  # [B, K, HW]
