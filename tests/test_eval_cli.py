@@ -198,7 +198,20 @@ def test_ovs_builtin_tagger_hook(tmp_path, monkeypatch):
     run = run_eval("context-ovs", tmp_path / "ctx", tmp_path / "out", pipe=pipe, limit=2, workers=0, progress=False)
     names = class_names("voc_context")
     assert pipe.calls == [[names[10], names[19]]] * 2 and seen == [(24, 32, 3)] * 2
-    assert run.metrics["settings"]["tags"] == "builtin"
+    tags = run.metrics["settings"]["tags"]
+    assert tags["tagger"] == "builtin" and tags["model"] == "openai/clip-vit-base-patch16"
+    assert (tags["preset"], tags["r_cwr"], tags["w_local"], tags["w_crop"], tags["r_final"]) == ("context", 0.2, 0.5, 0.5, 0.2)
+    # Issue 18 §5: another tagger's predictions never mix into this metric; a model folder is
+    # recorded as its resolved path.
+    folder = tmp_path / "clip"
+    folder.mkdir()
+    with pytest.raises(EvalError, match="other settings.*tags"):
+        run_eval("context-ovs", tmp_path / "ctx", tmp_path / "out", pipe=pipe, limit=2, workers=0,
+                 progress=False, tagger_model=str(folder))  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    run = run_eval("context-ovs", tmp_path / "ctx", tmp_path / "out2", pipe=pipe, limit=2, workers=0,
+                   progress=False, tagger_model="./clip")  # fmt: skip
+    assert run.metrics["settings"]["tags"]["model"] == str(folder.resolve())
 
 
 # --- resume, shards ------------------------------------------------------------------------------
@@ -327,13 +340,15 @@ class FakeUnsupervised:
         self.merge = set(merge)
         self.shapes = []
 
-    def segment_unsupervised(self, image, kl_threshold):
+    def segment_unsupervised(self, image, kl_threshold, first_pass="fp32"):
         self.shapes.append((tuple(image.shape), kl_threshold))
+        self.first_pass = first_pass
         ids = torch.round(image[:, 0] * 255 / 4).long()  # the red channel: 4 × labelId
         segments = (ids * 7 + 3) % 256  # a renaming: Hungarian matching must undo it
         for c in self.merge:
             segments[ids == c] = (min(self.merge) * 7 + 3) % 256
-        return type("Out", (), {"labels": segments})()
+        dropped = [3 if first_pass == "fp16" else 0] * len(segments)  # as Google's pass would report
+        return type("Out", (), {"labels": segments, "dropped_anchors": dropped})()
 
 
 def make_cityscapes(root: Path, frames, size=(512, 600)):  # the crop is then 512² as is
@@ -371,6 +386,39 @@ def test_unsupervised_cityscapes_with_hungarian_matching(tmp_path):
     assert merged["per_class"][0]["iou"] < 100.0 and merged["pixel_acc"] < 100.0
     pred = np.asarray(Image.open(tmp_path / "out2" / "pred" / f"{frames[0]}.png"))
     assert pred.shape == (512, 512)
+    # Issue 21 §5: Google's fp16 first pass by default, its dropped anchors counted (recorded with
+    # each prediction, so a rerun that only scores still reports them); fp32 on request.
+    assert pipe.first_pass == "fp16" and m["first_pass"] == "fp16"
+    assert m["anchors_dropped"] == 6 and m["images_with_anchors_dropped"] == 2
+    again = run_eval("cityscapes", tmp_path / "cs", tmp_path / "out", pipe=None, workers=0, progress=False)
+    assert again.predicted == 0 and again.metrics["anchors_dropped"] == 6
+    assert "6 anchor(s) dropped for fp16 underflow in 2 image(s)" in (tmp_path / "out" / "metrics.md").read_text()
+    fp32 = FakeUnsupervised()
+    m32 = run_eval("cityscapes", tmp_path / "cs", tmp_path / "out3", pipe=fp32, first_pass="fp32", workers=0,
+                   progress=False).metrics  # fmt: skip
+    assert fp32.first_pass == "fp32" and m32["anchors_dropped"] == 0 and m32["settings"]["first_pass"] == "fp32"
+
+
+def test_unsupervised_crops_raise_no_torch_warning(tmp_path):
+    """Issue 21 §3: a full-width crop of PIL's read-only buffer went to torch as is, and torch
+    warned "The given NumPy array is not writable" (once per process: checked in a fresh one)."""
+    code = (
+        "import numpy as np, warnings\n"
+        "from PIL import Image\n"
+        "from iseg.data.datasets import center_crop_resize\n"
+        "from iseg.evaluate import _read_gt\n"
+        "image = np.asarray(Image.new('RGB', (8, 12)))\n"  # 12×8: the crop keeps the full width
+        "label = np.asarray(Image.new('L', (8, 12)))\n"
+        "assert not image.flags.writeable\n"
+        "center_crop_resize(image, label, 16)\n"
+        "class Ds:\n"
+        "    def read_label(self, i): return label\n"
+        "_read_gt(Ds(), 'x', 'unsupervised')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "not writable" not in done.stderr
 
 
 def test_stale_temporary_files_of_dead_local_writers_are_removed(tmp_path):
