@@ -467,3 +467,27 @@ def test_data_full_disk_is_one_line_and_keeps_finished_files(tmp_path, capsys, m
     assert code == 1 and len(err) == 1 and "No space left on device" in err[0] and "2008_000003.png" in err[0]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["2008_000002.png"]  # no temp left
     assert convert  # the module whose writer was exercised
+
+
+def test_cocostuff27_diffsegs_own_layout(tmp_path):
+    """Issue 21 §3: DiffSeg's folders (``val2017/`` with ``annotation_val2017/``) are accepted."""
+    (tmp_path / "val2017").mkdir()
+    _image(0, 6, 8).save(tmp_path / "val2017" / "000000000139.jpg")
+    _save_label(np.array([[0, 71], [255, 181]], np.uint8), tmp_path / "annotation_val2017" / "000000000139.png")
+    ds = open_dataset("cocostuff27", tmp_path, "000000000139")
+    assert ds.label_path("000000000139") == tmp_path / "annotation_val2017" / "000000000139.png"
+    np.testing.assert_array_equal(ds.read_label("000000000139"), [[9, 0], [255, 24]])
+
+
+def test_list_ids_stay_inside(tmp_path):
+    from iseg.data.datasets import read_ids
+
+    for bad in ("../x", "a/b", "/abs", "a\\b", ".hidden", "c/../d"):
+        (tmp_path / "ids.txt").write_text(f"2007_000032\n{bad}\n")
+        with pytest.raises(DatasetError, match=r"ids.txt:2: image id"):
+            read_ids(tmp_path / "ids.txt")
+    (tmp_path / "ids.txt").write_text("frankfurt/frankfurt_000000_000294\n")
+    assert read_ids(tmp_path / "ids.txt", folders=True) == ["frankfurt/frankfurt_000000_000294"]
+    (tmp_path / "ids.txt").write_text("frankfurt/../x\n")
+    with pytest.raises(DatasetError):
+        read_ids(tmp_path / "ids.txt", folders=True)
