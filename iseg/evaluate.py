@@ -62,7 +62,12 @@ def confusion_matrix(gt, pred, num_classes: int):
     Returns:
         ``hist [n, n]`` int64, ``hist[g, p]`` = the number of pixels of class g predicted p. A
         numpy array for numpy input; for two torch tensors, a tensor on their device (the
-        bincount then runs there, e.g. on the GPU).
+        bincount then runs there on a GPU; on the CPU through numpy).
+
+    Speed: for unsigned labels (decoded PNGs) ``gt · n + pred`` is formed in the smallest
+    unsigned dtype that holds it (uint16 for uint8 labels) with no mask and no int64 copy, and
+    one ``bincount`` counts it: faster than the usual masked int64 ``bincount`` (timed in
+    ``bench/test_eval_speed.py``).
 
     Raises:
         ValueError: shapes differ, or a prediction outside ``[0, n)`` at a scored pixel.
@@ -70,6 +75,12 @@ def confusion_matrix(gt, pred, num_classes: int):
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be an int ≥ 1, got {num_classes!r}")
     n = num_classes
+    if hasattr(gt, "detach") and hasattr(pred, "detach") and gt.device.type == "cpu" and pred.device.type == "cpu":
+        if gt.is_floating_point() or pred.is_floating_point():
+            raise TypeError("confusion_matrix: gt and pred must hold integer labels")
+        import torch  # on the CPU numpy's bincount is ~10× faster than torch's
+
+        return torch.from_numpy(confusion_matrix(gt.detach().numpy(), pred.detach().numpy(), n))
     if hasattr(gt, "detach") and hasattr(pred, "detach"):
         import torch
 
