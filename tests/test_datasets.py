@@ -491,3 +491,24 @@ def test_list_ids_stay_inside(tmp_path):
     (tmp_path / "ids.txt").write_text("frankfurt/../x\n")
     with pytest.raises(DatasetError):
         read_ids(tmp_path / "ids.txt", folders=True)
+
+
+@pytest.mark.parametrize("broken", ["no-area", "no-height", "bad-segmentation"])
+def test_coco_converter_malformed_entries_are_one_line(tmp_path, capsys, broken):
+    pytest.importorskip("pycocotools")
+    from iseg.cli import main
+
+    ann = {"id": 1, "image_id": 9, "category_id": 1, "area": 4.0, "iscrowd": 0,
+           "segmentation": _rle_free_polygon(0, 0, 2, 2), "bbox": [0, 0, 2, 2]}  # fmt: skip
+    if broken == "no-area":
+        del ann["area"]
+    elif broken == "bad-segmentation":
+        ann["segmentation"] = "not a polygon"
+    path = _coco_file(tmp_path / "instances.json", [{"id": 1, "name": "person"}], [ann])
+    if broken == "no-height":
+        data = json.loads(path.read_text())
+        del data["images"][0]["height"]
+        path.write_text(json.dumps(data))
+    code = main(["data", "coco", "--instances", str(path), "--out", str(tmp_path / "out"), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and err[0].startswith("iseg: error:") and "instances.json" in err[0]

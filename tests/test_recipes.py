@@ -224,7 +224,7 @@ def test_recipe_resizes_without_antialias(authors_pipe):
     handle.remove()
     import numpy as np
 
-    x = torch.from_numpy(np.asarray(img)).permute(2, 0, 1)[None].float() / 255
+    x = torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].float() / 255
     plain = F.interpolate(x, size=(128, 128), mode="bilinear", align_corners=False, antialias=False)
     torch.testing.assert_close(seen[0], plain * 2 - 1, atol=1e-5, rtol=0)
     assert (seen[1] - seen[0]).abs().max() > 0.05  # the paper recipe antialiases

@@ -122,18 +122,32 @@ def coco_labels(
         if path.is_file():
             skipped += 1
             continue
-        info = coco.imgs[image_id]
-        label = np.zeros((info["height"], info["width"]), np.uint8)
-        anns = coco.loadAnns(coco.getAnnIds(imgIds=image_id, iscrowd=None))
-        for ann in sorted(anns, key=lambda a: (-a["area"], a["id"])):  # larger first; equal: higher id on top
-            if ann["category_id"] not in label_of:
-                raise ValueError(f"{instances}: annotation {ann.get('id')} has unknown category {ann['category_id']}")
-            label[coco.annToMask(ann) > 0] = label_of[ann["category_id"]]
+        try:
+            label = _coco_label(coco, image_id, label_of)
+        except (KeyError, TypeError, ValueError, IndexError, AssertionError) as exc:
+            detail = f"no {exc}" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {exc}"
+            raise ValueError(f"{instances}: image {image_id}: malformed image or annotation entry ({detail})") from None
         write_png_atomic(label, path)
         written += 1
     if log is not None:
         log(f"{written} label PNGs written to {out}, {skipped} existed")
     return written, skipped
+
+
+def _coco_label(coco, image_id: int, label_of: dict[int, int]) -> np.ndarray:
+    """One image's label map: instances painted by decreasing ``area`` (equal areas: the higher
+    annotation id last, on top), crowd regions like the others."""
+    info = coco.imgs[image_id]
+    label = np.zeros((int(info["height"]), int(info["width"])), np.uint8)
+    anns = coco.loadAnns(coco.getAnnIds(imgIds=image_id, iscrowd=None))
+    for ann in sorted(anns, key=lambda a: (-float(a["area"]), int(a["id"]))):
+        if ann["category_id"] not in label_of:
+            raise ValueError(f"annotation {ann.get('id')} has unknown category {ann['category_id']}")
+        mask = coco.annToMask(ann)
+        if mask.shape != label.shape:
+            raise ValueError(f"annotation {ann['id']} is {mask.shape} but the image is {label.shape}")
+        label[mask > 0] = label_of[ann["category_id"]]
+    return label
 
 
 def context_lut(size: int = 460) -> np.ndarray:
