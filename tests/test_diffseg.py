@@ -605,3 +605,22 @@ def test_first_pass_option_reaches_the_output(sharp, monkeypatch):
     assert seen == ["fp16"] and out.dropped_anchors == [7]
     with pytest.raises(ValueError, match="first_pass must be one of fp32, fp16"):
         run(sharp, first_pass="fp64")
+
+
+def test_cli_first_pass_reaches_the_call_and_reports_dropped_anchors(saved_sharp, tmp_path, capsys, monkeypatch):
+    folder, _ = saved_sharp
+    path = tmp_path / "a.png"
+    make_image(0, (40, 40)).save(path)
+    seen = []
+    original = diffseg._merge
+
+    def spy(*args):
+        seen.append(args[-1])
+        maps, _ = original(*args)
+        return maps, 5
+
+    monkeypatch.setattr(diffseg, "_merge", spy)
+    assert cli([path], folder, tmp_path / "out", "--iters", "none", "--first-pass", "fp16") == 0
+    assert seen == ["fp16"]
+    assert "a: 5 anchor(s) dropped (fp16 underflow in the first pass)" in capsys.readouterr().err
+    assert cli([path], folder, tmp_path / "out2", "--iters", "none") == 0 and seen[-1] == "fp32"

@@ -659,3 +659,21 @@ def test_context59_column_ignores_background(tmp_path):
     assert m["miou_context59"] == pytest.approx(mmseg_miou(pairs, 59, reduce_zero_label=True), abs=1e-9)
     assert m["miou_context59"] != pytest.approx(m["miou_mmseg"])
     assert "Context-59" in (out / "metrics.md").read_text()
+
+
+def test_model_folder_compared_as_its_resolved_path_and_bad_manifest(voc, tmp_path, capsys, monkeypatch):
+    """Issue 18 §5, §6: ``--model ./m`` and ``--model <abs>/m`` are the same setting; an
+    ``eval.json`` of the wrong shape is one error line."""
+    root, _ = voc
+    (tmp_path / "m").mkdir()
+    monkeypatch.setattr("iseg.commands._common.check_model_folder", lambda model: None)
+    monkeypatch.setattr("iseg.commands._common.load_pipeline", lambda *a: FakePipe("voc"))
+    monkeypatch.chdir(tmp_path)
+    assert main(cli("voc-wsss", root, "./m", tmp_path / "o", "--limit", 2)) == 0
+    assert json.loads((tmp_path / "o" / "eval.json").read_text())["model"] == str((tmp_path / "m").resolve())
+    assert main(cli("voc-wsss", root, tmp_path / "m", tmp_path / "o", "--limit", 2)) == 0  # same setting
+    (tmp_path / "o" / "eval.json").write_text("[1, 2]")
+    capsys.readouterr()
+    assert main(cli("voc-wsss", root, "./m", tmp_path / "o", "--limit", 2)) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not an eval.json iseg eval wrote" in err[0]
