@@ -1026,7 +1026,8 @@ def _claim(out, manifest: dict, overwrite: bool) -> None:
             raise EvalError(f"{manifest_path} is not an eval.json iseg eval wrote; use another --out")
         changed = {k: (old.get(k), v) for k, v in manifest.items() if old.get(k) != v}
         if not changed and not overwrite:
-            _remove_stale_temps(pred_dir) if pred_dir.is_dir() else None
+            if pred_dir.is_dir():
+                _remove_stale_temps(pred_dir)
             return
         if changed and has_predictions and not overwrite:
             what = ", ".join(f"{k}: {a!r} → {b!r}" for k, (a, b) in changed.items())
