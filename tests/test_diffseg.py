@@ -589,18 +589,23 @@ def test_google_first_pass_equals_its_restatement(peaked):
     assert len(fp32) == 4 and (len(fp32) != len(expected)) == bool(peaked)
 
 
-def test_first_pass_option_reaches_the_output(sharp, monkeypatch):
-    """``segment_unsupervised(first_pass=…)`` runs that pass and reports the dropped anchors;
-    a bad value fails before the model."""
+def spy_merge(monkeypatch, dropped: int) -> list:
+    """Record the first pass each merging call gets, and report ``dropped`` anchors."""
     seen = []
     original = diffseg._merge
 
     def spy(*args):
         seen.append(args[-1])
-        maps, _ = original(*args)
-        return maps, 7
+        return original(*args)[0], dropped
 
     monkeypatch.setattr(diffseg, "_merge", spy)
+    return seen
+
+
+def test_first_pass_option_reaches_the_output(sharp, monkeypatch):
+    """``segment_unsupervised(first_pass=…)`` runs that pass and reports the dropped anchors;
+    a bad value fails before the model."""
+    seen = spy_merge(monkeypatch, dropped=7)
     out = run(sharp, iters=None, kl_threshold=TAU, first_pass="fp16")
     assert seen == ["fp16"] and out.dropped_anchors == [7]
     with pytest.raises(ValueError, match="first_pass must be one of fp32, fp16"):
@@ -611,15 +616,7 @@ def test_cli_first_pass_reaches_the_call_and_reports_dropped_anchors(saved_sharp
     folder, _ = saved_sharp
     path = tmp_path / "a.png"
     make_image(0, (40, 40)).save(path)
-    seen = []
-    original = diffseg._merge
-
-    def spy(*args):
-        seen.append(args[-1])
-        maps, _ = original(*args)
-        return maps, 5
-
-    monkeypatch.setattr(diffseg, "_merge", spy)
+    seen = spy_merge(monkeypatch, dropped=5)
     assert cli([path], folder, tmp_path / "out", "--iters", "none", "--first-pass", "fp16") == 0
     assert seen == ["fp16"]
     assert "a: 5 anchor(s) dropped (fp16 underflow in the first pass)" in capsys.readouterr().err
