@@ -134,3 +134,38 @@ def test_symmetric_kl(benchmark, provider):
         torch=torch.__version__,
         **agreement,
     )
+
+
+@pytest.mark.parametrize("first_pass", ["fp32", "fp16"])
+def test_merge_first_pass(benchmark, first_pass):
+    """DiffSeg's merging of one image with the fp32 first pass (two GEMMs) or Google's fp16
+    pass (elementwise, in blocks), on attention where 17–25 % of the entries underflow in fp16
+    (as in the issue's runs). ``extra_info``: merged maps and anchors dropped."""
+    from iseg.diffseg import _merge
+
+    device = "cuda" if CUDA else "cpu"
+    side = 64 if CUDA else 32
+    gen = torch.Generator(device=device).manual_seed(0)
+    # the upper half of the image attends sharply (entries below fp16's 2.98e-8), the lower
+    # half smoothly: Google's pass drops the upper anchors, the fp32 pass keeps them
+    sharp = (torch.arange(side * side, device=device) < side * side // 2)[:, None]
+    logits = torch.randn(side * side, side * side, generator=gen, device=device)
+    attention = torch.softmax(torch.where(sharp, 4.5, 1.5) * logits, dim=-1)
+
+    def run():
+        out = _merge(attention, (side, side), 1.1, 16, first_pass)
+        if CUDA:
+            torch.cuda.synchronize()
+        return out
+
+    maps, dropped = run()
+    benchmark.pedantic(run, rounds=5 if CUDA else 2, iterations=1, warmup_rounds=0)
+    benchmark.extra_info.update(
+        first_pass=first_pass,
+        grid=f"{side}x{side}",
+        merged_maps=len(maps),
+        anchors_dropped=dropped,
+        below_fp16=float((attention < 2.98e-8).float().mean()),
+        gpu=_gpu(),
+        torch=torch.__version__,
+    )

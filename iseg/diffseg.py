@@ -65,11 +65,14 @@ class UnsupervisedOutput(BaseOutput):
             each summing to 1 (a distribution over the ``g × g`` keys).
         attention: ``[B, HW, HW]`` float32 aggregated self-attention ``A`` (row-stochastic);
             only with ``output_attentions=True``.
+        dropped_anchors: per image, the anchors Google's fp16 first pass dropped because they
+            matched nothing (a value underflowed to 0); all 0 with ``first_pass="fp32"``.
     """
 
     labels: torch.Tensor | list[torch.Tensor]
     merged_maps: list[torch.Tensor]
     attention: torch.Tensor | None = None
+    dropped_anchors: list[int] | None = None
 
 
 # --------------------------------------------------------------------------- 1. aggregation
@@ -225,26 +228,45 @@ def greedy_groups(close: np.ndarray) -> list[np.ndarray]:
     return groups
 
 
-def merge_maps(
-    attention: torch.Tensor, grid: tuple[int, int], kl_threshold: float, anchor_grid: int = DEFAULT_ANCHOR_GRID
-) -> torch.Tensor:
-    """DiffSeg's three KL merging passes for one image (UNSUPERVISED §1).
+FIRST_PASSES = ("fp32", "fp16")
+# fp16's smallest subnormal is 2**-24 ≈ 5.96e-8: anything below half of it rounds to 0.
+FP16_UNDERFLOW = 2.0**-25
 
-    Args:
-        attention (Tensor): ``[HW, HW]`` aggregated self-attention, rows sum to 1.
-        grid (tuple[int, int]): ``(h, w)`` with ``h · w = HW``.
-        kl_threshold (float): τ (> 0).
-        anchor_grid (int): anchors per side (16).
 
-    Returns:
-        Tensor: ``[M, HW]`` float32 merged maps, each summing to 1, in merge order.
-    """
+def _close_fp16(anchors: torch.Tensor, attention: torch.Tensor, kl_threshold: float) -> torch.Tensor:
+    """Google's first-pass test ``KL(anchor, A[q]) < τ`` as DiffSeg's TensorFlow code computes
+    it: both sides cast to fp16 (values below 2.98e-8 become 0), ``ln`` in fp16 (``ln 0 = −∞``),
+    the products and sums as :mod:`iseg_ops.kl`'s fp16 distance (fp16 products, fp32-accumulated
+    sums rounded to fp16, halves combined in fp16), compared with τ rounded to fp16. A zero on
+    either side makes the distance NaN, and ``NaN < τ`` is false: such pairs never match."""
+    from iseg_ops.kl import fp16_distances
+
+    x, y = anchors.to(torch.float16), attention.to(torch.float16)
+    d = fp16_distances(x[None], y[None], torch.log(y)[None])[0]  # [n², HW] fp16
+    return d < torch.tensor(kl_threshold, dtype=torch.float16)
+
+
+def _merge(attention, grid, kl_threshold, anchor_grid, first_pass):
+    """:func:`merge_maps` and the number of anchors dropped because they matched nothing
+    (only with ``first_pass="fp16"``)."""
     index = anchor_indices(grid, anchor_grid).to(attention.device)
     anchors = attention[index]  # [n², HW]
-    # pass 0 (fp32 GEMMs): each anchor's map becomes the mean of the maps close to it
-    close = iseg_ops.symmetric_kl(anchors, attention) < kl_threshold  # [n², HW]
-    close[torch.arange(len(index), device=index.device), index] = True  # D(a, a) = 0 < τ
-    weights = close.to(attention.dtype)
+    # pass 0: each anchor's map becomes the mean of the maps close to it
+    if first_pass == "fp16":
+        close = _close_fp16(anchors, attention, kl_threshold)
+    else:  # fp32 GEMMs; D(a, a) = 0 < τ
+        close = iseg_ops.symmetric_kl(anchors, attention) < kl_threshold  # [n², HW]
+        close[torch.arange(len(index), device=index.device), index] = True
+    # An anchor that matches nothing (fp16: it holds an underflowed value) gets Google's 0/0
+    # map, which no later comparison matches and the next pass drops: drop it here.
+    matched = close.any(-1)
+    dropped = int((~matched).sum())
+    if dropped == len(index):
+        raise ValueError(
+            f"diffseg: all {dropped} anchors hold values that underflow in fp16 (first_pass='fp16', "
+            "Google's arithmetic); no segment is left — use first_pass='fp32'"
+        )
+    weights = close[matched].to(attention.dtype)
     maps = (weights / weights.sum(-1, keepdim=True)) @ attention
     # passes 1 and 2 (float64): greedy on the M×M matrix, fixed within a pass
     maps = maps.double()
@@ -255,7 +277,32 @@ def merge_maps(
         for g, members in enumerate(groups):
             select[g, torch.from_numpy(members)] = 1.0 / len(members)
         maps = select.to(maps.device) @ maps
-    return maps.float()
+    return maps.float(), dropped
+
+
+def merge_maps(
+    attention: torch.Tensor,
+    grid: tuple[int, int],
+    kl_threshold: float,
+    anchor_grid: int = DEFAULT_ANCHOR_GRID,
+    first_pass: str = "fp32",
+) -> torch.Tensor:
+    """DiffSeg's three KL merging passes for one image (UNSUPERVISED §1).
+
+    Args:
+        attention (Tensor): ``[HW, HW]`` aggregated self-attention, rows sum to 1.
+        grid (tuple[int, int]): ``(h, w)`` with ``h · w = HW``.
+        kl_threshold (float): τ (> 0).
+        anchor_grid (int): anchors per side (16).
+        first_pass (str): the arithmetic of pass 0: ``"fp32"`` (two GEMMs; exact zeros follow
+            the limits of :func:`iseg_ops.symmetric_kl`) or ``"fp16"``, Google's: fp16 inputs
+            and τ, a value below 2.98e-8 becomes 0 and its distance NaN, never close; an anchor
+            that then matches nothing is dropped (Google's 0/0 map, dropped by its next pass).
+
+    Returns:
+        Tensor: ``[M, HW]`` float32 merged maps, each summing to 1, in merge order.
+    """
+    return _merge(attention, grid, kl_threshold, anchor_grid, first_pass)[0]
 
 
 # --------------------------------------------------------------------------- 3. labels
@@ -330,6 +377,7 @@ def segment_unsupervised(
     init: str = "maps",
     refine_attention: str = "all",
     anchor_grid: int = DEFAULT_ANCHOR_GRID,
+    first_pass: str = "fp32",
     timestep: int = DIFFSEG_TIMESTEP,
     add_noise: bool = False,
     resolution: int | None = None,
@@ -359,13 +407,19 @@ def segment_unsupervised(
             layers only (64×64 at 512 px; closer to the single layer iSeg uses for text; keeps
             a second ``HW × HW`` matrix, +64 MiB per image at 512 px).
         anchor_grid: anchors per side (16: 256 anchors).
+        first_pass: the arithmetic of DiffSeg's first merging pass: ``"fp32"`` (default; exact
+            zeros handled by their limits) or ``"fp16"``, exactly as Google's TensorFlow code
+            computes it (fp16 anchors, attention and τ; an attention value below 2.98e-8
+            underflows to 0, its distance is NaN and never close, and an anchor that matches
+            nothing is dropped). The number dropped is in ``dropped_anchors``.
         timestep: the UNet's timestep (DiffSeg: 300).
         add_noise: noise the latent at ``timestep`` as iSeg's capture does (DiffSeg: no).
         resolution: working resolution (default: the UNet's sample size × the VAE factor).
         output_attentions: also return the aggregated self-attention ``A``.
 
     Returns:
-        :class:`UnsupervisedOutput` (``labels``, ``merged_maps``, ``attention``), or that tuple.
+        :class:`UnsupervisedOutput` (``labels``, ``merged_maps``, ``attention``,
+        ``dropped_anchors``), or that tuple.
 
     Example:
         >>> out = segment_unsupervised(pipe, Image.open("street.jpg"), kl_threshold=0.9)
@@ -384,6 +438,8 @@ def segment_unsupervised(
             f"refine_attention must be one of {', '.join(REFINE_ATTENTIONS)}, got {refine_attention!r}"
         )
     anchor_grid = _int("anchor_grid", anchor_grid, 1)
+    if first_pass not in FIRST_PASSES:
+        raise ValueError(f"first_pass must be one of {', '.join(FIRST_PASSES)}, got {first_pass!r}")
     train_steps = pipe.scheduler.config.num_train_timesteps
     timestep = _int("timestep", timestep, 0)
     if timestep >= train_steps:
@@ -425,10 +481,11 @@ def segment_unsupervised(
         )
 
     # 4. DiffSeg's merging, per image; 5. iSeg's refinement; 6. labels
-    merged, labels = [], []
+    merged, labels, dropped = [], [], []
     for b in range(batch):
         with stage("ops", device):  # DiffSeg merging
-            maps = merge_maps(attention[b], grid, kl_threshold, anchor_grid)  # [M, HW]
+            maps, lost = _merge(attention[b], grid, kl_threshold, anchor_grid, first_pass)  # [M, HW]
+        dropped.append(lost)
         merged.append(maps.reshape(-1, *grid))
         if iters is not None:
             with stage("ops", device):
@@ -443,5 +500,5 @@ def segment_unsupervised(
     if len(set(sizes)) == 1:
         labels = torch.stack(labels)
     pipe.maybe_free_model_hooks()
-    out = (labels, merged, attention if output_attentions else None)
+    out = (labels, merged, attention if output_attentions else None, dropped)
     return UnsupervisedOutput(*out) if return_dict else out

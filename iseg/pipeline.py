@@ -450,7 +450,7 @@ class ISegPipeline(DiffusionPipeline):
             tokens = fuse_token_maps(sums, plan, latent)  # [B, HW, L]
             grid = (latent[0] // plan.self_factor, latent[1] // plan.self_factor)
             if recipe.cluster_cross_attention:
-                tokens = iseg_ops.kl_cluster(tokens, grid)
+                tokens = iseg_ops.kl_cluster(tokens, grid, arithmetic=recipe.cluster_arithmetic)
             initial = class_maps(tokens, class_tokens)
         return self_attention, initial, grid
 

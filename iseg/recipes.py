@@ -103,6 +103,9 @@ class Recipe:
             and each one's head subset; ``None`` = every ``attn2`` at a weighted factor, all heads.
         cluster_cross_attention: replace each pixel's fused token vector by its KL-cluster mean
             (the authors' unmentioned clustering, METHOD §6).
+        cluster_arithmetic: the clustering's distance arithmetic (:func:`iseg_ops.kl_cluster`):
+            ``"fp16"``, the authors' op-by-op half precision (their partition exactly), or
+            ``"fp32"``, the faster matrix-product form (breaks fp16 ties differently).
         prompt_template, prompt_suffix, background_words: the prompt; the suffix is glued to
             the template's end verbatim, background words are appended as " and w".
         dataset, dataset_order: the class table (``voc``, ``coco14``, ``voc_context``) whose
@@ -127,6 +130,7 @@ class Recipe:
     cross_attention_weights: tuple[tuple[int, float], ...] = ((4, 0.7), (2, 0.3))
     cross_attention_layers: tuple[tuple[str, tuple[int, ...] | None], ...] | None = None
     cluster_cross_attention: bool = False
+    cluster_arithmetic: str = "fp16"
     prompt_template: str = DEFAULT_TEMPLATE
     prompt_suffix: str = ""
     background_words: tuple[str, ...] = ()
@@ -203,6 +207,8 @@ def check_recipe(recipe: Recipe) -> None:
         raise ValueError(f"{where}: prompt_template must contain '{{classes}}'")
     if isinstance(recipe.background_words, str):
         raise TypeError(f"{where}: background_words must be a tuple of words, not a string")
+    if recipe.cluster_arithmetic not in ("fp16", "fp32"):
+        raise ValueError(f"{where}: cluster_arithmetic must be fp16 or fp32, got {recipe.cluster_arithmetic!r}")
     if recipe.dataset is not None and recipe.dataset not in ("voc", "coco14", "voc_context"):
         raise ValueError(f"{where}: dataset must be voc, coco14 or voc_context, got {recipe.dataset!r}")
     if recipe.seed is not None and (isinstance(recipe.seed, bool) or not isinstance(recipe.seed, int)):
@@ -227,6 +233,7 @@ _ALL_HEADS_LAYERS = tuple((layer, None) for layer in AUTHORS_CROSS_LAYERS)
 _AUTHORS = dict(
     self_attention_heads=(1, 2),
     cluster_cross_attention=True,
+    cluster_arithmetic="fp16",  # the authors' kl_dis, op by op in half precision
     dataset_order=True,
     antialias=False,
     seed=1101,

@@ -144,41 +144,51 @@ def cluster_anchors(grid: tuple[int, int], num_clusters: int) -> torch.Tensor:
 
 
 def _fp16_eps(t: torch.Tensor) -> torch.Tensor:
-    """The authors' distance inputs: the vector in fp16 plus 1e-5 (added in fp16), as fp32."""
-    return (t.to(torch.float16) + CLUSTER_DISTANCE_EPS).float()
+    """The authors' distance inputs: the vector in fp16 plus 1e-5 (added in fp16)."""
+    return t.to(torch.float16) + CLUSTER_DISTANCE_EPS
 
 
-def kl_cluster(
-    x: torch.Tensor, grid: tuple[int, int], num_clusters: int = 32, rounds: int = 20
-) -> torch.Tensor:
-    """The authors' cross-attention clustering (METHOD §6): every pixel's vector replaced by
-    the mean vector of its KL-nearest cluster.
+CLUSTER_ARITHMETICS = ("fp16", "fp32")
+# fp16 mode: every entry and row sum of the features below this keeps each half of the distance
+# (≤ row sum × max |ln a − ln p| ≈ 22.6 × row sum) under fp16's largest value, 65504.
+_FP16_ROW_SUM_LIMIT = 2048.0
+# Elements of one [B, K, P, L] fp16 block of the distance (64 MiB of fp16).
+_FP16_BLOCK_ELEMENTS = 1 << 25
 
-    1. Features: ``x`` with exact zeros replaced by 1e-6 (fp32).
-    2. Initial prototypes: the features of the :func:`cluster_anchors` pixels (36 on 64×64).
-    3. ``rounds`` times: every pixel goes to its nearest prototype under :func:`symmetric_kl`,
-       computed as the authors do on both vectors cast to fp16 plus 1e-5 (the values are those
-       fp16 numbers; the sums are done in fp32); ties go to the lower prototype index. Each
-       non-empty cluster's prototype becomes the mean of its pixels' features; empty clusters
-       are dropped.
-    4. Output: every pixel gets its final cluster's mean (so pixels of one cluster are equal).
 
-    Args:
-        x (Tensor): ``[..., HW, L]`` non-negative features (the fused cross-attention of all
-            ``L`` = 77 text positions at the self-attention grid), HW = h·w row-major.
-        grid (tuple[int, int]): ``(h, w)`` of the pixel grid.
-        num_clusters (int): the authors' requested cluster count (32); sets the anchor step.
-        rounds (int): assignment/update rounds (20); 0 returns each pixel's own features.
+def fp16_distances(protos: torch.Tensor, pixels: torch.Tensor, log_pixels: torch.Tensor) -> torch.Tensor:
+    """The symmetric KL op by op in fp16 (the authors' ``kl_dis``, DiffSeg's first pass):
+    ``[B, K, L]`` prototypes and ``[B, HW, L]`` pixels with their log (all fp16) →
+    ``[B, K, HW]`` fp16 distances (NaN where a zero meets ``ln 0``; not a public op).
 
-    Returns:
-        Tensor: ``[..., HW, L]`` in ``x.dtype``, each row the mean of its cluster's features.
+    ``q = ln a − ln p``; ``½ Σ a·q − ½ Σ p·q``, each product in fp16, each sum over the ``L``
+    positions a torch fp16 reduction (fp32 accumulation, fp16 result), the halves scaled and
+    subtracted in fp16. Blocks of pixels bound the ``[B, K, P, L]`` temporaries; a block only
+    splits the pixels, never a sum."""
+    batch, k, length = protos.shape
+    log_protos = torch.log(protos)[:, :, None]  # [B, K, 1, L]
+    protos = protos[:, :, None]
+    rows = max(1, _FP16_BLOCK_ELEMENTS // max(1, batch * k * length))
+    blocks = []
+    for start in range(0, pixels.shape[1], rows):
+        p = pixels[:, None, start : start + rows]  # [B, 1, P, L]
+        quotient = log_protos - log_pixels[:, None, start : start + rows]  # fp16
+        first = (protos * quotient).sum(-1)  # fp16 products, fp32-accumulated sum → fp16
+        second = (p * quotient).sum(-1)
+        blocks.append(0.5 * first - 0.5 * second)  # [B, K, P] fp16
+    return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=-1)
 
-    Example:
-        >>> x = torch.rand(2, 64 * 64, 77)
-        >>> kl_cluster(x, (64, 64)).shape
-        torch.Size([2, 4096, 77])
-    """
-    fn = "kl_cluster"
+
+def _distances_fp32(protos: torch.Tensor, pixel_side: torch.Tensor, entropy_pixels: torch.Tensor):
+    """The matrix-product form in fp32 (without the common ½): ``[B, K, HW]``."""
+    protos = protos.float()
+    log_protos = torch.log(protos)
+    entropy_protos = (protos * log_protos).sum(-1)  # [B, K]
+    cross = torch.cat([protos, log_protos], dim=-1) @ pixel_side
+    return entropy_protos.unsqueeze(-1) + entropy_pixels.unsqueeze(-2) - cross
+
+
+def _check_cluster_args(fn: str, x, grid, num_clusters, rounds, arithmetic) -> None:
     check_float(fn, "x", x)
     if (
         not isinstance(grid, (tuple, list))
@@ -191,37 +201,104 @@ def kl_cluster(
             raise TypeError(f"{fn}: {name} must be an int, got {type(value).__name__}")
         if value < low:
             raise ValueError(f"{fn}: {name} must be ≥ {low}, got {value}")
+    if arithmetic not in CLUSTER_ARITHMETICS:
+        raise ValueError(f"{fn}: arithmetic must be one of {', '.join(CLUSTER_ARITHMETICS)}, got {arithmetic!r}")
     h, w = grid
     if x.dim() < 2 or x.shape[-2] != h * w or x.shape[-1] == 0:
         raise ValueError(
             f"{fn}: x must be [..., HW, L] with HW = {h}×{w} = {h * w} and L ≥ 1, "
             f"got {tuple(x.shape)}"
         )
+
+
+def kl_cluster(
+    x: torch.Tensor,
+    grid: tuple[int, int],
+    num_clusters: int = 32,
+    rounds: int = 20,
+    *,
+    arithmetic: str = "fp16",
+) -> torch.Tensor:
+    """The authors' cross-attention clustering (METHOD §6): every pixel's vector replaced by
+    the mean vector of its KL-nearest cluster.
+
+    1. Features: ``x`` with exact zeros replaced by 1e-6 (fp32).
+    2. Initial prototypes: the features of the :func:`cluster_anchors` pixels (36 on 64×64).
+    3. ``rounds`` times: every pixel goes to its nearest prototype under the symmetric KL
+       distance; ties go to the lowest prototype index (``torch.min``). Each non-empty
+       cluster's prototype becomes the mean of its pixels' features (summed in float64,
+       rounded to fp32); empty clusters are dropped.
+    4. Output: every pixel gets its final cluster's mean (so pixels of one cluster are equal).
+
+    The distance, by ``arithmetic``:
+
+    * ``"fp16"`` (default; the authors' ``kl_dis`` and the recipes' setting): both vectors cast
+      to fp16 and 1e-5 added in fp16; ``ln`` of each in fp16; ``q = ln a − ln p`` in fp16; the
+      products ``a·q`` and ``p·q`` in fp16; each sum over the ``L`` positions reduced with fp32
+      accumulation to an fp16 result; the halves scaled by ½ and subtracted in fp16. Many
+      distances tie at fp16 resolution; the first prototype wins, as in the authors' code, so
+      the partition is theirs on the same input (on a GPU, up to the rare case where a
+      different fp32 summation order rounds one sum to the neighbouring fp16 value).
+    * ``"fp32"``: the same fp16-plus-1e-5 inputs, expanded into a matrix product in fp32
+      (``h(a) + h(p) − a·ln p − ln a·p``): faster, but it breaks the fp16 ties differently.
+
+    Args:
+        x (Tensor): ``[..., HW, L]`` non-negative features (the fused cross-attention of all
+            ``L`` = 77 text positions at the self-attention grid), HW = h·w row-major. For
+            ``"fp16"``, every row must sum to less than 2048 (fp16's range).
+        grid (tuple[int, int]): ``(h, w)`` of the pixel grid.
+        num_clusters (int): the authors' requested cluster count (32); sets the anchor step.
+        rounds (int): assignment/update rounds (20); 0 returns each pixel's own features.
+        arithmetic (str): ``"fp16"`` (the authors') or ``"fp32"`` (matrix products).
+
+    Returns:
+        Tensor: ``[..., HW, L]`` in ``x.dtype``, each row the mean of its cluster's features.
+
+    Example:
+        >>> x = torch.rand(2, 64 * 64, 77)
+        >>> kl_cluster(x, (64, 64)).shape
+        torch.Size([2, 4096, 77])
+    """
+    fn = "kl_cluster"
+    _check_cluster_args(fn, x, grid, num_clusters, rounds, arithmetic)
     if x.numel() == 0:
         return x.clone()
     _check_distributions(fn, x=x)
-
+    h, w = grid
     features = x.reshape(-1, h * w, x.shape[-1]).float()
     features = torch.where(features == 0, CLUSTER_ZERO_FILL, features)  # [B, HW, L]
+    if arithmetic == "fp16":
+        largest = float(features.sum(-1).max())
+        if largest >= _FP16_ROW_SUM_LIMIT:
+            raise ValueError(
+                f"{fn}: a row of x sums to {largest:g}, too large for the authors' fp16 distance "
+                f"(< {_FP16_ROW_SUM_LIMIT:g}); use arithmetic='fp32'"
+            )
     anchors = cluster_anchors(grid, num_clusters).to(x.device)
     prototypes = features[:, anchors]  # [B, K, L]
     alive = torch.ones(prototypes.shape[:2], dtype=torch.bool, device=x.device)  # [B, K]
     pixels = _fp16_eps(features)
-    lp = torch.log(pixels)
-    hp = (pixels * lp).sum(-1)  # [B, HW]
-    pixel_side = torch.cat([lp, pixels], dim=-1).transpose(1, 2)  # [B, 2L, HW]
+    if arithmetic == "fp16":
+        log_pixels = torch.log(pixels)
+    else:
+        pixels = pixels.float()
+        lp = torch.log(pixels)
+        entropy_pixels = (pixels * lp).sum(-1)  # [B, HW]
+        pixel_side = torch.cat([lp, pixels], dim=-1).transpose(1, 2)  # [B, 2L, HW]
     means = features
+    features64 = features.double()
     for _ in range(rounds):
         protos = _fp16_eps(prototypes)
-        lq = torch.log(protos)
-        hq = (protos * lq).sum(-1)  # [B, K]
-        d = hq.unsqueeze(-1) + hp.unsqueeze(-2) - torch.cat([protos, lq], dim=-1) @ pixel_side
-        d = d.masked_fill(~alive.unsqueeze(-1), math.inf)  # [B, K, HW]; ½ does not change argmin
-        assign = d.argmin(dim=1)  # [B, HW], first minimum on ties
-        onehot = torch.nn.functional.one_hot(assign, prototypes.shape[1]).to(features.dtype)
+        if arithmetic == "fp16":
+            d = fp16_distances(protos, pixels, log_pixels)
+        else:
+            d = _distances_fp32(protos, pixel_side, entropy_pixels)  # ½ does not change argmin
+        d = d.masked_fill(~alive.unsqueeze(-1), math.inf)  # [B, K, HW]
+        assign = d.argmin(dim=1)  # [B, HW], the first minimum on ties
+        onehot = torch.nn.functional.one_hot(assign, prototypes.shape[1]).double()
         counts = onehot.sum(1)  # [B, K]
-        sums = onehot.transpose(1, 2) @ features  # [B, K, L]
+        sums = onehot.transpose(1, 2) @ features64  # [B, K, L]
         alive = counts > 0
-        prototypes = torch.where(alive.unsqueeze(-1), sums / counts.clamp_min(1).unsqueeze(-1), 0.0)
+        prototypes = torch.where(alive.unsqueeze(-1), sums / counts.clamp_min(1).unsqueeze(-1), 0.0).float()
         means = torch.gather(prototypes, 1, assign.unsqueeze(-1).expand(-1, -1, features.shape[-1]))
     return means.reshape(x.shape).to(x.dtype)

@@ -302,9 +302,9 @@ def test_coco_converter(tmp_path):
     assert (written, skipped) == (2, 0)
     label = np.asarray(Image.open(tmp_path / "coco_seg_anno" / "000000000009.png"))
     assert label.shape == (10, 20)
-    assert label[4, 4] == 1  # person: 1 + sorted([1, 3, 90]).index(1)
-    assert label[8, 8] == 2  # car
-    assert label[4, 16] == 3  # toothbrush (category 90 → 3 here, 80 in full COCO)
+    assert label[4, 4] == 1  # person: COCO category 1 → label 1
+    assert label[8, 8] == 3  # car: category 3 → 3
+    assert label[4, 16] == 80  # toothbrush: category 90 → 80, even when the file lists 3 categories
     assert label[0, 19] == 0
     assert not np.asarray(Image.open(tmp_path / "coco_seg_anno" / "000000000025.png")).any()
     assert coco_labels(path, tmp_path / "coco_seg_anno") == (0, 2)  # resumes: nothing rewritten
@@ -352,3 +352,163 @@ def test_cocostuff27_fine_to_coarse_and_cityscapes_ids(tmp_path):
         path.parent.mkdir(parents=True, exist_ok=True)
         _image(0, 4, 8).save(path)
     assert cityscapes_ids(tmp_path) == ["frankfurt/frankfurt_000000_000294", "lindau/lindau_000000_000019"]
+
+
+def _coco_file(path, categories, annotations, size=(10, 20)):
+    images = [{"id": 9, "width": size[1], "height": size[0], "file_name": "COCO_train2014_000000000009.jpg"}]
+    path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    return path
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_coco_converter_fixed_ids_overlaps_and_crowds(tmp_path):
+    """Issue 21 §2: a subset of categories keeps COCO's ids (dog 18 → 17, toothbrush 90 → 80);
+    where masks overlap the smaller area wins, equal areas the higher annotation id; a crowd
+    region (RLE) gets its category by the same rule."""
+    pytest.importorskip("pycocotools")
+    from pycocotools import mask as mask_utils
+
+    from iseg.data.convert import coco_category_table, coco_labels
+
+    table = coco_category_table()
+    official = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27,
+                28, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51, 52, 53,
+                54, 55, 56, 57, 58, 59, 60, 61, 62, 63, 64, 65, 67, 70, 72, 73, 74, 75, 76, 77, 78, 79, 80,
+                81, 82, 84, 85, 86, 87, 88, 89, 90]  # fmt: skip
+    assert table == {c: k for k, c in enumerate(official, 1)}
+    crowd = np.zeros((10, 20), np.uint8, order="F")
+    crowd[0:4, 10:20] = 1
+    rle = mask_utils.encode(crowd)
+    rle["counts"] = rle["counts"].decode()
+    categories = [{"id": 18, "name": "dog"}, {"id": 90, "name": "toothbrush"}, {"id": 1, "name": "person"}]
+    annotations = [
+        # two equal areas overlapping on columns 4..5: the higher id (7, toothbrush) is on top
+        {"id": 7, "image_id": 9, "category_id": 90, "area": 24.0, "iscrowd": 0,
+         "segmentation": _rle_free_polygon(4, 0, 8, 6), "bbox": [4, 0, 4, 6]},
+        {"id": 3, "image_id": 9, "category_id": 18, "area": 24.0, "iscrowd": 0,
+         "segmentation": _rle_free_polygon(2, 0, 6, 6), "bbox": [2, 0, 4, 6]},
+        # a crowd of people (area 40) under a smaller dog (area 4): the dog wins the overlap
+        {"id": 1, "image_id": 9, "category_id": 1, "area": 40.0, "iscrowd": 1, "segmentation": rle,
+         "bbox": [10, 0, 10, 4]},
+        {"id": 2, "image_id": 9, "category_id": 18, "area": 4.0, "iscrowd": 0,
+         "segmentation": _rle_free_polygon(12, 1, 14, 3), "bbox": [12, 1, 2, 2]},
+    ]  # fmt: skip
+    path = _coco_file(tmp_path / "instances.json", categories, annotations)
+    coco_labels(path, tmp_path / "out")
+    label = np.asarray(Image.open(tmp_path / "out" / "000000000009.png"))
+    assert label[3, 3] == 17 and label[3, 7] == 80  # dog alone, toothbrush alone
+    assert label[3, 5] == 80  # the overlap of equal areas: annotation 7 over annotation 3
+    assert label[2, 13] == 17 and label[0, 18] == 1  # the small dog over the crowd; the crowd's rest
+    assert label[8, 18] == 0
+
+
+def test_coco_converter_unknown_category_is_one_line(tmp_path, capsys):
+    pytest.importorskip("pycocotools")
+    from iseg.cli import main
+
+    annotations = [{"id": 1, "image_id": 9, "category_id": 91, "area": 4.0, "iscrowd": 0,
+                    "segmentation": _rle_free_polygon(0, 0, 2, 2), "bbox": [0, 0, 2, 2]}]  # fmt: skip
+    path = _coco_file(tmp_path / "instances.json", [{"id": 91, "name": "thing"}], annotations)
+    assert main(["data", "coco", "--instances", str(path), "--out", str(tmp_path / "out"), "--quiet"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "category id 91 is not one of the 80 COCO categories" in err[0]
+    assert not list((tmp_path / "out").glob("*.png")) if (tmp_path / "out").exists() else True
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"not a mat file at all", "struct", "float"],
+    ids=["not-a-mat", "labelmap-struct", "labelmap-fractional"],
+)
+def test_context_converter_malformed_mat_is_one_line(tmp_path, capsys, content):
+    from scipy.io import savemat
+
+    from iseg.cli import main
+
+    (tmp_path / "trainval").mkdir()
+    mat = tmp_path / "trainval" / "2008_000002.mat"
+    if isinstance(content, bytes):
+        mat.write_bytes(content)
+    elif content == "struct":
+        savemat(mat, {"LabelMap": {"a": np.ones((2, 2))}})
+    else:
+        savemat(mat, {"LabelMap": np.array([[1.5, 2.0]])})
+    code = main(["data", "context", "--mat-dir", str(tmp_path / "trainval"), "--out", str(tmp_path / "out"), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and err[0].startswith("iseg: error: ") and "2008_000002.mat" in err[0]
+
+
+def test_data_full_disk_is_one_line_and_keeps_finished_files(tmp_path, capsys, monkeypatch):
+    """Issue 18 §2: the write that fails leaves no temporary file; the PNGs written before it stay."""
+    from scipy.io import savemat
+
+    from iseg.cli import main
+    from iseg.data import convert
+
+    (tmp_path / "trainval").mkdir()
+    for name in ("2008_000002", "2008_000003"):
+        savemat(tmp_path / "trainval" / f"{name}.mat", {"LabelMap": np.array([[2, 9]], np.uint16)})
+    real = open
+    calls = []
+
+    def full_disk(path, mode="r", *args, **kwargs):
+        f = real(path, mode, *args, **kwargs)
+        if "x" in mode:
+            calls.append(path)
+            if len(calls) == 2:
+                f.close()
+                raise OSError(28, "No space left on device")
+        return f
+
+    monkeypatch.setattr("builtins.open", full_disk)
+    code = main(["data", "context", "--mat-dir", str(tmp_path / "trainval"), "--out", str(tmp_path / "out"), "--quiet"])
+    monkeypatch.undo()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "No space left on device" in err[0] and "2008_000003.png" in err[0]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["2008_000002.png"]  # no temp left
+    assert convert  # the module whose writer was exercised
+
+
+def test_cocostuff27_diffsegs_own_layout(tmp_path):
+    """Issue 21 §3: DiffSeg's folders (``val2017/`` with ``annotation_val2017/``) are accepted."""
+    (tmp_path / "val2017").mkdir()
+    _image(0, 6, 8).save(tmp_path / "val2017" / "000000000139.jpg")
+    _save_label(np.array([[0, 71], [255, 181]], np.uint8), tmp_path / "annotation_val2017" / "000000000139.png")
+    ds = open_dataset("cocostuff27", tmp_path, "000000000139")
+    assert ds.label_path("000000000139") == tmp_path / "annotation_val2017" / "000000000139.png"
+    np.testing.assert_array_equal(ds.read_label("000000000139"), [[9, 0], [255, 24]])
+
+
+def test_list_ids_stay_inside(tmp_path):
+    from iseg.data.datasets import read_ids
+
+    for bad in ("../x", "a/b", "/abs", "a\\b", ".hidden", "c/../d"):
+        (tmp_path / "ids.txt").write_text(f"2007_000032\n{bad}\n")
+        with pytest.raises(DatasetError, match=r"ids.txt:2: image id"):
+            read_ids(tmp_path / "ids.txt")
+    (tmp_path / "ids.txt").write_text("frankfurt/frankfurt_000000_000294\n")
+    assert read_ids(tmp_path / "ids.txt", folders=True) == ["frankfurt/frankfurt_000000_000294"]
+    (tmp_path / "ids.txt").write_text("frankfurt/../x\n")
+    with pytest.raises(DatasetError):
+        read_ids(tmp_path / "ids.txt", folders=True)
+
+
+@pytest.mark.parametrize("broken", ["no-area", "no-height", "bad-segmentation"])
+def test_coco_converter_malformed_entries_are_one_line(tmp_path, capsys, broken):
+    pytest.importorskip("pycocotools")
+    from iseg.cli import main
+
+    ann = {"id": 1, "image_id": 9, "category_id": 1, "area": 4.0, "iscrowd": 0,
+           "segmentation": _rle_free_polygon(0, 0, 2, 2), "bbox": [0, 0, 2, 2]}  # fmt: skip
+    if broken == "no-area":
+        del ann["area"]
+    elif broken == "bad-segmentation":
+        ann["segmentation"] = "not a polygon"
+    path = _coco_file(tmp_path / "instances.json", [{"id": 1, "name": "person"}], [ann])
+    if broken == "no-height":
+        data = json.loads(path.read_text())
+        del data["images"][0]["height"]
+        path.write_text(json.dumps(data))
+    code = main(["data", "coco", "--instances", str(path), "--out", str(tmp_path / "out"), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and err[0].startswith("iseg: error:") and "instances.json" in err[0]

@@ -524,3 +524,100 @@ def test_cli_bad_option_is_one_line(option, tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and f"argument {option[0]}" in err
+
+
+# ------------------------------------- Google's fp16 first pass (issue 21 §5), restated here
+
+
+def google_kl(x, y):
+    """DiffSeg's ``KL`` as its TensorFlow code writes it, in the inputs' dtype: ``q = ln x −
+    ln Y``; ``Σ x·q / 2 + (−Σ Y·q / 2)``. A zero anywhere gives NaN."""
+    q = torch.log(x) - torch.log(y)
+    return torch.sum(x * q, dim=-1) / 2 + (-torch.sum(y * q, dim=-1) / 2)
+
+
+def merge_google(a, tau, n):
+    """Google's three passes: pass 0 with anchors and attention cast to fp16 and τ compared in
+    fp16 (``kl_bin`` → ``matmul(kl_bin, A) / Σ kl_bin``, 0/0 = NaN for an anchor matching
+    nothing); passes 1–2 in float64, a map whose row matches nothing is not appended."""
+    pts = diffseg_anchors(GRID[0], n)
+    anchors = a[[r * GRID[1] + c for r in pts for c in pts]]
+    kl_bin = google_kl(anchors.half()[:, None, :], a.half()[None]) < torch.tensor(tau, dtype=torch.float16)
+    kl_bin = kl_bin.double()
+    maps = (kl_bin @ a.double()) / kl_bin.sum(1, keepdim=True)
+    nan_maps = int(torch.isnan(maps).any(1).sum())
+    for _ in range(2):
+        matched, merged = set(), []
+        for i in range(len(maps)):
+            if i in matched:
+                continue
+            matched.add(i)
+            close = google_kl(maps[i : i + 1], maps) < tau
+            if close.sum() > 0:
+                js = torch.nonzero(close).flatten().tolist()
+                matched.update(js)
+                merged.append(maps[js].mean(0))
+        maps = torch.stack(merged)
+    return maps, nan_maps
+
+
+def quadrant_attention(peaked_quadrants, seed=0):
+    """A row-stochastic ``[256, 256]`` attention on the 16×16 grid: each query attends to its
+    own quadrant. Rows of ``peaked_quadrants`` are so sharp that their other entries fall below
+    fp16's 2.98e-8 (they underflow to 0 in Google's pass); the others stay above 1e-4."""
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.arange(16).repeat_interleave(16)
+    cols = torch.arange(16).repeat(16)
+    quadrant = (rows // 8) * 2 + cols // 8  # [256]
+    same = (quadrant[:, None] == quadrant[None]).float()
+    sharp = torch.tensor([q in peaked_quadrants for q in quadrant.tolist()])[:, None]
+    logits = torch.where(sharp, 25.0, 4.0) * same + 0.3 * torch.rand(256, 256, generator=g)
+    return torch.softmax(logits.double(), -1).float(), quadrant
+
+
+@pytest.mark.parametrize("peaked", [(0, 1), (3,), ()], ids=["half-underflow", "one-quadrant", "no-underflow"])
+def test_google_first_pass_equals_its_restatement(peaked):
+    a, quadrant = quadrant_attention(peaked)
+    assert ((a < 2.98e-8).any(1) == torch.tensor([q in peaked for q in quadrant.tolist()])).all()
+    tau, n = 1.1, 8
+    expected, nan_maps = merge_google(a, tau, n)
+    maps, dropped = diffseg._merge(a, GRID, tau, n, "fp16")
+    assert dropped == nan_maps == 16 * len(peaked)  # 8×8 anchors, 16 per quadrant
+    assert maps.shape == expected.shape == (4 - len(peaked), HW)
+    torch.testing.assert_close(maps.double(), expected, atol=1e-6, rtol=1e-5)
+    fp32 = diffseg.merge_maps(a, GRID, tau, n)  # the fp32 pass keeps every quadrant
+    assert len(fp32) == 4 and (len(fp32) != len(expected)) == bool(peaked)
+
+
+def spy_merge(monkeypatch, dropped: int) -> list:
+    """Record the first pass each merging call gets, and report ``dropped`` anchors."""
+    seen = []
+    original = diffseg._merge
+
+    def spy(*args):
+        seen.append(args[-1])
+        return original(*args)[0], dropped
+
+    monkeypatch.setattr(diffseg, "_merge", spy)
+    return seen
+
+
+def test_first_pass_option_reaches_the_output(sharp, monkeypatch):
+    """``segment_unsupervised(first_pass=…)`` runs that pass and reports the dropped anchors;
+    a bad value fails before the model."""
+    seen = spy_merge(monkeypatch, dropped=7)
+    out = run(sharp, iters=None, kl_threshold=TAU, first_pass="fp16")
+    assert seen == ["fp16"] and out.dropped_anchors == [7]
+    with pytest.raises(ValueError, match="first_pass must be one of fp32, fp16"):
+        run(sharp, first_pass="fp64")
+
+
+def test_cli_first_pass_reaches_the_call_and_reports_dropped_anchors(saved_sharp, tmp_path, capsys, monkeypatch):
+    folder, _ = saved_sharp
+    path = tmp_path / "a.png"
+    make_image(0, (40, 40)).save(path)
+    seen = spy_merge(monkeypatch, dropped=5)
+    assert cli([path], folder, tmp_path / "out", "--iters", "none", "--first-pass", "fp16") == 0
+    assert seen == ["fp16"]
+    assert "a: 5 anchor(s) dropped (fp16 underflow in the first pass)" in capsys.readouterr().err
+    assert cli([path], folder, tmp_path / "out2", "--iters", "none") == 0 and seen[-1] == "fp32"

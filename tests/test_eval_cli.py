@@ -198,7 +198,20 @@ def test_ovs_builtin_tagger_hook(tmp_path, monkeypatch):
     run = run_eval("context-ovs", tmp_path / "ctx", tmp_path / "out", pipe=pipe, limit=2, workers=0, progress=False)
     names = class_names("voc_context")
     assert pipe.calls == [[names[10], names[19]]] * 2 and seen == [(24, 32, 3)] * 2
-    assert run.metrics["settings"]["tags"] == "builtin"
+    tags = run.metrics["settings"]["tags"]
+    assert tags["tagger"] == "builtin" and tags["model"] == "openai/clip-vit-base-patch16"
+    assert (tags["preset"], tags["r_cwr"], tags["w_local"], tags["w_crop"], tags["r_final"]) == ("context", 0.2, 0.5, 0.5, 0.2)
+    # Issue 18 §5: another tagger's predictions never mix into this metric; a model folder is
+    # recorded as its resolved path.
+    folder = tmp_path / "clip"
+    folder.mkdir()
+    with pytest.raises(EvalError, match="other settings.*tags"):
+        run_eval("context-ovs", tmp_path / "ctx", tmp_path / "out", pipe=pipe, limit=2, workers=0,
+                 progress=False, tagger_model=str(folder))  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    run = run_eval("context-ovs", tmp_path / "ctx", tmp_path / "out2", pipe=pipe, limit=2, workers=0,
+                   progress=False, tagger_model="./clip")  # fmt: skip
+    assert run.metrics["settings"]["tags"]["model"] == str(folder.resolve())
 
 
 # --- resume, shards ------------------------------------------------------------------------------
@@ -327,13 +340,15 @@ class FakeUnsupervised:
         self.merge = set(merge)
         self.shapes = []
 
-    def segment_unsupervised(self, image, kl_threshold):
+    def segment_unsupervised(self, image, kl_threshold, first_pass="fp32"):
         self.shapes.append((tuple(image.shape), kl_threshold))
+        self.first_pass = first_pass
         ids = torch.round(image[:, 0] * 255 / 4).long()  # the red channel: 4 × labelId
         segments = (ids * 7 + 3) % 256  # a renaming: Hungarian matching must undo it
         for c in self.merge:
             segments[ids == c] = (min(self.merge) * 7 + 3) % 256
-        return type("Out", (), {"labels": segments})()
+        dropped = [3 if first_pass == "fp16" else 0] * len(segments)  # as Google's pass would report
+        return type("Out", (), {"labels": segments, "dropped_anchors": dropped})()
 
 
 def make_cityscapes(root: Path, frames, size=(512, 600)):  # the crop is then 512² as is
@@ -371,6 +386,39 @@ def test_unsupervised_cityscapes_with_hungarian_matching(tmp_path):
     assert merged["per_class"][0]["iou"] < 100.0 and merged["pixel_acc"] < 100.0
     pred = np.asarray(Image.open(tmp_path / "out2" / "pred" / f"{frames[0]}.png"))
     assert pred.shape == (512, 512)
+    # Issue 21 §5: Google's fp16 first pass by default, its dropped anchors counted (recorded with
+    # each prediction, so a rerun that only scores still reports them); fp32 on request.
+    assert pipe.first_pass == "fp16" and m["first_pass"] == "fp16"
+    assert m["anchors_dropped"] == 6 and m["images_with_anchors_dropped"] == 2
+    again = run_eval("cityscapes", tmp_path / "cs", tmp_path / "out", pipe=None, workers=0, progress=False)
+    assert again.predicted == 0 and again.metrics["anchors_dropped"] == 6
+    assert "6 anchor(s) dropped for fp16 underflow in 2 image(s)" in (tmp_path / "out" / "metrics.md").read_text()
+    fp32 = FakeUnsupervised()
+    m32 = run_eval("cityscapes", tmp_path / "cs", tmp_path / "out3", pipe=fp32, first_pass="fp32", workers=0,
+                   progress=False).metrics  # fmt: skip
+    assert fp32.first_pass == "fp32" and m32["anchors_dropped"] == 0 and m32["settings"]["first_pass"] == "fp32"
+
+
+def test_unsupervised_crops_raise_no_torch_warning(tmp_path):
+    """Issue 21 §3: a full-width crop of PIL's read-only buffer went to torch as is, and torch
+    warned "The given NumPy array is not writable" (once per process: checked in a fresh one)."""
+    code = (
+        "import numpy as np, warnings\n"
+        "from PIL import Image\n"
+        "from iseg.data.datasets import center_crop_resize\n"
+        "from iseg.evaluate import _read_gt\n"
+        "image = np.asarray(Image.new('RGB', (8, 12)))\n"  # 12×8: the crop keeps the full width
+        "label = np.asarray(Image.new('L', (8, 12)))\n"
+        "assert not image.flags.writeable\n"
+        "center_crop_resize(image, label, 16)\n"
+        "class Ds:\n"
+        "    def read_label(self, i): return label\n"
+        "_read_gt(Ds(), 'x', 'unsupervised')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "not writable" not in done.stderr
 
 
 def test_stale_temporary_files_of_dead_local_writers_are_removed(tmp_path):
@@ -385,3 +433,247 @@ def test_stale_temporary_files_of_dead_local_writers_are_removed(tmp_path):
         path.write_bytes(b"")
     _remove_stale_temps(tmp_path)
     assert not dead.exists() and remote.exists() and alive.exists()
+
+
+# --- issue 21 §3 / issue 18 §2, §4, §11: the silent paths ----------------------------------------
+
+
+def test_tags_ids_that_match_nothing_are_an_error(tmp_path):
+    ids = split_ids("voc", "val")[:3]
+    make_voc(tmp_path / "voc", ids, image_fn=label_image)
+    tags = tmp_path / "tags.txt"
+    tags.write_text("".join(f"{i.split('_')[1]} 0\n" for i in ids))  # '000033' for '2007_000033'
+    with pytest.raises(EvalError) as info:
+        run_eval("voc-ovs", tmp_path / "voc", tmp_path / "o", pipe=FakePipe("voc"), tags=tags, limit=3,
+                 workers=0, progress=False)  # fmt: skip
+    message = str(info.value)
+    assert "3 of its 3 ids match no image" in message and repr(ids[0].split("_")[1]) in message
+    assert "2007_" in message  # what the split's ids look like
+    assert not (tmp_path / "o" / "pred").exists()
+
+
+def test_untagged_images_are_counted_and_published_coverage_reported(tmp_path):
+    ids = split_ids("voc", "val")[:4]
+    make_voc(tmp_path / "voc", ids, image_fn=label_image)
+    tags = tmp_path / "tags.txt"
+    tags.write_text(f"{ids[0]} 0\n{ids[2]} 1\n")
+    logged = []
+    run = run_eval("voc-ovs", tmp_path / "voc", tmp_path / "o", pipe=FakePipe("voc"), tags=tags, limit=4,
+                   workers=0, progress=False, log=logged.append)  # fmt: skip
+    m = run.metrics
+    assert m["images_untagged"] == 2 and m["images_scored"] == 4
+    assert m["tags_cover"] == f"tags.txt tags cover 2 of the {len(split_ids('voc', 'val'))} split images"
+    assert any("2 of the 4 images have no tags" in line for line in logged)
+    assert "2 image(s) of this run had no tags" in (tmp_path / "o" / "metrics.md").read_text()
+    published = [w.split()[0] for w in (Path(__file__).parents[1] / "iseg/data/ovs_labels/voc_context_val_tagclip.txt")
+                 .read_text().splitlines() if w.strip()]  # fmt: skip
+    ctx = split_ids("voc_context", "val")[:2]
+    make_context(tmp_path / "ctx", ctx, image_fn=label_image)
+    m = run_eval("context-ovs", tmp_path / "ctx", tmp_path / "o2", pipe=FakePipe("voc_context"), tags="published",
+                 limit=2, workers=0, progress=False, log=logged.append).metrics  # fmt: skip
+    total = len(split_ids("voc_context", "val"))
+    assert m["tags_cover"] == f"published tags cover {len(set(published))} of the {total} split images"
+
+
+def test_manifest_records_root_and_checksums_repredicts_what_changed(voc, tmp_path):
+    root, labels = voc
+    out = tmp_path / "o"
+    first = run_eval("voc-wsss", root, out, pipe=FakePipe("voc"), limit=6, workers=0, progress=False)
+    manifest = json.loads((out / "eval.json").read_text())
+    assert manifest["root"] == str(root.resolve())
+    records = [json.loads(line) for f in (out / "records").glob("*.jsonl") for line in f.read_text().splitlines()]
+    assert sorted(r["id"] for r in records) == sorted(p.stem for p in (out / "pred").glob("*.png"))
+    altered, truncated = VOC_IDS[0], VOC_IDS[1]
+    png = out / "pred" / f"{altered}.png"
+    Image.fromarray(np.zeros_like(np.asarray(Image.open(png)))).save(png)  # readable, but not ours
+    (out / "pred" / f"{truncated}.png").write_bytes(b"\x89PNG\r\n")  # unreadable
+    pipe = FakePipe("voc")
+    again = run_eval("voc-wsss", root, out, pipe=pipe, limit=6, workers=0, progress=False)
+    assert again.predicted == 2 and len(pipe.calls) == 2  # exactly the two, predicted again
+    assert again.metrics["miou"] == first.metrics["miou"] and not again.metrics["failures"]
+    # a prediction changed between predicting and scoring is refused, not scored
+    from iseg.data.datasets import open_dataset
+    from iseg.evaluate import _Records, get_task, score
+
+    Image.fromarray(np.zeros_like(np.asarray(Image.open(png)))).save(png)
+    m = score(get_task("voc-wsss"), open_dataset("voc", root), VOC_IDS[:6], out, workers=0,
+              records=_Records(out / "records").load())  # fmt: skip
+    assert "not the prediction iseg eval wrote" in m["failures"][altered] and m["images_error"] == 1
+    # the same predictions against another copy of the data: refused, or started over
+    copy = tmp_path / "copy"
+    make_voc(copy, VOC_IDS[:6], label_fn=wsss_label, image_fn=label_image)
+    with pytest.raises(EvalError, match="other settings .*root"):
+        run_eval("voc-wsss", copy, out, pipe=FakePipe("voc"), limit=6, workers=0, progress=False)
+    redo = run_eval("voc-wsss", copy, out, pipe=FakePipe("voc"), limit=6, workers=0, progress=False, overwrite=True)
+    assert redo.predicted == 5 and json.loads((out / "eval.json").read_text())["root"] == str(copy.resolve())
+
+
+def test_a_failed_first_run_locks_nothing_and_overwrite_starts_over(voc, tmp_path, capsys, monkeypatch):
+    root, _ = voc
+
+    def broken():
+        raise RuntimeError("weights missing")
+
+    with pytest.raises(RuntimeError):
+        run_eval("voc-wsss", root, tmp_path / "o", load_pipe=broken, settings={"model": "a"}, limit=2,
+                 workers=0, progress=False)  # fmt: skip
+    run = run_eval("voc-wsss", root, tmp_path / "o", pipe=FakePipe("voc"), settings={"model": "b"}, limit=2,
+                   workers=0, progress=False)  # fmt: skip
+    assert run.metrics is not None and json.loads((tmp_path / "o" / "eval.json").read_text())["model"] == "b"
+    # through the CLI: other settings are refused, --overwrite starts over
+    monkeypatch.setattr("iseg.commands._common.load_pipeline", lambda *a: FakePipe("voc"))
+    argv = cli("voc-wsss", root, "fake", tmp_path / "c", "--limit", 2)
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main([*argv, "--recipe", "voc-wsss"]) == 1
+    assert "use --overwrite" in capsys.readouterr().err
+    assert main([*argv, "--recipe", "voc-wsss", "--overwrite"]) == 0
+    assert json.loads((tmp_path / "c" / "eval.json").read_text())["recipe"] == "voc-wsss"
+
+
+@pytest.mark.parametrize("bad", ["../escape", "a/b", "/etc/passwd", "x\\..\\y", ".hidden"])
+def test_list_ids_never_leave_out(voc, tmp_path, capsys, monkeypatch, bad):
+    root, _ = voc
+    listing = tmp_path / "ids.txt"
+    listing.write_text(f"{VOC_IDS[0]}\n{bad}\n")
+    monkeypatch.setattr("iseg.commands._common.load_pipeline", lambda *a: FakePipe("voc"))
+    assert main(cli("voc-wsss", root, "fake", tmp_path / "o", "--list", listing)) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"ids.txt:2: image id {bad!r}" in err[0]
+    assert not (tmp_path / "o").exists()
+
+
+def test_eval_full_disk_is_one_line_keeps_finished_predictions(voc, tmp_path, capsys, monkeypatch):
+    root, _ = voc
+    monkeypatch.setattr("iseg.commands._common.load_pipeline", lambda *a: FakePipe("voc"))
+    real = open
+    writes = []
+
+    def full_disk(path, mode="r", *args, **kwargs):
+        if "x" in mode and str(path).endswith(".iseg-tmp") and "pred" in str(path):
+            writes.append(path)
+            if len(writes) == 3:
+                f = real(path, mode, *args, **kwargs)
+                f.close()
+                raise OSError(28, "No space left on device")
+        return real(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", full_disk)
+    code = main(cli("voc-wsss", root, "fake", tmp_path / "o", "--limit", 6))
+    monkeypatch.undo()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "No space left on device" in err[0] and err[0].startswith("iseg: error:")
+    left = sorted(p.name for p in (tmp_path / "o" / "pred").iterdir())
+    assert 2 <= len(left) < 5 and all(name.endswith(".png") for name in left)  # no temporary file
+    for name in left:  # every prediction kept is whole (the writer threads may have finished more)
+        Image.open(tmp_path / "o" / "pred" / name).load()
+    # the next run (space again) resumes: only what is missing is predicted
+    monkeypatch.setattr("iseg.commands._common.load_pipeline", lambda *a: FakePipe("voc"))
+    assert main(cli("voc-wsss", root, "fake", tmp_path / "o", "--limit", 6)) == 0
+
+
+# --- issue 21 §4: the scores users compare against -----------------------------------------------
+
+
+def mmseg_intersect_and_union(pred, label, num_classes, reduce_zero_label=False):
+    """MMSegmentation's ``IoUMetric.intersect_and_union`` restated (``torch.histc`` over
+    ``[0, num_classes − 1]``: values outside are not counted; 255 ignored)."""
+    label = label.astype(np.int64)
+    pred = pred.astype(np.int64)
+    if reduce_zero_label:
+        label[label == 0] = 255
+        label = label - 1
+        label[label == 254] = 255
+    mask = label != 255
+    pred, label = pred[mask], label[mask]
+    hist = lambda v: np.histogram(v, bins=num_classes, range=(0, num_classes - 1))[0]  # noqa: E731
+    inside = lambda v: v[(v >= 0) & (v <= num_classes - 1)]  # noqa: E731
+    intersect = pred[pred == label]
+    a_i, a_p, a_l = hist(inside(intersect)), hist(inside(pred)), hist(inside(label))
+    return a_i, a_p + a_l - a_i
+
+
+def mmseg_miou(pairs, num_classes, reduce_zero_label=False):
+    """``IoUMetric.compute_metrics``: total areas over all images, IoU = Σ∩ / Σ∪, nanmean."""
+    total_i = total_u = 0
+    for pred, label in pairs:
+        i, u = mmseg_intersect_and_union(pred, label, num_classes, reduce_zero_label)
+        total_i, total_u = total_i + i, total_u + u
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return 100 * float(np.nanmean(total_i / total_u))
+
+
+def test_mmseg_column_is_what_mmsegmentation_computes(voc, tmp_path):
+    """All images count, the background-only one included (iSeg gives it no class: all
+    background), unlike the authors' figure; per_image.csv holds each image's scores."""
+    root, labels = voc
+    out = tmp_path / "o"
+    m = run_eval("voc-wsss", root, out, pipe=FakePipe("voc", drop={1, 6}), limit=8, workers=0, progress=False).metrics
+    pairs = []
+    for i, (image_id, gt) in enumerate(labels.items()):
+        pred = np.zeros_like(gt) if i == BACKGROUND_ONLY else np.asarray(Image.open(out / "pred" / f"{image_id}.png"))
+        pairs.append((pred, gt))
+    assert m["miou_mmseg"] == pytest.approx(mmseg_miou(pairs, 21), abs=1e-9)
+    scored = [p for i, p in enumerate(pairs) if i != BACKGROUND_ONLY]
+    assert m["miou_mmseg"] != pytest.approx(mmseg_miou(scored, 21))  # the skipped image matters here
+    assert m["miou"] == pytest.approx(authors_miou(recompute(out, labels, 21)))
+    # per_image.csv: id, pixel accuracy, IoU of each class present (in GT or prediction)
+    import csv
+
+    rows = {r["id"]: r for r in csv.DictReader((out / "per_image.csv").open())}
+    assert set(rows) == {k for i, k in enumerate(labels) if i != BACKGROUND_ONLY}
+    for pred, gt in scored[:3]:
+        image_id = next(k for k, v in labels.items() if v is gt)
+        valid = gt != 255
+        assert float(rows[image_id]["pixel_acc"]) == pytest.approx(100 * (pred[valid] == gt[valid]).mean(), abs=1e-3)
+        names = ("background",) + class_names("voc")
+        for c in range(21):
+            inter = ((pred == c) & (gt == c) & valid).sum()
+            union = (((pred == c) & valid) | (gt == c)).sum()
+            value = rows[image_id][f"iou_{names[c]}"]
+            assert (value == "") == (union == 0)
+            if union:
+                assert float(value) == pytest.approx(100 * inter / union, abs=1e-3)
+    text = (out / "metrics.md").read_text()
+    assert "mIoU (MMSegmentation, all images)" in text and "## Protocols" in text
+
+
+def test_context59_column_ignores_background(tmp_path):
+    ids = split_ids("voc_context", "val")[:4]
+    make_context(tmp_path / "ctx", ids, image_fn=label_image)
+    tags = tmp_path / "tags.txt"
+    lines = []
+    for line in (Path(__file__).parents[1] / "iseg/data/voc_context/val_cls.txt").read_text().splitlines():
+        words = line.split()
+        if words and words[0] in ids:
+            lines.append(line)
+    tags.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "o"
+    m = run_eval("context-ovs", tmp_path / "ctx", out, pipe=FakePipe("voc_context", drop={20}), tags=tags,
+                 limit=4, workers=0, progress=False).metrics  # fmt: skip
+    pairs = []
+    for image_id in ids:
+        gt = np.asarray(Image.open(tmp_path / "ctx/VOCdevkit/VOC2010/SegmentationClassContext" / f"{image_id}.png"))
+        pred = np.asarray(Image.open(out / "pred" / f"{image_id}.png"))
+        pairs.append((pred.astype(np.int64) - 1, gt))  # MMSeg's 59-class model has no background id
+    assert m["miou_context59"] == pytest.approx(mmseg_miou(pairs, 59, reduce_zero_label=True), abs=1e-9)
+    assert m["miou_context59"] != pytest.approx(m["miou_mmseg"])
+    assert "Context-59" in (out / "metrics.md").read_text()
+
+
+def test_model_folder_compared_as_its_resolved_path_and_bad_manifest(voc, tmp_path, capsys, monkeypatch):
+    """Issue 18 §5, §6: ``--model ./m`` and ``--model <abs>/m`` are the same setting; an
+    ``eval.json`` of the wrong shape is one error line."""
+    root, _ = voc
+    (tmp_path / "m").mkdir()
+    monkeypatch.setattr("iseg.commands._common.check_model_folder", lambda model: None)
+    monkeypatch.setattr("iseg.commands._common.load_pipeline", lambda *a: FakePipe("voc"))
+    monkeypatch.chdir(tmp_path)
+    assert main(cli("voc-wsss", root, "./m", tmp_path / "o", "--limit", 2)) == 0
+    assert json.loads((tmp_path / "o" / "eval.json").read_text())["model"] == str((tmp_path / "m").resolve())
+    assert main(cli("voc-wsss", root, tmp_path / "m", tmp_path / "o", "--limit", 2)) == 0  # same setting
+    (tmp_path / "o" / "eval.json").write_text("[1, 2]")
+    capsys.readouterr()
+    assert main(cli("voc-wsss", root, "./m", tmp_path / "o", "--limit", 2)) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not an eval.json iseg eval wrote" in err[0]

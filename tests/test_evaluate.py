@@ -199,3 +199,40 @@ def test_hungarian_undefined_class_is_skipped_not_nan():
     assert meter.iou == (1.0, None, None) and meter.miou == 1.0
     with pytest.raises(ValueError, match="segment ids"):
         hungarian_match(np.array([0]), np.array([-1]), 2)
+
+
+def test_confusion_matrix_fast_path_equals_the_loop():
+    """Issue 21 §4: uint8 labels take the unmasked uint16 path; it must count exactly what the
+    loop counts, ignore 255 (and any gt ≥ n), accept any prediction under an ignored pixel, and
+    still refuse a prediction ≥ n where the ground truth is scored."""
+    rng = np.random.default_rng(3)
+    for n in (2, 21, 60, 255):
+        gt = rng.integers(0, n, (37, 53)).astype(np.uint8)
+        gt[rng.random(gt.shape) < 0.1] = 255
+        if n < 255:
+            gt[0, :5] = n  # out of range: ignored like 255
+        pred = rng.integers(0, n, gt.shape).astype(np.uint8)
+        pred[gt >= n] = 250  # anything under ignored pixels
+        np.testing.assert_array_equal(confusion_matrix(gt, pred, n), loop_confusion(gt, pred, n))
+        np.testing.assert_array_equal(
+            confusion_matrix(gt.astype(np.int32), np.minimum(pred, n - 1).astype(np.int64), n),
+            loop_confusion(gt, np.minimum(pred, n - 1), n),
+        )
+    gt = np.array([[0, 1]], np.uint8)
+    with pytest.raises(ValueError, match=r"predictions must be in \[0, 2\)"):
+        confusion_matrix(gt, np.array([[0, 2]], np.uint8), 2)
+    import torch
+
+    t = confusion_matrix(torch.from_numpy(gt), torch.tensor([[1, 1]], dtype=torch.uint8), 2)
+    assert isinstance(t, torch.Tensor) and t.tolist() == [[0, 1], [0, 1]]
+
+
+def test_mmseg_miou_by_hand():
+    from iseg.evaluate import mmseg_miou
+
+    # classes 0, 1, 2: GT rows, prediction columns
+    hist = np.array([[4, 1, 0], [2, 3, 0], [0, 0, 0]])
+    # IoU0 = 4 / (5 + 6 − 4) = 4/7, IoU1 = 3 / (5 + 4 − 3) = 1/2, class 2: no union (left out)
+    assert mmseg_miou(hist) == pytest.approx((4 / 7 + 1 / 2) / 2)
+    # background ignored: only GT row 1, prediction of background counts in its union only
+    assert mmseg_miou(hist, ignore_background=True) == pytest.approx(3 / (5 + 3 - 3))

@@ -87,7 +87,7 @@ def test_unknown_recipe_lists_the_known_ones(pipe, image):
         ("cross_attention_weights", ((4, -0.7),), ValueError), ("cross_attention_weights", (), ValueError),
         ("cross_attention_layers", (("up_blocks.1.attentions.0.transformer_blocks.0.attn1", None),), ValueError),
         ("prompt_template", "no placeholder", ValueError), ("background_words", "sky", TypeError),
-        ("dataset", "ade20k", ValueError), ("seed", 1.5, TypeError),
+        ("dataset", "ade20k", ValueError), ("seed", 1.5, TypeError), ("cluster_arithmetic", "bf16", ValueError),
     ],
 )  # fmt: skip
 def test_bad_recipe_fields_are_rejected(field, value, error):
@@ -224,7 +224,7 @@ def test_recipe_resizes_without_antialias(authors_pipe):
     handle.remove()
     import numpy as np
 
-    x = torch.from_numpy(np.asarray(img)).permute(2, 0, 1)[None].float() / 255
+    x = torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].float() / 255
     plain = F.interpolate(x, size=(128, 128), mode="bilinear", align_corners=False, antialias=False)
     torch.testing.assert_close(seen[0], plain * 2 - 1, atol=1e-5, rtol=0)
     assert (seen[1] - seen[0]).abs().max() > 0.05  # the paper recipe antialiases
@@ -258,3 +258,22 @@ def test_real_tokenizer_token_subsets(tmp_path):
     ]  # "fire hydr ant" is 3 tokens: "stop sign" is not shifted (the authors' bug, not reproduced)
     glued = tokens(ids[ids.index(tokenizer.convert_tokens_to_ids("back")) :][:4])
     assert glued == ["back", "ground", "ground</w>", ",</w>"]  # OVS: "background" + "ground, …"
+
+
+def test_authors_recipes_cluster_in_the_authors_fp16_arithmetic(pipe, image, monkeypatch):
+    """The presets select the fp16 op-by-op distance (issue 21 §1) and the pipeline hands the
+    recipe's choice to the clustering; ``fp32`` stays available as an explicit field."""
+    for name in ("voc-wsss", "coco-wsss", "voc-ovs", "context-ovs", "coco-ovs"):
+        assert get_recipe(name).cluster_arithmetic == "fp16"
+    seen = []
+    original = iseg_ops.kl_cluster
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("arithmetic"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(iseg_ops, "kl_cluster", spy)
+    recipe = get_recipe("voc-wsss")
+    pipe(image, ["cat"], recipe=recipe.replace(self_attention_heads=None, cross_attention_layers=None))
+    pipe(image, ["cat"], recipe=recipe.replace(self_attention_heads=None, cross_attention_layers=None, cluster_arithmetic="fp32"))
+    assert seen == ["fp16", "fp32"]

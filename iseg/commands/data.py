@@ -50,6 +50,15 @@ def run(args: argparse.Namespace) -> int:
             coco_labels(args.instances, args.out, progress=not args.quiet, log=log)
         else:
             context_labels(args.mat_dir, args.out, progress=not args.quiet, log=log)
-    except (ImportError, OSError, ValueError) as exc:
+    except OSError as exc:
+        raise CommandError(os_error_line(exc)) from None
+    except (ImportError, ValueError) as exc:
         raise CommandError(first_line(exc)) from None
     return 0
+
+
+def os_error_line(exc: OSError) -> str:
+    """One line for a failed read or write (a full disk, a missing file): the file and why."""
+    if exc.filename and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}"
+    return first_line(exc)

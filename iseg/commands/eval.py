@@ -23,9 +23,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from . import _common
 from ._common import CommandError, first_line
+from .data import os_error_line
 
 TASK_NAMES = ("voc-wsss", "coco-wsss", "voc-ovs", "context-ovs", "coco-ovs", "cityscapes", "cocostuff27")
 
@@ -72,6 +74,15 @@ def add_parser(subparsers) -> None:
         "--workers", type=_common.non_negative_int, default=None,
         help="image decoding processes (default: min(4, CPUs); 0 = in the main process)",
     )  # fmt: skip
+    group.add_argument(
+        "--first-pass", choices=("fp16", "fp32"), default=None,
+        help="cityscapes/cocostuff27: DiffSeg's first merging pass, fp16 exactly as Google's code "
+             "(anchors that underflow are dropped and counted) or fp32 (default: fp16)",
+    )  # fmt: skip
+    group.add_argument(
+        "--overwrite", action="store_true",
+        help="start over in --out when it holds predictions made with other settings",
+    )  # fmt: skip
     group.add_argument("--num-shards", type=_common.positive_int, default=None, metavar="N")
     group.add_argument("--shard-index", type=_common.non_negative_int, default=None, metavar="I")
     group.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -115,8 +126,12 @@ def run(args: argparse.Namespace) -> int:
             device_name = f"cuda:{local_rank % torch.cuda.device_count()}"
     device, dtype = _common.resolve_device(device_name, args.dtype)
     _common.check_ops_backend()
+    model = args.model
     if _common.looks_like_path(args.model):
         _common.check_model_folder(args.model)
+        model = str(Path(args.model).expanduser().resolve())  # compared by what it means
+    if args.first_pass is not None and args.task not in ("cityscapes", "cocostuff27"):
+        raise CommandError("--first-pass applies to the unsupervised tasks (cityscapes, cocostuff27)", code=2)
     out = args.out or os.path.join("iseg-eval", args.task)
     dtype_name = str(dtype).replace("torch.", "")
     workers = args.workers if args.workers is not None else min(4, os.cpu_count() or 1)
@@ -130,27 +145,32 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = run_eval(
             args.task, args.root, out, load_pipe=load, recipe=args.recipe,
-            settings={"model": args.model, "dtype": dtype_name}, limit=args.limit,
+            settings={"model": model, "dtype": dtype_name}, limit=args.limit,
             ids_file=args.ids_file, batch_size=args.batch_size, tags=args.tags,
             tagger_model=args.tagger_model,
             num_shards=num_shards, shard_index=shard_index, context_order=args.context_order,
+            first_pass=args.first_pass, overwrite=args.overwrite,
             workers=workers, progress=not args.quiet, log=log,
         )  # fmt: skip
     except (EvalError, DatasetError) as exc:
         raise CommandError(first_line(exc)) from None
+    except OSError as exc:  # a full disk, an unwritable --out: the predictions written stay
+        raise CommandError(f"{os_error_line(exc)} (the predictions already written are kept; rerun to resume)") from None
     if result.metrics is not None:
         print(format_table(result.metrics))
         print(f"metrics: {os.path.join(out, 'metrics.json')}, {os.path.join(out, 'metrics.md')}")
     failures = dict(result.failures)
     if result.metrics is not None:
         failures.update(result.metrics["failures"])
+    # Each one is predicted again by the next run (a missing, unreadable or changed prediction).
     for image_id, message in list(failures.items())[:20]:
         print(f"iseg: error: {message}", file=sys.stderr)
     if len(failures) > 20:
         print(f"iseg: error: … and {len(failures) - 20} more (see metrics.json)", file=sys.stderr)
     if failures:
         print(
-            f"iseg: error: {len(failures)} image(s) not scored; fix them and rerun to complete the metric",
+            f"iseg: error: {len(failures)} image(s) not scored; fix the files named above (the next run "
+            "predicts again every prediction that is missing, unreadable or changed) and rerun",
             file=sys.stderr,
         )
         return 1

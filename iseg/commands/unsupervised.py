@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import sys
 
 from . import _common
 from ._common import CommandError, first_line
@@ -74,6 +75,10 @@ def add_parser(subparsers) -> None:
              "or the latent-resolution (64×64) layers only (default: all)")
     add("--anchor-grid", type=_common.positive_int, default=16, metavar="N",
         help="DiffSeg's anchors per side (default: 16, 256 anchors)")
+    add("--first-pass", choices=("fp32", "fp16"), default="fp32",
+        help="arithmetic of DiffSeg's first merging pass: fp32, or fp16 exactly as Google's code "
+             "(values below 2.98e-8 underflow; anchors that match nothing are dropped and "
+             "counted) (default: fp32)")
 
     _common.add_output_options(parser)
     _common.add_overlay_options(parser)
@@ -103,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
         "init": args.init,
         "refine_attention": args.refine_attention,
         "anchor_grid": args.anchor_grid,
+        "first_pass": args.first_pass,
     }
     runner = Runner(args.out, NAME, settings, overwrite=args.overwrite)
     todo = runner.plan(paths, _common.label_outputs(args))
@@ -135,6 +141,7 @@ def _processor(pipe, args: argparse.Namespace, device: str):
         "init": args.init,
         "refine_attention": args.refine_attention,
         "anchor_grid": args.anchor_grid,
+        "first_pass": args.first_pass,
     }
     outputs = _common.label_outputs(args)
 
@@ -149,8 +156,10 @@ def _processor(pipe, args: argparse.Namespace, device: str):
         except ValueError as exc:  # a setting the pipeline refuses: the same for every batch
             raise CommandError(first_line(exc), code=2) from None
         results = []
-        for item, image, label in zip(items, images, output.labels):  # [B, H, W] or a list
+        for item, image, label, lost in zip(items, images, output.labels, output.dropped_anchors):
             label = label.cpu()
+            if lost:  # only Google's fp16 first pass drops anchors
+                print(f"iseg: {item.name}: {lost} anchor(s) dropped (fp16 underflow in the first pass)", file=sys.stderr)
             files = {f"{item.name}_labels.png": _common.saver(masks.label_image(label), "PNG")}
             if not args.no_overlay:
                 fmt = "PNG" if args.overlay_format == "png" else "JPEG"

@@ -1,9 +1,16 @@
 """Label PNGs from the datasets' original annotations (DATASETS.md), for ``iseg data``.
 
 * :func:`coco_labels` — COCO ``instances_{split}2014.json`` → ``{12 digits}.png`` (the
-  ``coco_seg_anno`` layout): ``label = 1 + sorted(category ids).index(category_id)`` (1..80 in
-  COCO category order), 0 background, larger instances painted first so that small ones stay
-  visible, an all-zero PNG for an image without annotations. Needs ``pycocotools``.
+  ``coco_seg_anno`` layout): each COCO category id through the fixed table of the 80 COCO
+  categories (:func:`coco_category_table`: ids 1..90 with gaps → labels 1..80 in COCO category
+  order, whatever subset the file lists; an id outside the table is an error), 0 background,
+  an all-zero PNG for an image without annotations. Needs ``pycocotools``.
+
+  **Overlaps.** Instances are painted in order of decreasing ``area`` (the annotation's own
+  field), so where masks overlap the instance with the *smaller* area wins and small objects
+  stay visible; between equal areas the annotation with the larger ``id`` is painted last and
+  wins. **Crowd regions** (``iscrowd = 1``, RLE masks) are painted with their category by the
+  same rule, like any other instance (not 255).
 * :func:`context_labels` — Pascal Context ``trainval/{id}.mat`` (``LabelMap`` of 459-class ids)
   → ``{id}.png`` in the official 59-label order (the authors' ``SegmentationClassContext``):
   each of the 59 classes gets its label id, every other pixel 0.
@@ -28,7 +35,14 @@ from PIL import Image
 
 from .datasets import _table
 
-__all__ = ["coco_labels", "context_labels", "context_lut", "write_png_atomic"]
+__all__ = ["coco_category_table", "coco_labels", "context_labels", "context_lut", "write_png_atomic"]
+
+
+def coco_category_table() -> dict[int, int]:
+    """COCO category id → label id 1..80 (the fixed COCO-80 table: 1 person … 90 toothbrush)."""
+    table = {int(c["coco_category_id"]): int(c["label_id"]) for c in _table("coco14")["classes"]}
+    assert len(table) == 80 and sorted(table.values()) == list(range(1, 81))
+    return table
 
 
 def write_png_atomic(label: np.ndarray, path: Path) -> None:
@@ -40,6 +54,9 @@ def write_png_atomic(label: np.ndarray, path: Path) -> None:
         with open(tmp, "xb") as f:
             f.write(buffer.getvalue())
         os.replace(tmp, path)
+    except OSError as exc:  # e.g. a full disk: no partial file stays, the error names the file
+        tmp.unlink(missing_ok=True)
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -90,9 +107,13 @@ def coco_labels(
     for key in ("images", "annotations", "categories"):
         if key not in coco.dataset:
             raise ValueError(f"{instances}: not a COCO instances file (no {key!r})")
-    label_of = {cat: 1 + i for i, cat in enumerate(sorted(coco.getCatIds()))}
-    if len(label_of) > 254:
-        raise ValueError(f"{instances}: {len(label_of)} categories do not fit a uint8 label PNG")
+    label_of = coco_category_table()
+    unknown = sorted({int(c) for c in coco.getCatIds()} - set(label_of))
+    if unknown:
+        raise ValueError(
+            f"{instances}: category id {unknown[0]} is not one of the 80 COCO categories "
+            f"({len(unknown)} unknown id(s)); iseg data coco writes COCO's fixed label ids 1..80"
+        )
     out.mkdir(parents=True, exist_ok=True)
     written = skipped = 0
     image_ids = sorted(coco.getImgIds())
@@ -101,18 +122,32 @@ def coco_labels(
         if path.is_file():
             skipped += 1
             continue
-        info = coco.imgs[image_id]
-        label = np.zeros((info["height"], info["width"]), np.uint8)
-        anns = coco.loadAnns(coco.getAnnIds(imgIds=image_id, iscrowd=None))
-        for ann in sorted(anns, key=lambda a: -a["area"]):  # larger first: small ones stay on top
-            if ann["category_id"] not in label_of:
-                raise ValueError(f"{instances}: annotation {ann.get('id')} has unknown category {ann['category_id']}")
-            label[coco.annToMask(ann) > 0] = label_of[ann["category_id"]]
+        try:
+            label = _coco_label(coco, image_id, label_of)
+        except (KeyError, TypeError, ValueError, IndexError, AssertionError) as exc:
+            detail = f"no {exc}" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {exc}"
+            raise ValueError(f"{instances}: image {image_id}: malformed image or annotation entry ({detail})") from None
         write_png_atomic(label, path)
         written += 1
     if log is not None:
         log(f"{written} label PNGs written to {out}, {skipped} existed")
     return written, skipped
+
+
+def _coco_label(coco, image_id: int, label_of: dict[int, int]) -> np.ndarray:
+    """One image's label map: instances painted by decreasing ``area`` (equal areas: the higher
+    annotation id last, on top), crowd regions like the others."""
+    info = coco.imgs[image_id]
+    label = np.zeros((int(info["height"]), int(info["width"])), np.uint8)
+    anns = coco.loadAnns(coco.getAnnIds(imgIds=image_id, iscrowd=None))
+    for ann in sorted(anns, key=lambda a: (-float(a["area"]), int(a["id"]))):
+        if ann["category_id"] not in label_of:
+            raise ValueError(f"annotation {ann.get('id')} has unknown category {ann['category_id']}")
+        mask = coco.annToMask(ann)
+        if mask.shape != label.shape:
+            raise ValueError(f"annotation {ann['id']} is {mask.shape} but the image is {label.shape}")
+        label[mask > 0] = label_of[ann["category_id"]]
+    return label
 
 
 def context_lut(size: int = 460) -> np.ndarray:
@@ -122,6 +157,29 @@ def context_lut(size: int = 460) -> np.ndarray:
     for c in _table("voc_context")["classes"]:
         lut[int(c["pascal_context_459_id"])] = int(c["label_id"])
     return lut
+
+
+def _context_ids(mat: Path, size: int) -> np.ndarray:
+    """The ``LabelMap`` of one Pascal Context ``.mat`` as int64 ids; ``ValueError`` naming the
+    file for anything that is not such an annotation (not a .mat, no LabelMap, not a 2-D map of
+    integer ids in ``[0, size)``)."""
+    from scipy.io import loadmat
+
+    try:
+        data = loadmat(mat)
+    except Exception as exc:  # noqa: BLE001 — scipy raises many kinds for a file that is not a .mat
+        raise ValueError(f"{mat}: not a MATLAB .mat file ({type(exc).__name__}: {exc})") from None
+    if "LabelMap" not in data:
+        raise ValueError(f"{mat}: no LabelMap in the .mat file (not a Pascal Context annotation)")
+    ids = np.asarray(data["LabelMap"])
+    expected = f"{mat}: LabelMap must be a 2-D map of integer ids in 0..{size - 1}"
+    if ids.ndim != 2 or ids.size == 0 or ids.dtype.kind not in "iuf":
+        raise ValueError(f"{expected}, got a {ids.dtype} array of shape {ids.shape}")
+    if ids.dtype.kind == "f" and not (np.isfinite(ids).all() and (ids == np.round(ids)).all()):
+        raise ValueError(f"{expected}, got non-integer values")
+    if ids.min() < 0 or ids.max() >= size:
+        raise ValueError(f"{expected}, got {ids.min():g}..{ids.max():g}")
+    return ids.astype(np.int64)
 
 
 def context_labels(
@@ -137,10 +195,9 @@ def context_labels(
         ``(written, skipped)``.
 
     Raises:
-        ValueError: a ``.mat`` without ``LabelMap`` or with ids outside 0..459 (names the file).
+        ValueError: a file that is not a Pascal Context annotation: not a ``.mat``, no
+            ``LabelMap``, or not a 2-D map of integer ids in 0..459 (names the file).
     """
-    from scipy.io import loadmat
-
     mat_dir, out = Path(mat_dir), Path(out)
     if not mat_dir.is_dir():
         raise FileNotFoundError(f"folder {mat_dir} not found (expected the trainval/ folder of .mat files)")
@@ -155,13 +212,7 @@ def context_labels(
         if path.is_file():
             skipped += 1
             continue
-        data = loadmat(mat)
-        if "LabelMap" not in data:
-            raise ValueError(f"{mat}: no LabelMap in the .mat file")
-        ids = np.asarray(data["LabelMap"])
-        if ids.ndim != 2 or ids.size == 0 or ids.min() < 0 or ids.max() >= len(lut):
-            raise ValueError(f"{mat}: LabelMap must be a 2-D map of ids in 0..{len(lut) - 1}")
-        write_png_atomic(lut[ids.astype(np.int64)], path)
+        write_png_atomic(lut[_context_ids(mat, len(lut))], path)
         written += 1
     if log is not None:
         log(f"{written} label PNGs written to {out}, {skipped} existed")

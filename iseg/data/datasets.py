@@ -43,6 +43,7 @@ __all__ = [
     "class_names",
     "detect_context_order",
     "open_dataset",
+    "check_id",
     "read_ids",
     "read_image",
     "read_label",
@@ -210,15 +211,40 @@ SPLITS = {
 }
 
 
-def read_ids(path: str | Path) -> list[str]:
-    """Image ids from a list file: the first word of each non-empty line (``#`` comments skipped)."""
+def check_id(image_id: str, where: str, folders: bool = False) -> None:
+    """An id names files under the dataset root and ``OUT/pred/``: it must stay there. No
+    absolute path, no ``..``, no backslash, no empty or hidden part; a ``/`` only where the
+    dataset's ids hold a folder (``folders``: Cityscapes' ``city/frame``)."""
+    parts = image_id.split("/")
+    bad = (
+        "\\" in image_id
+        or image_id.startswith(("/", "~"))
+        or (not folders and len(parts) > 1)
+        or any(not part or part in (".", "..") or part.startswith(".") for part in parts)
+    )
+    if bad:
+        rule = "a folder and a name" if folders else "a file name"
+        raise DatasetError(
+            f"{where}: image id {image_id!r} is not {rule} (no path separators, '..' or hidden parts)"
+        )
+
+
+def read_ids(path: str | Path, folders: bool = False) -> list[str]:
+    """Image ids from a list file: the first word of each non-empty line (``#`` comments
+    skipped). Each id must be a plain name (:func:`check_id`; ``folders`` allows Cityscapes'
+    ``city/frame``)."""
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"split list {path} not found")
     ids = []
-    for line in path.read_text().splitlines():
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"split list {path}: cannot read it as text ({exc})") from None
+    for number, line in enumerate(text.splitlines(), 1):
         words = line.split()
         if words and not words[0].startswith("#"):
+            check_id(words[0], f"{path}:{number}", folders)
             ids.append(words[0])
     if not ids:
         raise DatasetError(f"split list {path} holds no image ids")
@@ -248,7 +274,11 @@ def read_tags(path: str | Path, num_classes: int) -> dict[str, tuple[int, ...]]:
     if not path.is_file():
         raise DatasetError(f"tags file {path} not found")
     tags: dict[str, tuple[int, ...]] = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"tags file {path}: cannot read it as text ({exc})") from None
+    for number, line in enumerate(text.splitlines(), 1):
         words = line.split()
         if not words or words[0].startswith("#"):
             continue
@@ -486,13 +516,14 @@ def _unsupervised(dataset: str, root: Path, first_id: str | None) -> SegDataset:
         lut[182:255] = -1  # not COCO-Stuff ids: an error
         images = "val2017" if (root / "val2017").is_dir() else "images/val2017"
         labels = next(
-            (f for f in ("stuffthingmaps/val2017", "stuffthingmaps_trainval2017/val2017", "annotations/val2017")
+            (f for f in ("stuffthingmaps/val2017", "stuffthingmaps_trainval2017/val2017", "annotations/val2017",
+                         "annotation_val2017")  # the last: DiffSeg's own layout
              if (root / f).is_dir()), None,
         )  # fmt: skip
         if labels is None:
             raise DatasetError(
-                f"no stuffthingmaps/val2017/ folder in {root}; expected val2017/<id>.jpg and "
-                "stuffthingmaps/val2017/<id>.png (COCO-Stuff fine ids 0..181, 255)"
+                f"no stuffthingmaps/val2017/ (or DiffSeg's annotation_val2017/) folder in {root}; expected "
+                "val2017/<id>.jpg and stuffthingmaps/val2017/<id>.png (COCO-Stuff fine ids 0..181, 255)"
             )
         ds = SegDataset(dataset, root, f"COCO-Stuff-27 {labels}", images + "/{id}.jpg", labels + "/{id}.png", 27, lut)
     return _check_first(ds, first_id)
@@ -511,10 +542,11 @@ def center_crop_resize(image, label, size: int = 512):
     h, w = label.shape
     c = min(h, w)
     top, left = (h - c) // 2, (w - c) // 2
-    pixels = torch.from_numpy(np.ascontiguousarray(image[top : top + c, left : left + c])).permute(2, 0, 1)
+    # np.array copies: a crop of the full width is a view of PIL's read-only buffer
+    pixels = torch.from_numpy(np.array(image[top : top + c, left : left + c])).permute(2, 0, 1)
     pixels = F.interpolate(
         pixels[None].float() / 255, size=(size, size), mode="bilinear", align_corners=False, antialias=False
     )[0]
-    crop = torch.from_numpy(np.ascontiguousarray(label[top : top + c, left : left + c]))
+    crop = torch.from_numpy(np.array(label[top : top + c, left : left + c]))
     crop = F.interpolate(crop[None, None].float(), size=(size, size), mode="nearest-exact")[0, 0]
     return pixels, crop.to(torch.uint8).numpy()

@@ -201,9 +201,9 @@ def check_partition(x, out):
 )
 def test_cluster_matches_reference_and_partitions(grid, zeros):
     x = blobs(grid, 12, seed=grid[1], zeros=zeros)
-    out = iseg_ops.kl_cluster(x, grid)
+    out = iseg_ops.kl_cluster(x, grid, arithmetic="fp32")
     assert not out.isnan().any()
-    torch.testing.assert_close(out, reference.kl_cluster(x, grid))
+    torch.testing.assert_close(out, reference.kl_cluster(x, grid))  # the reference is the fp32 form
     groups = check_partition(x, out)
     assert 1 < groups.unique().numel() <= kl_module.cluster_anchors(grid, 32).numel()
 
@@ -244,3 +244,95 @@ def test_cluster_bad_inputs():
         iseg_ops.kl_cluster(x, (4, 4), num_clusters=3.5)
     with pytest.raises(ValueError, match="negative"):
         iseg_ops.kl_cluster(x - 1, (4, 4))
+
+
+# --------------------------------------------------- the authors' fp16 arithmetic (issue 21 §1)
+
+
+def authors_kl_cluster(x, grid, num_clusters=32, rounds=20):
+    """The authors' DFC-KL restated op by op for one image ``[HW, L]`` (not the code under
+    test): fp16 inputs + 1e-5 in fp16, ln in fp16, q = ln a − ln p in fp16, fp16 products,
+    each sum over L an fp16 reduction, ½·first − ½·second in fp16, ``torch.min`` over the
+    prototypes (first wins), empty clusters dropped, means of the fp32 features."""
+    h, w = grid
+    step_h = max(1, int(h // math.sqrt(num_clusters)))
+    step_w = max(1, int(w // math.sqrt(num_clusters)))
+    feats = torch.where(x == 0, torch.tensor(1e-6), x).float()
+    prototypes = [feats[r * w + c] for r in range(0, h, step_h) for c in range(0, w, step_w)]
+    b = feats.half() + 1e-5  # [HW, L]
+    assign = None
+    for _ in range(rounds):
+        a = torch.stack(prototypes).half() + 1e-5  # [K, L]
+        q = torch.log(a)[:, None, :] - torch.log(b)[None, :, :]  # [K, HW, L] fp16
+        first = torch.sum(a[:, None, :] * q, dim=-1)
+        second = torch.sum(b[None, :, :] * q, dim=-1)
+        distance = 0.5 * first - 0.5 * second
+        assert distance.dtype == torch.float16
+        assign = torch.min(distance, dim=0).indices
+        prototypes = [feats[assign == k].double().mean(0).float() for k in range(len(prototypes)) if (assign == k).any()]
+        kept = sorted(set(assign.tolist()))
+        assign = torch.tensor([kept.index(k) for k in assign.tolist()])
+    return assign
+
+
+def near_ties(grid, channels, seed):
+    """Features whose fp16 distances tie often: a few coarse levels plus noise far below fp16's
+    resolution, normalised like attention (rows sum to about 1)."""
+    g = torch.Generator().manual_seed(seed)
+    h, w = grid
+    levels = torch.randint(1, 4, (h * w, channels), generator=g).float()
+    x = levels + 1e-3 * torch.rand(h * w, channels, generator=g)
+    x[torch.rand(h * w, channels, generator=g) < 0.2] = 0
+    return x / x.sum(-1, keepdim=True)
+
+
+def same_partition(a, b):
+    """Two label vectors describe the same partition (a bijection between their ids)."""
+    pairs = set(zip(a.tolist(), b.tolist()))
+    return len(pairs) == len(set(a.tolist())) == len(set(b.tolist()))
+
+
+NEAR_TIE_CASES = [
+    ((16, 16), 77, 0),  # 77 positions as in SD's prompt, 36 anchors
+    ((16, 16), 77, 1),
+    ((12, 20), 40, 2),  # non-square, steps 2 and 3
+    ((24, 24), 77, 3),  # 36 anchors with step 4
+]
+
+
+@pytest.mark.parametrize("grid, channels, seed", NEAR_TIE_CASES, ids=lambda v: str(v))
+def test_fp16_partition_equals_the_authors(grid, channels, seed):
+    x = near_ties(grid, channels, seed)
+    expected = authors_kl_cluster(x, grid)
+    out = iseg_ops.kl_cluster(x, grid)  # the default: the authors' fp16 arithmetic
+    groups = check_partition(x, out)
+    assert same_partition(groups, expected), "the fp16 partition differs from the authors'"
+
+
+def test_fp32_formulation_breaks_the_ties_differently():
+    """The test above fails with the fp32 matrix-product form: on these inputs it gives another
+    partition than the authors' arithmetic (so the default matters)."""
+    differ = 0
+    for grid, channels, seed in NEAR_TIE_CASES:
+        x = near_ties(grid, channels, seed)
+        groups = check_partition(x, iseg_ops.kl_cluster(x, grid, arithmetic="fp32"))
+        differ += not same_partition(groups, authors_kl_cluster(x, grid))
+    assert differ >= 1
+
+
+def test_fp16_batched_equals_one_image(monkeypatch):
+    x = torch.stack([near_ties((16, 16), 77, s) for s in range(3)])
+    one = [iseg_ops.kl_cluster(x[b], (16, 16)) for b in range(3)]
+    monkeypatch.setattr(kl_module, "_FP16_BLOCK_ELEMENTS", 36 * 77 * 50)  # several pixel blocks
+    out = iseg_ops.kl_cluster(x, (16, 16))
+    for b in range(3):
+        assert torch.equal(out[b], one[b])
+
+
+def test_fp16_refuses_rows_beyond_its_range():
+    x = torch.full((16, 3), 1000.0)
+    with pytest.raises(ValueError, match="arithmetic='fp32'"):
+        iseg_ops.kl_cluster(x, (4, 4))
+    assert iseg_ops.kl_cluster(x, (4, 4), arithmetic="fp32").isfinite().all()
+    with pytest.raises(ValueError, match="arithmetic must be one of fp16, fp32"):
+        iseg_ops.kl_cluster(torch.rand(16, 3), (4, 4), arithmetic="bf16")
