@@ -853,9 +853,35 @@ CSS = """
 """
 
 
-def _gallery_update(gr, items: list) -> dict:
-    """A gallery value laid out to show every item: up to 4 a row, as many rows as needed."""
-    return gr.Gallery(value=items, columns=min(max(len(items), 1), 4), rows=max(1, -(-len(items) // 4)))
+def _page_errors(gr, keep) -> Callable:
+    """A decorator of event handlers: a bad input (``ValueError``/``TypeError``) → a warning in
+    the page and nothing changed (``keep``, one of the outputs, skipped: the last result
+    stays); any other exception → ``gr.Error`` with one line (the traceback in the log)."""
+
+    def decorate(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except (ValueError, TypeError) as exc:
+                gr.Warning(first_line(exc))
+                return {keep: gr.skip()}
+            except Exception as exc:
+                if type(exc).__name__ == "OutOfMemoryError":
+                    raise gr.Error("out of memory on the device: try again, or serve with --dtype fp16",
+                                   print_exception=False) from None  # fmt: skip
+                logger.exception("iseg demo: request failed")
+                raise gr.Error(f"internal error ({type(exc).__name__}: {first_line(exc)}); see the server log",
+                               print_exception=False) from None  # fmt: skip
+
+        return wrapper
+
+    return decorate
+
+
+def _gallery_update(gr, items: list, per_row: int) -> dict:
+    """A gallery value laid out to show every item: ``per_row`` a row, as many rows as needed."""
+    return gr.Gallery(value=items, columns=per_row, rows=max(1, -(-len(items) // per_row)))
 
 
 def build_app(pipe, model_name: str | None = None, model_args: Sequence[str] | None = None) -> "gr.Blocks":  # noqa: F821
@@ -878,27 +904,6 @@ def build_app(pipe, model_name: str | None = None, model_args: Sequence[str] | N
     interactive = recipe_settings("interactive" if "interactive" in recipes else None)
     region_iters = int(interactive["iters"]) if "interactive" in recipes else DEFAULT_REGION_ITERS
     model_event = {"concurrency_id": CONCURRENCY_ID, "concurrency_limit": 1}
-
-    def page_errors(fn: Callable) -> Callable:
-        """A bad input → a warning in the page and nothing changed (``{}``: the last result
-        stays); any other exception → ``gr.Error`` with one line (the traceback in the log)."""
-
-        @functools.wraps(fn)
-        def wrapper(*args, **kwargs):
-            try:
-                return fn(*args, **kwargs)
-            except (ValueError, TypeError) as exc:
-                gr.Warning(first_line(exc))
-                return {}
-            except Exception as exc:
-                if type(exc).__name__ == "OutOfMemoryError":
-                    raise gr.Error("out of memory on the device: try again, or serve with --dtype fp16",
-                                   print_exception=False) from None  # fmt: skip
-                logger.exception("iseg demo: request failed")
-                raise gr.Error(f"internal error ({type(exc).__name__}: {first_line(exc)}); see the server log",
-                               print_exception=False) from None  # fmt: skip
-
-        return wrapper
 
     title = "iSeg: segmentation from Stable Diffusion's attention, no training"
     with gr.Blocks(title="iseg demo", analytics_enabled=False, delete_cache=(3600, 3600)) as app:
@@ -935,21 +940,21 @@ def build_app(pipe, model_name: str | None = None, model_args: Sequence[str] | N
                 u["overlay"]: shown, u["legend"]: "", u["files"]: None, u["command"]: "",
             }  # fmt: skip
 
-        @page_errors
+        @_page_errors(gr, upload_state)
         def on_upload(path):
             return cleared(demo.upload(path))
 
         def classes_outputs(result: ClassesResult, up: Upload) -> dict:
             stem = Path(up.name).stem
             files = save_downloads({f"{stem}_labels.png": result.labels, **result.masks})
-            return {c["overlay"]: result.overlay, c["heatmaps"]: _gallery_update(gr, result.heatmaps),
+            return {c["overlay"]: result.overlay, c["heatmaps"]: _gallery_update(gr, result.heatmaps, 4),
                     c["legend"]: result.legend, c["files"]: files, c["command"]: result.command}  # fmt: skip
 
-        @page_errors
+        @_page_errors(gr, c["command"])
         def on_classes(up, text, recipe, iters, lam, gamma, seed):
             return classes_outputs(demo.classes(up, text, recipe, iters, lam, gamma, seed), up)
 
-        @page_errors
+        @_page_errors(gr, upload_state)
         def on_classes_example(index, recipe, iters, lam, gamma, seed):
             up = demo.example(index)
             text = EXAMPLES[int(index)]["classes"]
@@ -964,7 +969,7 @@ def build_app(pipe, model_name: str | None = None, model_args: Sequence[str] | N
                         r["legend"]: "", r["files"]: None, r["command"]: ""}  # fmt: skip
             result = demo.regions(up, regions, iters, threshold, seed)
             return {**out, view_state: result.overlay, r["image"]: result.overlay,
-                    r["gallery"]: _gallery_update(gr, result.gallery), r["legend"]: result.legend,
+                    r["gallery"]: _gallery_update(gr, result.gallery, 2), r["legend"]: result.legend,
                     r["files"]: save_downloads(result.files), r["command"]: result.command}  # fmt: skip
 
         def need_image(up):
@@ -981,29 +986,29 @@ def build_app(pipe, model_name: str | None = None, model_args: Sequence[str] | N
             return regions_outputs(up, regions, iters, threshold, seed)
 
         on_click.__annotations__["event"] = gr.SelectData  # the click's pixel (a string annotation here)
-        on_click = page_errors(on_click)
+        on_click = _page_errors(gr, r["command"])(on_click)
 
-        @page_errors
+        @_page_errors(gr, r["command"])
         def on_finish(up, regions, pending, iters, threshold, seed):
             regions, _ = finish_line(regions, pending)
             return regions_outputs(need_image(up), regions, iters, threshold, seed)
 
-        @page_errors
+        @_page_errors(gr, r["command"])
         def on_undo(up, regions, pending, iters, threshold, seed):
             keep = list(regions) if pending is not None else list(regions)[:-1]  # a half-made one first
             return regions_outputs(need_image(up), keep, iters, threshold, seed)
 
-        @page_errors
+        @_page_errors(gr, r["command"])
         def on_clear(up):
             return regions_outputs(need_image(up), [], None, None, None)
 
-        @page_errors
+        @_page_errors(gr, r["command"])
         def on_region_settings(up, regions, pending, iters, threshold, seed):
             if up is None or not regions:
-                return {}
+                return {r["command"]: gr.skip()}
             return regions_outputs(up, regions, iters, threshold, seed)
 
-        @page_errors
+        @_page_errors(gr, upload_state)
         def on_regions_example(index, iters, threshold, seed):
             up = demo.example(index)
             regions = EXAMPLES[int(index)]["regions"]
@@ -1015,11 +1020,11 @@ def build_app(pipe, model_name: str | None = None, model_args: Sequence[str] | N
             return {u["overlay"]: result.overlay, u["legend"]: result.legend, u["files"]: files,
                     u["command"]: result.command}  # fmt: skip
 
-        @page_errors
+        @_page_errors(gr, u["command"])
         def on_unsupervised(up, kl_threshold, iters):
             return unsupervised_outputs(need_image(up), kl_threshold, iters)
 
-        @page_errors
+        @_page_errors(gr, upload_state)
         def on_unsupervised_example(index, kl_threshold, iters):
             up = demo.example(index)
             return {**cleared(up), **unsupervised_outputs(up, kl_threshold, iters)}

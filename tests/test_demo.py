@@ -582,6 +582,85 @@ def test_build_app_shows_the_tabs_the_pipeline_supports(saved):
     assert _tabs(demo.build_app(pipe))["Unsupervised"] is hasattr(pipe, "segment_unsupervised")
 
 
+def _handler(app, name: str):
+    """The function of the app's event handled by ``name`` (the first one)."""
+    return next(f.fn for f in app.fns.values() if getattr(f.fn, "__name__", "") == name)
+
+
+def _by_id(app, values: dict) -> dict:
+    """``{component: value}`` → ``{elem_id: value}`` (elem_id-less components left out)."""
+    return {c.elem_id: v for c, v in values.items() if getattr(c, "elem_id", None)}
+
+
+MODEL_HANDLERS = {"on_classes", "on_classes_example", "on_click", "on_finish", "on_undo", "on_region_settings",
+                  "on_regions_example", "on_unsupervised", "on_unsupervised_example"}  # fmt: skip
+
+
+def test_every_model_call_of_every_tab_shares_one_concurrency_slot(saved):
+    pytest.importorskip("gradio")
+    app = demo.build_app(saved[0])
+    found = {}
+    for f in app.fns.values():
+        name = getattr(f.fn, "__name__", "")
+        if name in MODEL_HANDLERS:
+            found[name] = (f.concurrency_id, f.concurrency_limit)
+    assert set(found) == MODEL_HANDLERS
+    assert set(found.values()) == {(demo.CONCURRENCY_ID, 1)}
+
+
+def test_a_new_upload_clears_every_result_and_shows_the_new_image(saved, tmp_path):
+    pytest.importorskip("gradio")
+    app = demo.build_app(saved[0], model_name="m")
+    make_image(1, (40, 56)).save(tmp_path / "photo.png")
+    values = _by_id(app, _handler(app, "on_upload")(str(tmp_path / "photo.png")))
+    for tab in ("classes", "regions", "unsupervised"):
+        assert values[f"iseg-{tab}-files"] is None and values[f"iseg-{tab}-command"] == ""
+        assert values[f"iseg-{tab}-legend"] == ""
+    assert values["iseg-classes-heatmaps"] == [] and values["iseg-regions-gallery"] == []
+    for shown in ("iseg-classes-overlay", "iseg-regions-image", "iseg-unsupervised-overlay"):
+        assert np.array_equal(np.asarray(values[shown]), np.asarray(make_image(1, (40, 56))))
+    assert values["iseg-upload"] is None  # ready for the next file, no × first
+
+
+def test_a_rejected_input_is_a_warning_and_the_last_result_stays(saved, monkeypatch):
+    gr = pytest.importorskip("gradio")
+    warnings = []
+    monkeypatch.setattr(gr, "Warning", lambda message, *a, **k: warnings.append(message))
+    app = demo.build_app(saved[0])
+    upload = demo.Upload(make_image(1, (40, 56)), make_image(1, (40, 56)), "photo.png")
+    on_classes = _handler(app, "on_classes")
+    good = _by_id(app, on_classes(upload, "cat, dog", "paper", 2, 0.01, 1.6, 0))
+    assert good["iseg-classes-command"].startswith("iseg segment photo.png")
+    for bad in (("cat, cat", 0), ("cat", 2**64)):
+        values = on_classes(upload, bad[0], "paper", 2, 0.01, 1.6, bad[1])
+        assert list(values.values()) == [gr.skip()]  # nothing replaced
+    assert warnings == ["class 'cat' is given twice in 'cat, cat'",
+                        "seed must be a whole number in [0, 18446744073709551615], got '2**64' (0 to 2**64 − 1)"]  # fmt: skip
+
+
+def test_a_click_on_the_display_copy_adds_the_pixel_under_it(saved):
+    gr = pytest.importorskip("gradio")
+    pipe, _ = saved
+    app = demo.build_app(pipe)
+    image = make_image(2, (200, 300))
+    upload = demo.Upload(image, demo.display_copy(image, side=150), "photo.png")  # half size
+    on_click = _handler(app, "on_click")
+
+    def click(x, y, mode, regions, pending):
+        event = gr.SelectData(None, {"index": [x, y], "value": None})
+        values = on_click(upload, mode, regions, pending, upload.display, 5, 0.5, 0, event)
+        return {getattr(c, "elem_id", None) or c: v for c, v in values.items()}
+
+    out = click(40, 20, "point", [], None)
+    regions = [v for k, v in out.items() if isinstance(v, list) and v and isinstance(v[0], dict)][0]
+    assert regions == [{"type": "point", "x": 81, "y": 41}]  # (40.5·2, 20.5·2)
+    assert out["iseg-regions-command"].split()[3:5] == ["--point", "81,41"]
+    assert out["iseg-regions-image"].size == (150, 100)
+    # a box's first corner: no model call, the corner drawn on the image
+    out = click(10, 10, "box", regions, None)
+    assert "iseg-regions-command" not in out and "iseg-regions-image" in out
+
+
 def test_demo_command_loads_the_model_once_and_serves_the_app(saved, monkeypatch):
     pytest.importorskip("gradio")
     from iseg import cli
