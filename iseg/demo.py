@@ -77,10 +77,13 @@ EXAMPLES = [
     {"file": "ball-on-grass.jpg", "classes": "ball, grass, sky, sun", "clicks": "the ball; the sun",
      "regions": [{"type": "point", "x": 220, "y": 260}, {"type": "point", "x": 435, "y": 65}]},
     {"file": "house-and-tree.jpg", "classes": "house, tree, road, sky",
-     "clicks": "a box on the house; the tree; a background point in the sky", "regions": [{"type": "box", "x0": 40, "y0": 70, "x1": 262, "y1": 282},
-                 {"type": "point", "x": 385, "y": 140}, {"type": "point", "x": 300, "y": 30, "negative": True}]},
+     "clicks": "a box on the house; the tree; a background point in the sky",
+     "regions": [{"type": "box", "x0": 40, "y0": 70, "x1": 262, "y1": 282},
+                 {"type": "point", "x": 385, "y": 140},
+                 {"type": "point", "x": 300, "y": 30, "negative": True}]},
     {"file": "fruit-on-a-table.jpg", "classes": "apple, orange, bowl, table",
-     "clicks": "two apples; a background point on the orange", "regions": [{"type": "point", "x": 195, "y": 195}, {"type": "point", "x": 455, "y": 275},
+     "clicks": "two apples; a background point on the orange",
+     "regions": [{"type": "point", "x": 195, "y": 195}, {"type": "point", "x": 455, "y": 275},
                  {"type": "point", "x": 300, "y": 190, "negative": True}]},
 ]  # fmt: skip
 
@@ -884,7 +887,9 @@ def _gallery_update(gr, items: list, per_row: int) -> dict:
     return gr.Gallery(value=items, columns=per_row, rows=max(1, -(-len(items) // per_row)))
 
 
-def build_app(pipe, model_name: str | None = None, model_args: Sequence[str] | None = None) -> "gr.Blocks":  # noqa: F821
+def build_app(
+    pipe, model_name: str | None = None, model_args: Sequence[str] | None = None
+) -> "gr.Blocks":  # noqa: F821
     """The demo as ``gr.Blocks`` over ``pipe`` (loaded once by the caller and shared by every
     request); serve it with :func:`launch` (as ``iseg demo`` does).
 
@@ -1048,7 +1053,8 @@ def build_app(pipe, model_name: str | None = None, model_args: Sequence[str] | N
 
         region_settings = [r["iters"], r["threshold"], seed]
         region_state = [upload_state, regions_state, pending_state]
-        region_out = {regions_state, pending_state, view_state, r["image"], r["gallery"], r["legend"], r["files"], r["command"]}
+        region_out = {regions_state, pending_state, view_state, r["image"], r["gallery"], r["legend"], r["files"],
+                      r["command"]}  # fmt: skip
         busy = {"show_progress_on": [r["gallery"]], **model_event}  # the image stays clickable
         r["image"].select(on_click, [upload_state, r["mode"], regions_state, pending_state, view_state,
                                      *region_settings], region_out, trigger_mode="multiple", **busy)  # fmt: skip
