@@ -856,10 +856,11 @@ CSS = """
 """
 
 
-def _page_errors(gr, keep) -> Callable:
+def _page_errors(gr, keep, value=None) -> Callable:
     """A decorator of event handlers: a bad input (``ValueError``/``TypeError``) → a warning in
-    the page and nothing changed (``keep``, one of the outputs, skipped: the last result
-    stays); any other exception → ``gr.Error`` with one line (the traceback in the log)."""
+    the page and nothing else changed (only ``keep``, one of the outputs, set to ``value``,
+    default skipped: the last result stays); any other exception → ``gr.Error`` with one line
+    (the traceback in the server log)."""
 
     def decorate(fn: Callable) -> Callable:
         @functools.wraps(fn)
@@ -868,7 +869,7 @@ def _page_errors(gr, keep) -> Callable:
                 return fn(*args, **kwargs)
             except (ValueError, TypeError) as exc:
                 gr.Warning(first_line(exc))
-                return {keep: gr.skip()}
+                return {keep: gr.skip() if value is None else value}
             except Exception as exc:
                 if type(exc).__name__ == "OutOfMemoryError":
                     raise gr.Error("out of memory on the device: try again, or serve with --dtype fp16",
@@ -945,7 +946,7 @@ def build_app(
                 u["overlay"]: shown, u["legend"]: "", u["files"]: None, u["command"]: "",
             }  # fmt: skip
 
-        @_page_errors(gr, upload_state)
+        @_page_errors(gr, upload, gr.File(value=None))  # ready for the next file, no × first
         def on_upload(path):
             return cleared(demo.upload(path))
 

@@ -620,6 +620,12 @@ def test_a_new_upload_clears_every_result_and_shows_the_new_image(saved, tmp_pat
     for shown in ("iseg-classes-overlay", "iseg-regions-image", "iseg-unsupervised-overlay"):
         assert np.array_equal(np.asarray(values[shown]), np.asarray(make_image(1, (40, 56))))
     assert values["iseg-upload"] is None  # ready for the next file, no × first
+    # a rejected file: a warning, the upload box emptied, nothing else changed
+    (tmp_path / "notes.png").write_text("not an image")
+    with pytest.warns(UserWarning, match="'notes.png' is not an image"):  # gr.Warning outside a request
+        rejected = _handler(app, "on_upload")(str(tmp_path / "notes.png"))
+    [(component, value)] = rejected.items()
+    assert component.elem_id == "iseg-upload" and value.value is None
 
 
 def test_a_rejected_input_is_a_warning_and_the_last_result_stays(saved, monkeypatch):

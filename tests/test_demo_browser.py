@@ -296,6 +296,12 @@ def test_the_demo_at_a_desktop_size(server, browsers, tmp_path):
     assert "'notes.png' is not an image" in toast[0].text
     driver.find_element(By.CSS_SELECTOR, "[data-testid=toast-close]").click()
     wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, "[data-testid=toast-body]"))
+    # the next file goes straight in (no × first), and is shown where the results go
+    good = tmp_path / "blobs.png"
+    make_image(0, (240, 320)).save(good)
+    _upload(driver, wait, good)
+    shown = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#iseg-classes-overlay img"))[0]
+    wait.until(lambda d: d.execute_script("return arguments[0].naturalWidth", shown) == 320)
 
     # An example: a click loads its picture and prompt and runs
     rows = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#iseg-classes-examples tbody tr"))
