@@ -21,6 +21,11 @@ demo builds them:
 * :class:`Mask` ``(bool [H, W])``: one column, each cell's value the fraction of its area that
   the mask covers (exact area averaging: cell ``r`` spans pixel rows ``[r·H/g_h, (r+1)·H/g_h)``,
   partial pixels weighted by their overlap).
+* ``Point(x, y, negative=True)`` (a background click): its columns are built and refined like
+  a point's, but the region is subtracted from the others (:func:`combine_region_maps`): every
+  other region's map becomes ``max(0, map − background)``, where ``background`` is the largest
+  of the negative regions' maps; a negative region's own map is all zeros (it never wins a
+  pixel). A region list needs at least one region that is not negative.
 
 Columns of one region are in raster order of their cells (as the demo's ``torch.nonzero``).
 After refinement, :func:`combine_region_maps` turns the columns into one map per region.
@@ -46,6 +51,7 @@ __all__ = [
     "validate_regions",
     "region_maps",
     "combine_region_maps",
+    "RegionGroup",
     "label_map_seeds",
 ]
 
@@ -76,18 +82,25 @@ class Point:
     """A click at pixel ``(x, y)``, or several clicks ``Point([(x, y), ...])`` that form one
     region (one initial map per distinct grid cell, averaged after refinement).
 
+    ``negative=True`` makes it a background click, subtracted from the other regions (module
+    docstring).
+
     Example:
         >>> Point(120, 80).points
         ((120, 80),)
+        >>> Point(5, 6, negative=True).negative
+        True
     """
 
     points: tuple
+    negative: bool = False
 
-    def __init__(self, x: Any, y: Any = None) -> None:
+    def __init__(self, x: Any, y: Any = None, negative: bool = False) -> None:
         if y is None and not _is_number(x):
             object.__setattr__(self, "points", _as_pairs(x))
         else:
             object.__setattr__(self, "points", ((x, y),))
+        object.__setattr__(self, "negative", negative)
 
 
 @dataclass(frozen=True)
@@ -237,8 +250,10 @@ def _normalise(regions: Any, image_size: Any) -> tuple[tuple[int, int], list[tup
             pts = _pairs(region.points, where, "points")
             if not pts:
                 raise ValueError(f"{where} has no points")
+            if not isinstance(region.negative, (bool, np.bool_)):
+                raise TypeError(f"{where} negative must be True or False, got {region.negative!r}")
             pixels = [_pixel(p, f"{where} point {j}", size) for j, p in enumerate(pts)]
-            out.append(("points", pixels))
+            out.append(("negative" if region.negative else "points", pixels))
         elif isinstance(region, Box):
             x0, y0, x1, y1 = (
                 _number(getattr(region, c), f"{where} {c}") for c in ("x0", "y0", "x1", "y1")
@@ -264,6 +279,10 @@ def _normalise(regions: Any, image_size: Any) -> tuple[tuple[int, int], list[tup
             out.append(("mask", _mask_array(region.mask, f"{where} mask", size)))
         else:
             raise TypeError(f"regions[{i}] must be a Point, Box, Line or Mask, got {name}")
+    if all(kind == "negative" for kind, _ in out):
+        raise ValueError(
+            "regions has only negative points: add a region to segment (a Point, Box, Line or Mask)"
+        )
     return size, out
 
 
@@ -280,7 +299,7 @@ def validate_regions(
         TypeError: ``regions`` is not a list, a region is not one of the four types, or a
             coordinate / mask has the wrong type.
         ValueError: empty list, NaN or infinite coordinates, a point or vertex outside the image
-            (``0 ≤ x < W``, ``0 ≤ y < H``), a box with ``x1 ≤ x0`` or ``y1 ≤ y0`` or outside
+            (``0 ≤ x < W``, ``0 ≤ y < H``), only negative points, a box with ``x1 ≤ x0`` or ``y1 ≤ y0`` or outside
             ``[0, W] × [0, H]``, a line with fewer than 2 vertices, a mask of another size or
             selecting no pixel. The message names the region index.
 
@@ -385,7 +404,8 @@ def region_maps(
     Returns:
         ``(C0, groups)``: ``C0`` ``[g_h·g_w, M]`` float32 on the CPU (raster order of the grid),
         one column per Point (single click), Box or Mask and one per distinct cell of a Line or a
-        multi-click Point; ``groups[r]`` lists the columns of region ``r``.
+        multi-click Point; ``groups[r]`` lists the columns of region ``r`` (a
+        :class:`RegionGroup`, whose ``negative`` says whether region ``r`` is a negative point).
 
     Example:
         >>> c0, groups = region_maps([Point(0, 0), Line([(0, 3), (7, 3)])], (8, 8), (4, 4))
@@ -396,10 +416,10 @@ def region_maps(
     grid = _check_grid(grid)
     gh, gw = grid
     columns: list[torch.Tensor] = []
-    groups: list[list[int]] = []
+    groups: list[RegionGroup] = []
     for kind, data in items:
-        if kind in ("points", "line"):
-            if kind == "points":
+        if kind in ("points", "negative", "line"):
+            if kind != "line":
                 cells = sorted({_cell(x, y, size, grid) for x, y in data})
             else:
                 cells = line_cells(data, size, grid)
@@ -419,13 +439,24 @@ def region_maps(
             col = area_average(torch.from_numpy(data), grid).to(torch.float32)
             group = [len(columns)]
             columns.append(col.flatten())
-        groups.append(group)
+        groups.append(RegionGroup(group, negative=kind == "negative"))
     return torch.stack(columns, dim=1), groups
+
+
+class RegionGroup(list):
+    """The column indices of one region (a list), and whether the region is a negative point."""
+
+    def __init__(self, columns=(), negative: bool = False) -> None:
+        super().__init__(columns)
+        self.negative = negative
 
 
 def combine_region_maps(refined: torch.Tensor, groups: Sequence[Sequence[int]]) -> torch.Tensor:
     """One map per region from the refined columns (the authors' demo, METHOD §5): each column
     divided by its maximum, the columns of a region averaged, the result divided by its maximum.
+    Where some groups are negative (:class:`RegionGroup`), each other region's map is then
+    ``max(0, map − background)`` (``background``: the largest negative map, per cell) and each
+    negative region's map is zeros.
 
     Args:
         refined: ``[..., HW, M]`` refined maps (e.g. :func:`iseg_ops.refine` of the columns of
@@ -458,8 +489,12 @@ def combine_region_maps(refined: torch.Tensor, groups: Sequence[Sequence[int]]) 
             if isinstance(j, bool) or not isinstance(j, numbers.Integral) or not 0 <= j < m:
                 raise ValueError(f"groups[{r}] has column {j!r}, not an index into {m} columns")
     maps = _divide_by_max(refined)
-    out = torch.stack([maps[..., list(group)].mean(dim=-1) for group in groups], dim=-1)
-    return _divide_by_max(out)
+    out = _divide_by_max(torch.stack([maps[..., list(g)].mean(dim=-1) for g in groups], dim=-1))
+    negative = torch.tensor([bool(getattr(g, "negative", False)) for g in groups], device=out.device)
+    if not negative.any():
+        return out
+    background = out[..., negative].amax(dim=-1, keepdim=True)
+    return torch.where(negative, 0.0, (out - background).clamp_min(0.0)).to(out.dtype)
 
 
 def _divide_by_max(c: torch.Tensor) -> torch.Tensor:

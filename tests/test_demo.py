@@ -6,7 +6,6 @@ The handlers are plain functions, so what the page shows is checked here without
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shlex
 import subprocess
@@ -17,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 import iseg
 from iseg import ISegPipeline, demo, masks
@@ -160,6 +159,57 @@ def test_legend_shows_each_name_in_its_label_colour_and_escapes_names():
     assert (128, 0, 0) == demo.label_colour(1) and (0, 128, 0) == demo.label_colour(2)
 
 
+# --- display copies and clicks ----------------------------------------------------------------
+
+
+def test_a_large_photo_is_shown_as_a_display_copy_and_clicks_map_back():
+    big = Image.new("RGB", (6000, 4000))
+    shown = demo.display_copy(big, side=1024)
+    assert shown.size == (1024, 683)  # 4000 · 1024 / 6000 = 682.67
+    small = make_image(0, (40, 56))
+    assert demo.display_copy(small, side=1024) is small  # small images: the image itself
+    # the image pixel under the centre of the clicked display pixel
+    assert demo.to_image_pixel((0, 0), big.size, shown.size) == (2, 2)  # 0.5 · 6000/1024 = 2.9
+    assert demo.to_image_pixel((1023, 682), big.size, shown.size) == (5997, 3997)
+    assert demo.to_image_pixel((512, 100), big.size, shown.size) == (3002, 588)  # 512.5·5.859, 100.5·5.857
+    assert demo.to_image_pixel((13, 7), small.size, small.size) == (13, 7)  # exact where not scaled
+    with pytest.raises(DemoError, match="outside the image"):
+        demo.to_image_pixel((56, 0), small.size, small.size)
+
+
+def test_shrink_samples_the_pixel_centres():
+    values = np.arange(6 * 8).reshape(6, 8)
+    assert np.array_equal(demo.shrink(values, (4, 3)), values[1::2, 1::2])
+    assert demo.shrink(values, (8, 6)) is values
+
+
+def test_clicks_make_points_background_points_boxes_and_lines():
+    regions, pending = demo.add_click("point", 5, 6, [], None)
+    assert regions == [{"type": "point", "x": 5, "y": 6}] and pending is None
+    regions, pending = demo.add_click("negative", 7, 8, regions, None)
+    assert regions[-1] == {"type": "point", "x": 7, "y": 8, "negative": True} and pending is None
+    # a box: the first click is a corner, the second adds the box holding both clicked pixels
+    regions, pending = demo.add_click("box", 30, 4, regions, None)
+    assert len(regions) == 2 and pending == {"type": "box", "points": [[30, 4]]}
+    regions, pending = demo.add_click("box", 10, 20, regions, pending)
+    assert regions[-1] == {"type": "box", "x0": 10, "y0": 4, "x1": 31, "y1": 21} and pending is None
+    # a line: vertices until finished
+    regions, pending = demo.add_click("line", 1, 1, regions, None)
+    regions, pending = demo.add_click("line", 9, 3, regions, pending)
+    assert len(regions) == 3 and pending == {"type": "line", "points": [[1, 1], [9, 3]]}
+    regions, pending = demo.finish_line(regions, pending)
+    assert regions[-1] == {"type": "line", "points": [[1, 1], [9, 3]]} and pending is None
+    # a pending corner of another kind is dropped by a click in a new mode
+    _, pending = demo.add_click("line", 2, 2, regions, {"type": "box", "points": [[0, 0]]})
+    assert pending == {"type": "line", "points": [[2, 2]]}
+    with pytest.raises(DemoError, match="a line needs at least 2 clicks"):
+        demo.finish_line(regions, {"type": "line", "points": [[1, 1]]})
+    with pytest.raises(DemoError, match="no line to finish"):
+        demo.finish_line(regions, None)
+    with pytest.raises(DemoError, match="mode must be one of"):
+        demo.add_click("circle", 1, 1, [], None)
+
+
 # --- the Classes tab ----------------------------------------------------------------------
 
 
@@ -167,39 +217,58 @@ def test_segment_classes_shows_what_the_pipeline_computes(saved):
     pipe, _ = saved
     image = make_image(2, (48, 64))
     result = demo.segment_classes(pipe, image, " cat ,  potted plant", "paper", 7, 0.02, 1.3, seed=5)
-    reference = pipe(image, ["cat", "potted plant"], recipe="paper", iters=7, lam=0.02, gamma=1.3,
-                     generator=torch.Generator().manual_seed(5))  # fmt: skip
-    label = reference.labels[0]
+    call = {"recipe": "paper", "iters": 7, "lam": 0.02, "gamma": 1.3}
+    reference = pipe(image, ["cat", "potted plant"], generator=torch.Generator().manual_seed(5), **call)
+    lean = pipe(image, ["cat", "potted plant"], generator=torch.Generator().manual_seed(5),
+                output_heatmaps=False, **call)  # fmt: skip
+    label = lean.labels[0]  # the labels as `iseg segment` makes them
     assert result.classes == ("cat", "potted plant")
     assert np.array_equal(np.asarray(result.labels), label.numpy()) and result.labels.mode == "P"
     assert result.labels.getpalette()[:9] == masks.palette(3)
     assert np.array_equal(np.asarray(result.overlay), np.asarray(masks.overlay(image, label)))
     assert [caption for _, caption in result.heatmaps] == ["cat", "potted plant"]
-    for (picture, _), heat in zip(result.heatmaps, reference.heatmaps[0]):
+    for (picture, _), heat in zip(result.heatmaps, reference.heatmaps[0]):  # the pipeline's heatmaps
         assert np.array_equal(np.asarray(picture), np.asarray(demo.heatmap_image(heat)))
     assert result.legend == demo.legend_html(["cat", "potted plant"])
+    for k in (1, 2):
+        assert np.array_equal(np.asarray(result.masks[f"IMAGE_class{k}_mask.png"]) > 0, label.numpy() == k)
     assert shlex.split(result.command) == [
         "iseg", "segment", "IMAGE", "--classes", "cat,potted plant", "--recipe", "paper",
-        "--iters", "7", "--lam", "0.02", "--gamma", "1.3", "--seed", "5",
+        "--iters", "7", "--lam", "0.02", "--gamma", "1.3", "--seed", "5", "--out", "iseg-out",
     ]  # fmt: skip
 
 
-def test_the_shown_command_reproduces_the_label_png(saved, tmp_path):
-    pipe, model = saved
+def test_classes_on_a_display_copy_keep_full_size_labels(saved):
+    pipe, _ = saved
+    image = make_image(8, (96, 128))
+    display = demo.display_copy(image, side=64)
+    result = demo.segment_classes(pipe, image, "cat, dog", None, 3, 0.01, 1.6, 0, display=display)
+    assert result.labels.size == (128, 96) and result.masks["IMAGE_class1_mask.png"].size == (128, 96)
+    assert result.overlay.size == (64, 48) and result.heatmaps[0][0].size == (64, 48)
+
+
+def _run_shown_command(command: str, image_path: Path, out: Path) -> None:
+    """The command as shown, but for the image's path and the output folder, run in-process."""
     from iseg import cli
 
-    image = make_image(3, (40, 56))
+    args = shlex.split(command)
+    assert args[0] == "iseg" and "--model" in args
+    args[2] = str(image_path)
+    args[args.index("--out") + 1] = str(out)
+    assert cli.main(args[1:]) == 0
+
+
+def test_the_classes_command_reproduces_the_labels(saved, tmp_path):
+    """On a 640 × 480 image where the labels of the full-size heatmaps and the command's
+    (computed in row chunks) differ: the demo shows the command's."""
+    pipe, model = saved
+    image = make_image(0, (480, 640))  # 1 pixel of 307,200 differs between the two label paths
     image.save(tmp_path / "photo.png")
-    result = demo.segment_classes(pipe, image, "cat, dog", "paper", 4, 0.01, 1.6, seed=2,
-                                  image_name="photo.png")  # fmt: skip
-    args = shlex.split(result.command)
-    assert args[:3] == ["iseg", "segment", "photo.png"]
-    args[2] = str(tmp_path / "photo.png")
-    out = tmp_path / "out"
-    status = cli.main([*args[1:], "--model", str(model), "--out", str(out), "--device", "cpu",
-                       "--dtype", "fp32"])  # fmt: skip
-    assert status == 0
-    written = Image.open(out / "photo_labels.png")
+    result = demo.segment_classes(pipe, image, "a, b, c, d, e", "paper", 4, 0.01, 1.6, seed=2,
+                                  image_name="photo.png", model_args=["--model", str(model)])  # fmt: skip
+    assert shlex.split(result.command)[-2:] == ["--model", str(model)]
+    _run_shown_command(result.command, tmp_path / "photo.png", tmp_path / "out")
+    written = Image.open(tmp_path / "out" / "photo_labels.png")
     assert np.array_equal(np.asarray(written), np.asarray(result.labels))
 
 
@@ -212,9 +281,16 @@ def test_the_shown_command_reproduces_the_label_png(saved, tmp_path):
         ({"classes_text": "cat, cat"}, "'cat' is given twice"),
         ({"iters": -1}, "iterations must be a whole number ≥ 0"),
         ({"iters": 2.5}, "iterations must be a whole number"),
+        ({"iters": "many"}, "iterations must be a whole number, got 'many'"),
+        ({"iters": float("inf")}, "iterations must be a whole number"),
         ({"lam": float("nan")}, "λ must be a finite number ≥ 0"),
+        ({"lam": None}, "λ must be a number, got None"),
         ({"gamma": 0}, "γ must be a finite number > 0"),
-        ({"seed": -2}, "seed must be a whole number ≥ 0"),
+        ({"seed": -2}, r"seed must be a whole number in \[0, 18446744073709551615\]"),
+        ({"seed": 2**64}, r"seed must be a whole number in \[0, 18446744073709551615\], got '2\*\*64' \(0 to 2\*\*64 − 1\)"),
+        ({"seed": float(2**64)}, r"seed must be a whole number in \[0, 18446744073709551615\]"),
+        ({"seed": 1e300}, r"seed must be a whole number in"),
+        ({"seed": None}, "seed must be a whole number, got None"),
     ],
 )
 def test_segment_classes_refuses_bad_input_before_the_model_runs(kwargs, message):
@@ -236,124 +312,23 @@ def test_recipe_settings_are_the_recipes_values():
         demo.recipe_settings("no-such-recipe")
 
 
-# --- strokes → regions -----------------------------------------------------------------------
-
-
-def _stroke(size=(120, 160), **draw) -> np.ndarray:
-    """A [H, W] bool stroke drawn with PIL: line=(points, width) or ellipse=box."""
-    canvas = Image.new("L", (size[1], size[0]))
-    pen = ImageDraw.Draw(canvas)
-    if "line" in draw:
-        points, width = draw["line"]
-        pen.line(points, fill=255, width=width)
-    if "ellipse" in draw:
-        pen.ellipse(draw["ellipse"], fill=255)
-    return np.asarray(canvas) > 0
-
-
-def test_a_click_is_a_point_at_its_centre():
-    dot = _stroke(ellipse=(30, 50, 36, 56))  # a 7-pixel disc centred on (33, 53)
-    assert demo.stroke_region("point", dot) == {"type": "point", "x": 33, "y": 53}
-    # a "line" that is a dot is a point too
-    assert demo.stroke_region("line", dot) == {"type": "point", "x": 33, "y": 53}
-
-
-def test_a_drag_is_the_box_around_it():
-    stroke = _stroke(line=([(20, 30), (90, 70)], 3))
-    ys, xs = np.nonzero(stroke)
-    region = demo.stroke_region("box", stroke)
-    assert region == {"type": "box", "x0": int(xs.min()), "y0": int(ys.min()),
-                      "x1": int(xs.max()) + 1, "y1": int(ys.max()) + 1}  # fmt: skip
-    assert region["x1"] > region["x0"] and region["y1"] > region["y0"]
-
-
-@pytest.mark.parametrize("width", [1, 5, 13])
-def test_a_drawn_line_is_its_centre_line_whatever_the_brush(width):
-    vertices = [(10, 100), (60, 40), (140, 60)]
-    region = demo.stroke_region("line", _stroke(line=(vertices, width)))
-    assert region["type"] == "line"
-    points = np.array(region["points"], dtype=np.float64)
-    # its ends are the stroke's ends (either direction), within the brush's half width + 2
-    ends = sorted([tuple(points[0]), tuple(points[-1])])
-    for end, expected in zip(ends, sorted([vertices[0], vertices[-1]])):
-        assert np.hypot(*(np.array(end) - expected)) <= width / 2 + 2
-    # every vertex lies near the drawn polyline, and the corner is kept
-    def distance_to_polyline(p):
-        best = np.inf
-        for a, b in zip(vertices, vertices[1:]):
-            a, b = np.array(a, float), np.array(b, float)
-            t = np.clip(np.dot(p - a, b - a) / np.dot(b - a, b - a), 0, 1)
-            best = min(best, np.hypot(*(p - (a + t * (b - a)))))
-        return best
-
-    assert max(distance_to_polyline(p) for p in points) <= width / 2 + 2
-    assert min(np.hypot(*(p - np.array(vertices[1]))) for p in points) <= width / 2 + 3
-    assert len(points) <= 8  # simplified, not one vertex per pixel
-
-
-def test_new_stroke_is_what_was_painted_since_the_drawn_regions():
-    regions = [{"type": "box", "x0": 10, "y0": 10, "x1": 40, "y1": 30}]
-    drawn = np.asarray(demo.draw_regions((64, 48), regions))  # [48, 64, 4]
-    seen = drawn[..., 3] > 0
-    layer = drawn.copy()
-    layer[35:38, 50:53] = (255, 0, 0, 255)  # a new dot
-    stroke = demo.new_stroke(layer, seen)
-    expected = np.zeros((48, 64), bool)
-    expected[35:38, 50:53] = True
-    assert np.array_equal(stroke, expected)
-    assert not demo.new_stroke(drawn, seen).any()  # nothing new
-    assert np.array_equal(demo.new_stroke(layer[..., 3], None), layer[..., 3] > 0)
-
-
-def test_stroke_region_of_nothing_and_of_an_unknown_kind():
-    assert demo.stroke_region("point", np.zeros((8, 8), bool)) is None
-    with pytest.raises(ValueError, match="kind: expected one of point, box, line"):
-        demo.stroke_region("circle", np.ones((8, 8), bool))
-
-
 # --- the Regions tab --------------------------------------------------------------------------
 
 REGIONS = [
     {"type": "point", "x": 20, "y": 12},
     {"type": "box", "x0": 4, "y0": 6, "x1": 30, "y1": 28},
     {"type": "line", "points": [[2, 3], [40, 30], [50, 10]]},
+    {"type": "point", "x": 45, "y": 30, "negative": True},
 ]
 
 
-@pytest.fixture
-def region_types(monkeypatch):
-    """iseg's Point/Box/Line, or stand-ins with the contract's fields until they land."""
-    if all(hasattr(iseg, name) for name in ("Point", "Box", "Line")):
-        return iseg.Point, iseg.Box, iseg.Line
-
-    @dataclasses.dataclass
-    class Point:
-        x: float
-        y: float
-
-    @dataclasses.dataclass
-    class Box:
-        x0: float
-        y0: float
-        x1: float
-        y1: float
-
-    @dataclasses.dataclass
-    class Line:
-        points: list
-
-    for cls in (Point, Box, Line):
-        monkeypatch.setattr(iseg, cls.__name__, cls, raising=False)
-    return Point, Box, Line
-
-
 class RegionsStub:
-    """Records the call and returns fixed heatmaps, masks and labels for 3 regions."""
+    """Records the call and returns fixed heatmaps, masks and labels for 4 regions."""
 
     def __init__(self, size):
         h, w = size
         generator = torch.Generator().manual_seed(0)
-        self.heat = torch.rand(1, 3, h, w, generator=generator)
+        self.heat = torch.rand(1, 4, h, w, generator=generator)
         self.masks = self.heat > 0.5
         self.labels = torch.randint(0, 4, (1, h, w), generator=generator)
         self.calls = []
@@ -363,18 +338,18 @@ class RegionsStub:
         return types.SimpleNamespace(heatmaps=self.heat, masks=self.masks, labels=self.labels)
 
 
-def test_segment_regions_passes_the_regions_and_shows_each_heatmap_and_mask(region_types):
-    Point, Box, Line = region_types
+def test_segment_regions_passes_the_regions_and_shows_each_heatmap_and_mask():
     image = make_image(4, (36, 52))
     stub = RegionsStub((36, 52))
     result = demo.segment_regions(stub, image, REGIONS, iters=20, threshold=0.4, seed=3,
-                                  image_name="my photo.png")  # fmt: skip
+                                  image_name="my photo.png", model_args=["--model", "m"])  # fmt: skip
     [(called_image, regions, kwargs)] = stub.calls
     assert called_image is image
-    assert regions == [Point(20, 12), Box(4, 6, 30, 28), Line([(2, 3), (40, 30), (50, 10)])]
+    assert regions == [iseg.Point(20, 12), iseg.Box(4, 6, 30, 28), iseg.Line([(2, 3), (40, 30), (50, 10)]),
+                       iseg.Point(45, 30, negative=True)]  # fmt: skip
     assert kwargs["iters"] == 20 and kwargs["threshold"] == 0.4
     assert torch.equal(kwargs["generator"].get_state(), torch.Generator().manual_seed(3).get_state())
-    # per region: its heatmap, then its mask tinted in its label colour
+    # per object region: its heatmap, then its mask tinted in its label colour (not the background point's)
     assert [c for _, c in result.gallery] == [
         "1 · point (20, 12): heatmap", "1 · point (20, 12): mask",
         "2 · box (4, 6)–(30, 28): heatmap", "2 · box (4, 6)–(30, 28): mask",
@@ -385,18 +360,22 @@ def test_segment_regions_passes_the_regions_and_shows_each_heatmap_and_mask(regi
         assert np.array_equal(np.asarray(heat_picture), np.asarray(demo.heatmap_image(stub.heat[0, r])))
         expected = demo.mask_image(image, stub.masks[0, r], demo.label_colour(r + 1))
         assert np.array_equal(np.asarray(mask_picture), np.asarray(expected))
+    assert "4 · background point (45, 30)" in result.legend
     assert np.array_equal(np.asarray(result.labels), stub.labels[0].numpy())
     assert result.overlay.size == image.size and result.overlay.mode == "RGB"
-    # the session's JSON: image, size, settings, regions and the CLI command
+    # downloads: labels, each region's mask as `iseg regions` names them, the session
+    assert list(result.files) == ["my photo_labels.png", *[f"my photo_region{r}_mask.png" for r in (1, 2, 3, 4)],
+                                  "my photo_regions.json"]  # fmt: skip
+    for r in range(4):
+        assert np.array_equal(np.asarray(result.files[f"my photo_region{r + 1}_mask.png"]) > 0, stub.masks[0, r].numpy())
     session = json.loads(result.json)
     assert session["image"] == "my photo.png" and session["size"] == [52, 36]
     assert session["iters"] == 20 and session["threshold"] == 0.4 and session["seed"] == 3
-    assert session["regions"] == REGIONS
-    assert session["command"] == result.command
+    assert session["regions"] == REGIONS and session["command"] == result.command
     assert shlex.split(result.command) == [
         "iseg", "regions", "my photo.png", "--point", "20,12", "--box", "4,6,30,28",
-        "--line", "2,3:40,30:50,10", "--iters", "20", "--threshold", "0.4", "--seed", "3",
-        "--out", "iseg-regions",
+        "--line", "2,3:40,30:50,10", "--negative-point", "45,30", "--iters", "20", "--threshold", "0.4",
+        "--seed", "3", "--out", "iseg-regions", "--model", "m",
     ]  # fmt: skip
 
 
@@ -407,48 +386,63 @@ def test_segment_regions_passes_the_regions_and_shows_each_heatmap_and_mask(regi
         ({"regions": []}, "add a region first"),
         ({"regions": [{"type": "circle"}]}, "region 0: unknown type 'circle'"),
         ({"iters": 0}, "iterations must be a whole number ≥ 1"),
-        ({"threshold": 1.0}, r"threshold must be in \(0, 1\)"),
-        ({"threshold": 0}, "threshold must be a finite number > 0"),
+        ({"threshold": 1.0}, r"threshold must be a finite number in \(0, 1\)"),
+        ({"threshold": 0}, r"threshold must be a finite number in \(0, 1\)"),
+        ({"seed": 2**64}, "seed must be a whole number in"),
     ],
 )
-def test_segment_regions_refuses_bad_input_before_the_model_runs(region_types, kwargs, message):
+def test_segment_regions_refuses_bad_input_before_the_model_runs(kwargs, message):
     call = {"image": make_image(0, (32, 32)), "regions": REGIONS[:1], "iters": 50,
             "threshold": 0.5, **kwargs}  # fmt: skip
     with pytest.raises(DemoError, match=message):
         demo.segment_regions(NoModel(), **call)
 
 
+def test_only_background_points_are_refused_before_the_model_runs(saved):
+    pipe, _ = saved  # the pipeline validates the regions before its model runs
+    with pytest.raises(DemoError, match="only negative points"):
+        demo.segment_regions(pipe, make_image(0, (40, 56)), [REGIONS[3]])
+
+
 def test_segment_regions_on_the_tiny_model_matches_the_pipeline(saved):
     pipe, _ = saved
-    if not all(hasattr(iseg, name) for name in ("Point", "Box", "Line")):
-        pytest.skip("the regions API (iseg.Point/Box/Line, issue 8) has not landed")
     image = make_image(5, (36, 52))
     result = demo.segment_regions(pipe, image, REGIONS, iters=30, threshold=0.5, seed=1)
     reference = pipe.segment_regions(
-        image, [iseg.Point(20, 12), iseg.Box(4, 6, 30, 28), iseg.Line([(2, 3), (40, 30), (50, 10)])],
+        image, [iseg.Point(20, 12), iseg.Box(4, 6, 30, 28), iseg.Line([(2, 3), (40, 30), (50, 10)]),
+                iseg.Point(45, 30, negative=True)],
         iters=30, threshold=0.5, generator=torch.Generator().manual_seed(1),
     )  # fmt: skip
     assert np.array_equal(np.asarray(result.labels), reference.labels[0].numpy())
     for r in range(3):
         expected = demo.heatmap_image(reference.heatmaps[0, r])
         assert np.array_equal(np.asarray(result.gallery[2 * r][0]), np.asarray(expected))
+    for r in range(4):
         assert np.array_equal(result.masks[r], reference.masks[0, r].numpy())
+    assert not result.masks[3].any()  # the background point's own mask is empty
 
 
-def test_the_regions_command_reproduces_the_masks(saved, tmp_path):
-    pipe, model = saved
+def _cli_has(flag: str, command: str) -> bool:
+    import argparse
+
     from iseg import cli
 
-    if not all(hasattr(iseg, name) for name in ("Point", "Box", "Line")) or "regions" not in cli.COMMANDS:
-        pytest.skip("the regions API and `iseg regions` (issue 8) have not landed")
+    parser, _ = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices.get(command)
+    return sub is not None and flag in sub._option_string_actions
+
+
+@pytest.mark.parametrize("with_negative", [False, True], ids=["objects", "with-a-background-point"])
+def test_the_regions_command_reproduces_the_masks(saved, tmp_path, with_negative):
+    pipe, model = saved
+    if with_negative and not _cli_has("--negative-point", "regions"):
+        pytest.skip("`iseg regions --negative-point` has not landed (the CLI's part)")
+    regions = REGIONS if with_negative else REGIONS[:3]
     image = make_image(6, (36, 52))
     image.save(tmp_path / "photo.png")
-    result = demo.segment_regions(pipe, image, REGIONS, iters=12, threshold=0.45, seed=4,
-                                  image_name="photo.png")  # fmt: skip
-    args = shlex.split(json.loads(result.json)["command"])
-    assert args[:3] == ["iseg", "regions", "photo.png"] and args[-2:] == ["--out", "iseg-regions"]
-    args[2], args[-1] = str(tmp_path / "photo.png"), str(tmp_path / "out")
-    assert cli.main([*args[1:], "--model", str(model), "--device", "cpu", "--dtype", "fp32"]) == 0
+    result = demo.segment_regions(pipe, image, regions, iters=12, threshold=0.45, seed=4,
+                                  image_name="photo.png", model_args=["--model", str(model)])  # fmt: skip
+    _run_shown_command(json.loads(result.json)["command"], tmp_path / "photo.png", tmp_path / "out")
     written = Image.open(tmp_path / "out" / "photo_labels.png")
     assert np.array_equal(np.asarray(written), np.asarray(result.labels))
     for r, mask in enumerate(result.masks, 1):
@@ -460,8 +454,13 @@ def test_draw_regions_draws_each_region_in_its_colour():
     assert layer.shape == (48, 64, 4)
     assert tuple(layer[12, 20]) == (*demo.label_colour(1), 255)  # the point's centre
     assert tuple(layer[6 + 1, 17]) == (*demo.label_colour(2), 255)  # on the box's top edge
+    assert tuple(layer[27, 45]) == (20, 20, 20, 255)  # the background point: dark, a white bar
+    assert tuple(layer[30, 45]) == (255, 255, 255, 255)
     assert layer[18, 12, 3] == 0  # inside the box, away from the line: transparent
     assert layer[0, 63, 3] == 0
+    # on a display copy at half size, the point is drawn at half its coordinates
+    half = np.asarray(demo.draw_regions((32, 24), REGIONS[:1], scale=0.5))
+    assert tuple(half[6, 10]) == (*demo.label_colour(1), 255)
 
 
 # --- the Unsupervised tab ---------------------------------------------------------------------
@@ -469,29 +468,91 @@ def test_draw_regions_draws_each_region_in_its_colour():
 
 def test_segment_unsupervised_shows_every_segment_and_reproduces_with_the_cli(saved, tmp_path):
     pipe, model = saved
-    from iseg import cli
-
-    if not hasattr(pipe, "segment_unsupervised"):
-        pytest.skip("segment_unsupervised has not landed")
     image = make_image(7, (40, 56))
-    overlay, legend, labels, command = demo.segment_unsupervised(pipe, image, 0.4, 3, "photo.png")
+    result = demo.segment_unsupervised(pipe, image, 0.4, 3, "photo.png", ["--model", str(model)])
     reference = pipe.segment_unsupervised(image, kl_threshold=0.4, iters=3).labels[0]
-    assert np.array_equal(np.asarray(labels), reference.numpy()) and labels.mode == "P"
+    assert np.array_equal(np.asarray(result.labels), reference.numpy()) and result.labels.mode == "P"
     expected = Image.blend(image, masks.label_image(reference).convert("RGB"), 0.5)
-    assert np.array_equal(np.asarray(overlay), np.asarray(expected))  # segment 0 tinted too
-    for k in range(int(reference.max()) + 1):
-        assert f'data-label="{k}"' in legend and f"segment {k}<" in legend
-    assert shlex.split(command) == ["iseg", "unsupervised", "photo.png", "--kl-threshold", "0.4", "--iters", "3"]
-    if "unsupervised" not in cli.COMMANDS:
-        return
+    assert np.array_equal(np.asarray(result.overlay), np.asarray(expected))  # segment 0 tinted too
+    count = int(reference.max()) + 1
+    for k in range(count):
+        assert f'data-label="{k}"' in result.legend and f"segment {k}<" in result.legend
+        assert np.array_equal(np.asarray(result.masks[f"photo_segment{k}_mask.png"]) > 0, reference.numpy() == k)
+    assert shlex.split(result.command) == ["iseg", "unsupervised", "photo.png", "--kl-threshold", "0.4",
+                                           "--iters", "3", "--out", "iseg-unsupervised", "--model", str(model)]  # fmt: skip
     image.save(tmp_path / "photo.png")
-    args = [*shlex.split(command)[1:], "--model", str(model), "--device", "cpu", "--dtype", "fp32",
-            "--out", str(tmp_path / "out")]  # fmt: skip
-    args[1] = str(tmp_path / "photo.png")
-    assert cli.main(args) == 0
-    assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / "photo_labels.png")), np.asarray(labels))
+    _run_shown_command(result.command, tmp_path / "photo.png", tmp_path / "out")
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / "photo_labels.png")), np.asarray(result.labels))
     with pytest.raises(DemoError, match="KL threshold must be a finite number > 0"):
         demo.segment_unsupervised(NoModel(), image, 0.0, 3)
+
+
+# --- one model call at a time -------------------------------------------------------------------
+
+
+def test_two_tabs_from_two_threads_get_what_each_gets_alone(saved):
+    """A Classes run and a Regions run of two "browsers" at the same time, many times: each
+    result equals the same request run alone (the attention processors are swapped on shared
+    layers during a call, so overlapping calls fail or mix their maps without the lock)."""
+    import threading
+
+    pipe, _ = saved
+    app = demo.Demo(pipe)
+    first = demo.Upload(make_image(9, (40, 56)), make_image(9, (40, 56)), "a.png")
+    second = demo.Upload(make_image(10, (48, 40)), make_image(10, (48, 40)), "b.png")
+    regions = REGIONS[:2]
+    alone_classes = np.asarray(app.classes(first, "cat, dog", "paper", 3, 0.01, 1.6, 0).labels)
+    alone_regions = np.asarray(app.regions(second, regions, 5, 0.5, 0).labels)
+    failures: list[str] = []
+
+    def hammer(run, expected):
+        for _ in range(12):
+            try:
+                if not np.array_equal(np.asarray(run().labels), expected):
+                    failures.append("different labels")
+            except Exception as exc:  # noqa: BLE001 - any failure is the finding
+                failures.append(f"{type(exc).__name__}: {exc}")
+
+    threads = [
+        threading.Thread(target=hammer, args=(lambda: app.classes(first, "cat, dog", "paper", 3, 0.01, 1.6, 0),
+                                              alone_classes)),
+        threading.Thread(target=hammer, args=(lambda: app.regions(second, regions, 5, 0.5, 0), alone_regions)),
+    ]  # fmt: skip
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+
+
+# --- examples ---------------------------------------------------------------------------------
+
+
+def test_examples_are_small_pictures_with_a_prompt_for_each_tab(saved):
+    pipe, _ = saved
+    app = demo.Demo(pipe)
+    for index, entry in enumerate(demo.EXAMPLES):
+        path = demo.EXAMPLES_DIR / entry["file"]
+        assert path.stat().st_size < 40_000
+        upload = app.example(index)
+        assert upload.name == entry["file"] and upload.image.size == (512, 384)
+        demo.parse_class_names(entry["classes"])  # a valid prompt
+        iseg.seeds.validate_regions(demo.to_api_regions(entry["regions"]), (384, 512))
+        assert entry["clicks"]
+
+
+def test_an_image_smaller_than_the_attention_grid_is_refused(saved, tmp_path):
+    pipe, _ = saved
+    grid = demo.attention_grid(pipe)
+    assert grid == (16, 16)  # the tiny model: 128 px, VAE ÷ 2, self-attention at ÷ 4
+    Image.new("RGB", (16, 15)).save(tmp_path / "thin.png")
+    Image.new("RGB", (1, 1)).save(tmp_path / "dot.png")
+    Image.new("RGB", (16, 16)).save(tmp_path / "ok.png")
+    app = demo.Demo(pipe)
+    for name in ("thin.png", "dot.png"):
+        with pytest.raises(DemoError, match=r"the model needs at least 16 × 16 pixels"):
+            app.upload(tmp_path / name)
+    assert app.upload(tmp_path / "ok.png").image.size == (16, 16)
 
 
 # --- the app ----------------------------------------------------------------------------------
@@ -519,6 +580,91 @@ def test_build_app_shows_the_tabs_the_pipeline_supports(saved):
 
     assert _tabs(demo.build_app(WithRegions())) == {"Classes": True, "Regions": True, "Unsupervised": False}
     assert _tabs(demo.build_app(pipe))["Unsupervised"] is hasattr(pipe, "segment_unsupervised")
+
+
+def _handler(app, name: str):
+    """The function of the app's event handled by ``name`` (the first one)."""
+    return next(f.fn for f in app.fns.values() if getattr(f.fn, "__name__", "") == name)
+
+
+def _by_id(app, values: dict) -> dict:
+    """``{component: value}`` → ``{elem_id: value}`` (elem_id-less components left out)."""
+    return {c.elem_id: v for c, v in values.items() if getattr(c, "elem_id", None)}
+
+
+MODEL_HANDLERS = {"on_classes", "on_classes_example", "on_click", "on_finish", "on_undo", "on_region_settings",
+                  "on_regions_example", "on_unsupervised", "on_unsupervised_example"}  # fmt: skip
+
+
+def test_every_model_call_of_every_tab_shares_one_concurrency_slot(saved):
+    pytest.importorskip("gradio")
+    app = demo.build_app(saved[0])
+    found = {}
+    for f in app.fns.values():
+        name = getattr(f.fn, "__name__", "")
+        if name in MODEL_HANDLERS:
+            found[name] = (f.concurrency_id, f.concurrency_limit)
+    assert set(found) == MODEL_HANDLERS
+    assert set(found.values()) == {(demo.CONCURRENCY_ID, 1)}
+
+
+def test_a_new_upload_clears_every_result_and_shows_the_new_image(saved, tmp_path):
+    pytest.importorskip("gradio")
+    app = demo.build_app(saved[0], model_name="m")
+    make_image(1, (40, 56)).save(tmp_path / "photo.png")
+    values = _by_id(app, _handler(app, "on_upload")(str(tmp_path / "photo.png")))
+    for tab in ("classes", "regions", "unsupervised"):
+        assert values[f"iseg-{tab}-files"] is None and values[f"iseg-{tab}-command"] == ""
+        assert values[f"iseg-{tab}-legend"] == ""
+    assert values["iseg-classes-heatmaps"] == [] and values["iseg-regions-gallery"] == []
+    for shown in ("iseg-classes-overlay", "iseg-regions-image", "iseg-unsupervised-overlay"):
+        assert np.array_equal(np.asarray(values[shown]), np.asarray(make_image(1, (40, 56))))
+    assert values["iseg-upload"] is None  # ready for the next file, no × first
+    # a rejected file: a warning, the upload box emptied, nothing else changed
+    (tmp_path / "notes.png").write_text("not an image")
+    with pytest.warns(UserWarning, match="'notes.png' is not an image"):  # gr.Warning outside a request
+        rejected = _handler(app, "on_upload")(str(tmp_path / "notes.png"))
+    [(component, value)] = rejected.items()
+    assert component.elem_id == "iseg-upload" and value.value is None
+
+
+def test_a_rejected_input_is_a_warning_and_the_last_result_stays(saved, monkeypatch):
+    gr = pytest.importorskip("gradio")
+    warnings = []
+    monkeypatch.setattr(gr, "Warning", lambda message, *a, **k: warnings.append(message))
+    app = demo.build_app(saved[0])
+    upload = demo.Upload(make_image(1, (40, 56)), make_image(1, (40, 56)), "photo.png")
+    on_classes = _handler(app, "on_classes")
+    good = _by_id(app, on_classes(upload, "cat, dog", "paper", 2, 0.01, 1.6, 0))
+    assert good["iseg-classes-command"].startswith("iseg segment photo.png")
+    for bad in (("cat, cat", 0), ("cat", 2**64)):
+        values = on_classes(upload, bad[0], "paper", 2, 0.01, 1.6, bad[1])
+        assert list(values.values()) == [gr.skip()]  # nothing replaced
+    assert warnings == ["class 'cat' is given twice in 'cat, cat'",
+                        "seed must be a whole number in [0, 18446744073709551615], got '2**64' (0 to 2**64 − 1)"]  # fmt: skip
+
+
+def test_a_click_on_the_display_copy_adds_the_pixel_under_it(saved):
+    gr = pytest.importorskip("gradio")
+    pipe, _ = saved
+    app = demo.build_app(pipe)
+    image = make_image(2, (200, 300))
+    upload = demo.Upload(image, demo.display_copy(image, side=150), "photo.png")  # half size
+    on_click = _handler(app, "on_click")
+
+    def click(x, y, mode, regions, pending):
+        event = gr.SelectData(None, {"index": [x, y], "value": None})
+        values = on_click(upload, mode, regions, pending, upload.display, 5, 0.5, 0, event)
+        return {getattr(c, "elem_id", None) or c: v for c, v in values.items()}
+
+    out = click(40, 20, "point", [], None)
+    regions = [v for k, v in out.items() if isinstance(v, list) and v and isinstance(v[0], dict)][0]
+    assert regions == [{"type": "point", "x": 81, "y": 41}]  # (40.5·2, 20.5·2)
+    assert out["iseg-regions-command"].split()[3:5] == ["--point", "81,41"]
+    assert out["iseg-regions-image"].size == (150, 100)
+    # a box's first corner: no model call, the corner drawn on the image
+    out = click(10, 10, "box", regions, None)
+    assert "iseg-regions-command" not in out and "iseg-regions-image" in out
 
 
 def test_demo_command_loads_the_model_once_and_serves_the_app(saved, monkeypatch):

@@ -18,6 +18,7 @@ from iseg.seeds import (
     Line,
     Mask,
     Point,
+    RegionGroup,
     combine_region_maps,
     label_map_seeds,
     line_cells,
@@ -283,6 +284,35 @@ def test_combine_by_hand():
     # One column per region: divided by its max only.
     torch.testing.assert_close(combine_region_maps(refined, [[1]]),
                                torch.tensor([[0.0], [1.0], [0.5]]))
+
+
+def test_a_negative_point_is_built_like_a_point_and_flagged():
+    c0, groups = region_maps([Point(130, 60), Point(10, 10, negative=True)], SIZE, GRID)
+    assert groups == [[0], [1]] and [g.negative for g in groups] == [False, True]
+    assert cells_of(c0[:, 0]) == {(2, 5)} and cells_of(c0[:, 1]) == {(0, 0)}
+    assert Point(1, 2, negative=True) != Point(1, 2) and not Point(1, 2).negative
+
+
+def test_combine_subtracts_the_negative_regions_by_hand():
+    # Region 0 (one column) [1, .5, .2, 0]; negatives: column 1 [0, 2, 1, 0] → [0, 1, .5, 0] and
+    # column 2 [.1, 0, .2, 0] → [.5, 0, 1, 0]; background = their max [.5, 1, 1, 0].
+    # Region 0 → max(0, [1, .5, .2, 0] − [.5, 1, 1, 0]) = [.5, 0, 0, 0], not divided again;
+    # the negative regions' own maps are zeros.
+    refined = torch.tensor([[1.0, 0.0, 0.1], [0.5, 2.0, 0.0], [0.2, 1.0, 0.2], [0.0, 0.0, 0.0]])
+    groups = [RegionGroup([0]), RegionGroup([1], negative=True), RegionGroup([2], negative=True)]
+    out = combine_region_maps(refined, groups)
+    expected = torch.tensor([[0.5, 0, 0], [0.0, 0, 0], [0.0, 0, 0], [0.0, 0, 0]])
+    torch.testing.assert_close(out, expected)
+    # without negatives: exactly the plain combination
+    plain = [RegionGroup([0]), RegionGroup([1]), RegionGroup([2])]
+    torch.testing.assert_close(combine_region_maps(refined, plain), combine_region_maps(refined, [[0], [1], [2]]))
+
+
+def test_only_negative_points_are_refused():
+    with pytest.raises(ValueError, match="only negative points"):
+        validate_regions([Point(1, 1, negative=True)], SIZE)
+    with pytest.raises(TypeError, match=r"regions\[0\] \(Point\) negative must be True or False"):
+        validate_regions([Point(1, 1, negative="yes")], SIZE)
 
 
 def test_combine_never_gives_nan():

@@ -1,7 +1,9 @@
 """``iseg demo``: the web demo (:mod:`iseg.demo`) on a local port.
 
-The model loads once, before the server starts; every request shares it, one at a time
-(Gradio's queue). Gradio is the optional ``demo`` extra: without it the command says which
+The model loads once, before the server starts; every request shares it, one model call at a
+time across every tab (a lock and one Gradio concurrency group). The commands the page shows
+end with this command's ``--model`` (and ``--device``/``--dtype`` where given), so that they
+load the same model. Gradio is the optional ``demo`` extra: without it the command says which
 extra to install.
 
 Example:
@@ -63,7 +65,11 @@ def run(args: argparse.Namespace) -> int:
 
     from ..demo import build_app, launch
 
-    app = build_app(pipe, model_name=args.model)
+    model_args = ["--model", args.model]
+    for flag, value in (("--device", args.device), ("--dtype", args.dtype)):
+        if value is not None:
+            model_args += [flag, str(value)]
+    app = build_app(pipe, model_name=args.model, model_args=model_args)
     try:
         launch(app, host=args.host, port=args.port, share=args.share)
     except OSError as exc:  # taken meanwhile, or no free port from 7860 on
