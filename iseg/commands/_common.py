@@ -420,8 +420,13 @@ def check_hub_model(repo: str, what: str, option: str, filename: str, advice: st
             f"cannot load {what} '{repo}': it is not in the local cache and the hub is "
             f"unreachable (HF_HUB_OFFLINE is set); unset HF_HUB_OFFLINE, or {fetch}{advice}"
         )
+    from huggingface_hub.utils import logging as hub_logging
+
+    level = hub_logging.get_verbosity()
+    hub_logging.set_verbosity(max(level, logging.ERROR))  # no retry notes (the hub's only)
     try:
-        with quiet_loading(quiet=True):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             HfApi().model_info(repo, timeout=10)
     except RepositoryNotFoundError:
         raise CommandError(
@@ -435,6 +440,8 @@ def check_hub_model(repo: str, what: str, option: str, filename: str, advice: st
             f"cannot load {what} '{repo}': it is not in the local cache and the hub is "
             f"unreachable (no network?); {fetch}{advice}"
         ) from None
+    finally:
+        hub_logging.set_verbosity(level)
 
 
 _WHAT_TO_DO = (
@@ -557,13 +564,13 @@ def check_recipe_options(recipe: str, options: dict) -> None:
         raise CommandError(first_line(exc).replace(f"recipe {recipe!r}: ", "", 1), code=2) from None
 
 
-def check_loaded(check, what: str = "") -> None:
+def check_loaded(check) -> None:
     """Run ``check()`` (a pipeline's model-dependent checks: layers, timestep, memory) after
     loading and before anything is written; what it refuses is one usage error."""
     try:
         check()
     except (ValueError, TypeError) as exc:
-        raise CommandError(f"{what}{first_line(exc)}", code=2) from None
+        raise CommandError(first_line(exc), code=2) from None
 
 
 def model_failure(exc: BaseException, dtype, gamma: bool = True) -> str:

@@ -37,7 +37,10 @@ def parse_classes(text: str) -> tuple[str, ...]:
         raise ValueError(f"no class names in {text!r}; {hint}")
     if not all(names):
         raise ValueError(f"empty class name in {text!r}; {hint}")
-    return check_classes(names, "--classes")
+    try:
+        return check_classes(names)
+    except ValueError as exc:  # argparse names the option
+        raise ValueError(str(exc).removeprefix("classes: ")) from None
 
 
 def _classes(text: str) -> tuple[str, ...]:
