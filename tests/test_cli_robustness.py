@@ -256,6 +256,27 @@ def test_one_image_that_overflows_does_not_end_the_batch(dtype, hint, models, im
     assert calls == [1] and "segmented 1 image, skipped 2 already done" in capsys.readouterr().err
 
 
+def test_unsupervised_one_image_that_overflows_does_not_end_the_batch(models, images, tmp_path, capsys, monkeypatch):
+    import iseg.diffseg
+
+    Image.new("RGB", (40, 48), "white").save(images[2])
+    original = iseg.diffseg.segment_unsupervised
+
+    def overflow_on_white(pipe, batch, **kwargs):
+        if any(np.asarray(im).min() == 255 for im in batch):
+            raise RuntimeError("diffseg: the aggregated self-attention holds NaN or Inf (the UNet overflowed; try fp32 or bf16)")
+        return original(pipe, batch, **kwargs)
+
+    monkeypatch.setattr(iseg.diffseg, "segment_unsupervised", overflow_on_white)
+    out = tmp_path / "out"
+    argv = ["unsupervised", *map(str, images), "--model", str(models[0]), "--out", str(out),
+            "--device", "cpu", "--dtype", "fp32", "--batch-size", "3", "--no-overlay", "-q"]  # fmt: skip
+    assert main(argv) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert f"'{images[2]}': the model overflowed on this image (NaN or Inf); check the image" in line
+    assert sorted(os.listdir(out)) == ["a_labels.png", "b_labels.png", MANIFEST]
+
+
 def test_model_failure_hints_name_what_applies():
     exc = ValueError("refined contains NaN or Inf: the model overflowed on this input; try ...")
     assert "--dtype fp32" in _common.model_failure(exc, torch.float16)
