@@ -37,7 +37,8 @@ How a subcommand uses it (``iseg/commands/segment.py`` is the full example)::
 
 ``process(items, loaded)`` gets a batch of :class:`Item` and their loaded inputs and returns,
 per item, ``{file name: save}`` where ``save(binary_file)`` writes the file's bytes. An
-exception from ``process`` fails the batch's items (reported, the run goes on), except
+exception from ``process`` on a batch of several items retries them one at a time; on one item
+it fails that item (reported, the run goes on), except
 :class:`~iseg.commands._common.CommandError`, ``KeyboardInterrupt`` and ``MemoryError``,
 which end the run (the manifest is saved first, so finished outputs are kept).
 """
