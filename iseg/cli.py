@@ -2,8 +2,10 @@
 
 Nothing here imports torch or diffusers (``iseg --help`` and ``iseg --version`` are fast);
 each subcommand imports them when it runs. Errors are one ``iseg: error: ...`` line on
-stderr and no traceback: exit status 2 for usage errors, 1 for other failures, 130 after
-Ctrl-C and 143 after SIGTERM (a rerun of the same command resumes).
+stderr (at most a few hundred characters) and no traceback: exit status 2 for usage errors,
+1 for other failures (an unexpected exception too: its type and first line; ``ISEG_DEBUG=1``
+shows the traceback), 130 after Ctrl-C and 143 after SIGTERM (a rerun of the same command
+resumes).
 
 Example:
     $ iseg segment cat.jpg dog.jpg --classes "cat, dog, sofa" --out masks
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import os
 import signal
 import sys
 from collections.abc import Iterator
@@ -79,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
     Usage errors found by argparse exit through ``SystemExit(2)``; the others return.
     """
-    from .commands._common import CommandError
+    from .commands._common import CommandError, error_line, first_line
 
     try:
         with _sigterm_as_interrupt():
@@ -87,8 +90,14 @@ def main(argv: list[str] | None = None) -> int:
             args = parser.parse_args(argv)
             return modules[args.command].run(args)
     except CommandError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        print(error_line(exc), file=sys.stderr)
         return exc.code
+    except Exception as exc:  # a bug or an input no check foresaw: one line
+        if os.environ.get("ISEG_DEBUG", "").strip() not in ("", "0"):
+            raise
+        print(error_line(f"{type(exc).__name__}: {first_line(exc)} (unexpected; rerun with "
+                         "ISEG_DEBUG=1 for the traceback and please report it)"), file=sys.stderr)  # fmt: skip
+        return 1
     except Terminated:
         print(f"{PROG}: terminated; rerun the same command to resume", file=sys.stderr)
         return 143

@@ -18,11 +18,17 @@ Every image, read from a file or given in memory, goes through the same conversi
   A float image with NaN or Inf is refused.
 * Any other mode (``1``, ``L``, ``P``, ``CMYK``, ``YCbCr``, …) goes through PIL's
   ``convert("RGB")``.
+* Large images: PIL's ``DecompressionBombWarning`` (an image between its limit and twice it)
+  is silenced for an image that is read (it says nothing a user can act on); beyond twice the
+  limit PIL raises ``DecompressionBombError``, which is reported.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -30,6 +36,15 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+@contextlib.contextmanager
+def accept_large_images() -> Iterator[None]:
+    """PIL's ``DecompressionBombWarning`` silenced inside (the error beyond twice the limit is
+    not)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        yield
 
 
 def load_image(path: str | os.PathLike[str]) -> Image.Image:
@@ -41,7 +56,7 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
         ValueError: a float image with NaN or Inf; a mode PIL cannot convert to RGB.
         PIL.Image.DecompressionBombError: larger than PIL's limit.
     """
-    with Image.open(path) as image:
+    with accept_large_images(), Image.open(path) as image:
         if getattr(image, "n_frames", 1) > 1:
             image.seek(0)
         image.load()  # the full decode: truncated or corrupt data fails here

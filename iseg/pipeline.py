@@ -11,6 +11,7 @@ unsupervised task from DiffSeg's segments (:mod:`iseg.diffseg`). METHOD §1 (cap
 from __future__ import annotations
 
 import numbers
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -136,6 +137,30 @@ def _class_lists(classes: object, batch: int) -> list[tuple[str, ...]]:
             )
         return [check_classes(c, f"classes[{i}]") for i, c in enumerate(classes)]
     return [check_classes(classes)] * batch
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Free bytes on ``device``: CUDA's free memory, or on CPU the system's available RAM
+    (``MemAvailable`` of /proc/meminfo, else ``os.sysconf``); ``None`` where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
 
 
 def _check_generator(generator, batch: int) -> None:
@@ -282,17 +307,43 @@ class ISegPipeline(DiffusionPipeline):
         side = resolution // self.vae_scale_factor // plan.self_factor
         return (side, side)
 
-    def check_inputs(self, image, recipe, resolution, generator, text: bool, **options):
-        """Step 1 of every task, before any model runs: the recipe with the explicit keywords
-        applied, the images as pixels, the generator, and the capture plan (layers and heads
-        exist). Returns ``(recipe, pixels, sizes, grid)``; raises ``ValueError``/``TypeError``
-        naming the bad argument."""
+    def check_settings(self, recipe=None, resolution=None, text: bool = True, **options):
+        """The checks of :meth:`check_inputs` that need no image: the recipe with the explicit
+        keywords applied, the timestep, the resolution and the capture plan (layers and heads
+        exist in this UNet). Returns ``(recipe, resolution, grid)``; raises
+        ``ValueError``/``TypeError`` naming the bad argument."""
         recipe = self.resolve_recipe(recipe, **options)
         self._check_timestep(recipe)
         resolution = self._check_resolution(resolution)
+        return recipe, resolution, self._grid(self._plan(recipe, text=text), resolution)
+
+    def check_memory(self, grid: tuple[int, int], batch: int) -> None:
+        """``ValueError`` when the captured self-attention of ``batch`` images on a ``grid``
+        (``[B, HW, HW]`` in the UNet's dtype, plus its fp32 Ent-Self) cannot fit in the free
+        memory of the execution device (CUDA's free memory; the system's available RAM on
+        CPU), saying how much it needs. A lower bound: the UNet's own activations come on top."""
+        cells = grid[0] * grid[1]
+        per_cell = torch.finfo(self.unet.dtype).bits // 8 + 4
+        needed = batch * cells * cells * per_cell
+        device = self._execution_device
+        free = available_memory(device)
+        if free is not None and needed > free:
+            raise ValueError(
+                f"resolution: the self-attention of {batch} image(s) on a {grid[0]}×{grid[1]} grid "
+                f"needs {_gib(needed)} ({batch} × {cells}² × {per_cell} B) but {device.type} has "
+                f"{_gib(free)} free; use a smaller resolution (default {self.default_resolution}) "
+                "or fewer images per call"
+            )
+
+    def check_inputs(self, image, recipe, resolution, generator, text: bool, **options):
+        """Step 1 of every task, before any model runs: the recipe with the explicit keywords
+        applied, the images as pixels, the generator, the capture plan (layers and heads
+        exist) and the memory the attention needs. Returns ``(recipe, pixels, sizes, grid)``;
+        raises ``ValueError``/``TypeError`` naming the bad argument."""
+        recipe, resolution, grid = self.check_settings(recipe, resolution, text, **options)
         pixels, sizes = to_tensor_batch(image, resolution, antialias=recipe.antialias)
         _check_generator(generator, len(sizes))
-        grid = self._grid(self._plan(recipe, text=text), resolution)
+        self.check_memory(grid, len(sizes))
         return recipe, pixels, sizes, grid
 
     def _plan(self, recipe: Recipe, text: bool) -> CapturePlan:
@@ -823,12 +874,15 @@ def _stack_columns(columns: list[torch.Tensor], device) -> torch.Tensor:
 
 def _check_finite_outputs(**tensors: torch.Tensor | None) -> None:
     """One device-to-host read at the end of a call: ``ValueError`` naming the first captured
-    or refined tensor that holds NaN or Inf (e.g. an fp16 overflow)."""
+    or refined tensor that holds NaN or Inf (e.g. an fp16 overflow), with the hint that
+    applies (float32 only when the capture ran in lower precision)."""
     named = {k: v for k, v in tensors.items() if v is not None}
     flags = torch.stack([torch.isfinite(v).all() for v in named.values()]).tolist()
+    low_precision = any(v.dtype in (torch.float16, torch.bfloat16) for v in named.values())
+    hint = "dtype=torch.float32, a smaller gamma," if low_precision else "a smaller gamma"
     for name, ok in zip(named, flags):
         if not ok:
             raise ValueError(
-                f"{name} contains NaN or Inf: the model overflowed on this input; try "
-                "dtype=torch.float32, a smaller gamma, or check the image"
+                f"{name} contains NaN or Inf: the model overflowed on this input; try {hint} "
+                "or check the image"
             )

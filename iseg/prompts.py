@@ -20,20 +20,36 @@ class ClassPrompt:
 
 
 def check_classes(classes: object, where: str = "classes") -> tuple[str, ...]:
-    """A non-empty sequence of non-empty class names, as a tuple of stripped strings."""
+    """A non-empty sequence of non-empty class names, as a tuple of stripped strings (inner
+    whitespace collapsed).
+
+    Names that the text encoder cannot tell apart are an error, never silently merged: the
+    same name twice, also in another case or spacing (``"Cat"`` and ``"cat "``: CLIP's
+    tokenizer lowercases and splits on whitespace). :func:`build_prompt` also refuses two
+    names that give the same tokens.
+    """
     if isinstance(classes, str) or not isinstance(classes, Sequence):
         raise TypeError(f"{where} must be a list of class names, got {type(classes).__name__}")
     if len(classes) == 0:
         raise ValueError(f"{where} must name at least one class, got an empty list")
-    names = []
+    names: list[str] = []
+    seen: dict[str, str] = {}
     for name in classes:
         if not isinstance(name, str) or not name.strip():
             raise ValueError(f"{where} must hold non-empty strings, got {name!r}")
         name = " ".join(name.split())
-        if name in names:
-            raise ValueError(f"{where}: class {name!r} is given twice")
+        if name.casefold() in seen:
+            raise ValueError(_same_class(where, seen[name.casefold()], name))
+        seen[name.casefold()] = name
         names.append(name)
     return tuple(names)
+
+
+def _same_class(where: str, first: str, second: str) -> str:
+    if first == second:
+        return f"{where}: class {first!r} is given twice"
+    return (f"{where}: {first!r} and {second!r} are the same class to the text encoder (the "
+            "same tokens); give it once")  # fmt: skip
 
 
 def recipe_classes(recipe: Recipe, classes: Sequence[str]):
@@ -87,17 +103,21 @@ def build_prompt(
         token_offsets = [None] * len(classes)
 
     def encode(text: str) -> list[int]:
-        text = text.strip()
-        return tokenizer(text, add_special_tokens=False).input_ids if text else []
+        text = text.strip()  # verbose=False: a long text is our error below, not a warning
+        return tokenizer(text, add_special_tokens=False, verbose=False).input_ids if text else []
 
     ids = [tokenizer.bos_token_id, *encode(prefix)]
     positions, class_ends = [], []
+    by_tokens: dict[tuple[int, ...], str] = {}
     for i, name in enumerate(classes):
         if i:
             ids += encode("and")
         tokens = encode(name)
         if not tokens:
             raise ValueError(f"classes: {name!r} gives no tokens")
+        if tuple(tokens) in by_tokens:
+            raise ValueError(_same_class("classes", by_tokens[tuple(tokens)], name))
+        by_tokens[tuple(tokens)] = name
         offsets = token_offsets[i]
         if offsets is None:
             offsets = range(len(tokens))

@@ -13,10 +13,16 @@ each input (absolute path) with its output name and files. From it the runner
   :func:`output_names`).
 
 Outputs are written atomically (a hidden ``.NAME.PID.XXXXXXXX.iseg-tmp`` file in ``OUT``, then
-``os.replace``); temporary files of a run that was killed are removed by the next run. Each
-input is loaded (fully decoded) inside the run: one that fails is reported in one
-``iseg: error:`` line and the run goes on; the exit status is 1 at the end if any failed.
-Progress: a tqdm bar when stderr is a terminal, else a line every few images.
+``os.replace``); temporary files of a run that was killed are removed by the next run. A write
+that fails (a full disk) ends the run in one ``iseg: error:`` line: finished outputs stay, the
+temporary file is removed, and the rerun resumes. Each input is loaded (fully decoded) inside
+the run: one that fails is reported in one ``iseg: error:`` line and the run goes on; so is an
+input that fails inside the model (a batch that fails is retried one input at a time, so one
+bad image does not fail its batch); the exit status is 1 at the end if any failed, and the
+next run retries only those. A folder whose results have other settings is refused only
+when one of them was finished: a run that wrote nothing locks nothing.
+Progress: a tqdm bar when stderr is a terminal, else a line every few images; none when
+``quiet``.
 
 How a subcommand uses it (``iseg/commands/segment.py`` is the full example)::
 
@@ -31,7 +37,8 @@ How a subcommand uses it (``iseg/commands/segment.py`` is the full example)::
 
 ``process(items, loaded)`` gets a batch of :class:`Item` and their loaded inputs and returns,
 per item, ``{file name: save}`` where ``save(binary_file)`` writes the file's bytes. An
-exception from ``process`` fails the batch's items (reported, the run goes on), except
+exception from ``process`` on a batch of several items retries them one at a time; on one item
+it fails that item (reported, the run goes on), except
 :class:`~iseg.commands._common.CommandError`, ``KeyboardInterrupt`` and ``MemoryError``,
 which end the run (the manifest is saved first, so finished outputs are kept).
 """
@@ -39,6 +46,7 @@ which end the run (the manifest is saved first, so finished outputs are kept).
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -51,7 +59,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from .commands._common import MANIFEST, PROG, TEMP_SUFFIX, CommandError, first_line
+from .commands._common import MANIFEST, PROG, TEMP_SUFFIX, CommandError, first_line, report_error
 
 MANIFEST_VERSION = 1
 Save = Callable[[BinaryIO], None]
@@ -102,19 +110,85 @@ def settings_id(settings: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def check_plain_name(name: object, what: str = "name") -> str:
+    """``name`` if it is a plain file name, which stays in the output folder it is joined to.
+
+    Raises:
+        ValueError: not a string, empty, ``.`` or ``..``, or holding a path separator or NUL
+            (``a/b``, ``../x``, ``/abs``, ``C:\\x``), naming ``what``.
+    """
+    if not isinstance(name, str):
+        raise ValueError(f"{what} {name!r} is not a string")
+    separators = {"/", "\\", os.sep, os.altsep or "/", "\0"}
+    if name.strip() in ("", ".", "..") or any(c in name for c in separators) or (
+        os.name == "nt" and ":" in name
+    ):
+        raise ValueError(
+            f"{what} {name!r} is not a plain file name (empty, '.', '..' or a path separator): "
+            "outputs must stay in the output folder"
+        )
+    return name
+
+
+_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a number",
+               float: "a number", bool: "true/false", type(None): "null"}  # fmt: skip
+
+
+def _check_manifest(data: object) -> str | None:
+    """What makes ``data`` not an iseg manifest (its shape: every field the runner reads,
+    with its type), or ``None`` when it is one."""
+    kind = lambda value: _JSON_TYPES.get(type(value), type(value).__name__)  # noqa: E731
+    if not isinstance(data, dict):
+        return f"it is {kind(data)}, not an object"
+    if not isinstance(data.get("commands"), dict):
+        return f'"commands" is {kind(data.get("commands"))}, not an object'
+    for command, section in data["commands"].items():
+        where = f"commands.{command}"
+        if not isinstance(section, dict):
+            return f"{where} is {kind(section)}, not an object"
+        if not isinstance(section.get("settings"), (dict, type(None))):
+            return f"{where}.settings is {kind(section.get('settings'))}"
+        if not isinstance(section.get("items"), dict):
+            return f"{where}.items is {kind(section.get('items'))}, not an object"
+        for key, entry in section["items"].items():
+            if not isinstance(entry, dict):
+                return f"{where}.items[{key!r}] is {kind(entry)}, not an object"
+            for field, types in (("input", str), ("name", str), ("outputs", list),
+                                 ("settings", (str, type(None)))):  # fmt: skip
+                if not isinstance(entry.get(field), types):
+                    return f"{where}.items[{key!r}].{field} is {kind(entry.get(field))}"
+            try:
+                check_plain_name(entry["name"], "its name")
+                for name in entry["outputs"]:
+                    check_plain_name(name, "output")
+            except ValueError as exc:
+                return f"{where}.items[{key!r}]: {exc}"
+    return None
+
+
+def describe_changes(old: dict, new: dict) -> str:
+    """``"iters: 10 → 20, lam: ..."``: the settings that differ (values cut to 60 characters,
+    so that a long class list does not make an endless line)."""
+    from .commands._common import shorten
+
+    return ", ".join(
+        f"{k}: {shorten(repr(old.get(k)), 60)} → {shorten(repr(new.get(k)), 60)}"
+        for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)
+    )  # fmt: skip
+
+
 def _read_manifest(out: Path) -> dict:
     path = out / MANIFEST
+    todo = "remove it (files it recorded are then no longer overwritten) or choose another --out"
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return {"iseg_manifest": MANIFEST_VERSION, "commands": {}}
-    except (OSError, ValueError) as exc:
-        raise CommandError(
-            f"cannot read '{path}': {first_line(exc)}; remove it (files it recorded are then "
-            "no longer overwritten) or choose another --out"
-        ) from None
-    if not isinstance(data, dict) or not isinstance(data.get("commands"), dict):
-        raise CommandError(f"'{path}' is not an iseg manifest; choose another --out")
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: absurdly deep JSON
+        raise CommandError(f"cannot read '{path}': {first_line(exc)}; {todo}") from None
+    problem = _check_manifest(data)
+    if problem is not None:
+        raise CommandError(f"'{path}' is not an iseg manifest: {problem}; {todo}")
     return data
 
 
@@ -133,18 +207,42 @@ def manifest_outputs(folder: Path) -> set[str]:
         return set()
 
 
+_FULL = {errno.ENOSPC: "no space left on device", getattr(errno, "EDQUOT", -1): "disk quota exceeded"}
+
+
+def write_error(path: Path, exc: OSError) -> CommandError:
+    """The one-line error of a write to ``path`` that failed (a full disk says so, and that
+    the finished outputs are kept and a rerun resumes)."""
+    if exc.errno in _FULL:
+        return CommandError(
+            f"cannot write '{path}': {_FULL[exc.errno]}; the finished outputs are kept: free "
+            "some space, then rerun the same command to resume"
+        )
+    return CommandError(f"cannot write '{path}': {first_line(exc)}")
+
+
 def save_atomic(save: Save, path: Path) -> None:
     """Write ``path`` with ``save(file)`` via a temporary file in the same folder and
-    ``os.replace``: ``path`` is either absent, the old file or the complete new one."""
+    ``os.replace``: ``path`` is either absent, the old file or the complete new one.
+
+    Raises:
+        CommandError: the write failed with an ``OSError`` (a full disk, ...); one line (see
+            :func:`write_error`), and the temporary file is removed.
+    """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
     try:
         with open(tmp, "xb") as f:  # not mkstemp: its files are 0600, these follow the umask
             save(f)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise write_error(path, exc) from None
         raise
+
+
+_FATAL = (KeyboardInterrupt, CommandError, MemoryError)  # end the run; anything else fails its items
 
 
 def _pid_alive(pid: int) -> bool:
@@ -211,6 +309,7 @@ class Runner:
         overwrite: bool = False,
         noun: str = "image",
         progress_every: int | None = None,
+        quiet: bool = False,
     ):
         self.out = Path(out)
         self.command = command
@@ -219,6 +318,7 @@ class Runner:
         self.overwrite = overwrite
         self.noun = noun
         self.progress_every = progress_every
+        self.quiet = quiet
         self.done = 0
         self.skipped = 0
         self.failed: list[tuple[Item, str]] = []
@@ -242,13 +342,13 @@ class Runner:
         manifest = _read_manifest(self.out)
         section = manifest["commands"].setdefault(self.command, {"settings": None, "items": {}})
         old = section.get("settings")
-        if old is not None and old != self.settings and not self.overwrite:
-            changed = ", ".join(
-                f"{k}: {old.get(k)!r} → {self.settings.get(k)!r}"
-                for k in sorted(set(old) | set(self.settings)) if old.get(k) != self.settings.get(k)
-            )  # fmt: skip
+        finished_any = old is not None and any(
+            e.get("settings") == settings_id(old) for e in section["items"].values()
+        )  # a run that wrote nothing locks nothing
+        if finished_any and old != self.settings and not self.overwrite:
             raise CommandError(
-                f"'{self.out}' holds results of other settings ({changed}); rerun with "
+                f"'{self.out}' holds results of other settings "
+                f"({describe_changes(old, self.settings)}); rerun with "
                 "--overwrite to replace them, or choose another --out"
             )
         items_by_key: dict = section["items"]
@@ -349,7 +449,7 @@ class Runner:
 
     def fail(self, item: Item, message: str) -> None:
         """Report ``item`` as failed in one line; the run goes on."""
-        print(f"{PROG}: error: {message}", file=sys.stderr)
+        report_error(message)
         self.failed.append((item, message))
         if item.key in self._items:
             self._items[item.key]["error"] = message
@@ -365,7 +465,7 @@ class Runner:
         docstring for how failures are handled. The manifest is saved however it ends."""
         if not self._started:
             self.start(todo)
-        progress = _Progress(len(todo), self.noun, self.progress_every)
+        progress = _Progress(len(todo), self.noun, self.progress_every, self.quiet)
         try:
             for start in range(0, len(todo), batch_size):
                 batch, loaded = [], []
@@ -373,28 +473,40 @@ class Runner:
                     try:
                         loaded.append(load(item.path))
                         batch.append(item)
-                    except (KeyboardInterrupt, CommandError, MemoryError):
+                    except _FATAL:
                         raise
                     except Exception as exc:
                         self.fail(item, f"cannot read image '{item.path}': {first_line(exc)}")
                         progress.update(1)
-                if not batch:
-                    continue
-                try:
-                    results = process(batch, loaded)
-                except (KeyboardInterrupt, CommandError, MemoryError):
-                    raise
-                except Exception as exc:
-                    for item in batch:
-                        self.fail(item, f"'{item.path}': {first_line(exc)}")
-                    progress.update(len(batch))
-                    continue
-                for item, files in zip(batch, results):
-                    self.write(item, files)
-                    progress.update(1)
+                if batch:
+                    self._process(batch, loaded, process, progress)
+        except BaseException:
+            with contextlib.suppress(CommandError):  # the first error is the one to report
+                self.flush()
+            raise
+        else:
+            self.flush()
         finally:
             progress.close()
-            self.flush()
+
+    def _process(self, batch: list[Item], loaded: list, process, progress: _Progress) -> None:
+        """``process`` one batch and write its files; a batch that fails is retried one item
+        at a time, so that only the items that fail alone are reported."""
+        try:
+            results = process(batch, loaded)
+        except _FATAL:
+            raise
+        except Exception as exc:
+            if len(batch) > 1:
+                for item, one in zip(batch, loaded):
+                    self._process([item], [one], process, progress)
+                return
+            self.fail(batch[0], f"'{batch[0].path}': {first_line(exc)}")
+            progress.update(1)
+            return
+        for item, files in zip(batch, results):
+            self.write(item, files)
+            progress.update(1)
 
     def finish(self, verb: str = "processed") -> int:
         """Print the summary line; the exit status: 0, or 1 when an input failed."""
@@ -402,17 +514,20 @@ class Runner:
         line = f"{PROG}: {verb} {nouns(self.done)}, skipped {self.skipped} already done"
         if self.failed:
             line += f", {len(self.failed)} failed"
-        print(f"{line}; outputs in {self.out}", file=sys.stderr)
+        if not self.quiet:
+            print(f"{line}; outputs in {self.out}", file=sys.stderr)
         return 1 if self.failed else 0
 
 
 class _Progress:
     """A tqdm bar on a terminal; otherwise ``iseg: 20/100 images`` every ``every`` images
-    (default: about every 10 %, at most every 100)."""
+    (default: about every 10 %, at most every 100); nothing when ``quiet``."""
 
-    def __init__(self, total: int, noun: str, every: int | None):
+    def __init__(self, total: int, noun: str, every: int | None, quiet: bool = False):
         self.total, self.noun, self.count = total, noun, 0
         self.tty = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
+        if quiet:
+            total = self.total = 0  # no bar, and no line is ever due
         self.every = every or max(1, min(100, math.ceil(total / 10)))
         self.bar = None
         self.start = time.monotonic()

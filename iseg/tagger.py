@@ -498,10 +498,15 @@ def _check_names(names: object, what: str, allow_empty: bool) -> tuple[str, ...]
     for name in names:
         if not isinstance(name, str) or not name.strip():
             raise ValueError(f"{what} must hold non-empty strings, got {name!r}")
-    seen: set[str] = set()
-    duplicates = sorted({n for n in names if n in seen or seen.add(n)})
-    if duplicates:
-        raise ValueError(f"{what} names {', '.join(map(repr, duplicates))} more than once")
+    # CLIP's tokenizer lowercases and splits on whitespace: "Cat" and "cat " are one class to
+    # it, so a vocabulary naming both is refused as a duplicate (as iseg.prompts.check_classes).
+    seen: dict[str, str] = {}
+    for name in names:
+        key = " ".join(name.split()).casefold()
+        if key in seen:
+            same = "" if seen[key] == name else f" (as {seen[key]!r}: the same tokens to CLIP)"
+            raise ValueError(f"{what} names {name!r} more than once{same}")
+        seen[key] = name
     return names
 
 

@@ -299,7 +299,7 @@ def test_device_and_dtype_defaults(
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2 if cuda else 0)
     seen = []
 
-    def fake_load(model, device, dtype):
+    def fake_load(model, device, dtype, quiet=False):
         seen.append((device, dtype))
         raise CommandError("stop here")
 
@@ -702,9 +702,13 @@ def test_readme_main_command_offline_names_the_way_out(tmp_path):
     lines = result.stderr.splitlines()
     assert len(lines) == 4 and lines[1] == lines[3] == "status 1", result.stderr
     line = one_error_line(lines[0] + "\n")
-    assert line.startswith(f"iseg: error: cannot load model '{DEFAULT_MODEL}': tried the hub repo")
-    assert "HF_HUB_OFFLINE" in line and "--model DIR" in line
-    assert ": it is not in the local cache; " in line and "stacktrace" not in line
+    assert line.startswith(
+        f"iseg: error: cannot load model '{DEFAULT_MODEL}': it is not in the local cache and the "
+        "hub is unreachable (HF_HUB_OFFLINE is set); unset HF_HUB_OFFLINE, or download it"
+    )
+    assert f"download {DEFAULT_MODEL} --local-dir DIR`) and pass --model DIR" in line
+    assert "stacktrace" not in line
+    assert line.endswith("--model DIR"), line
     assert f"Stability AI withdrew it: use --model {DEFAULT_MODEL}" in one_error_line(lines[2] + "\n")
     assert not (tmp_path / "masks").exists() and not (tmp_path / "out").exists()
 

@@ -41,19 +41,47 @@ class CommandError(Exception):
         self.code = code
 
 
+MAX_LINE = 400
+"""Longest ``iseg: error:`` line (characters): longer messages are cut in the middle."""
+MAX_CAUSE = 200
+"""Longest quoted cause (:func:`first_line`) inside a message."""
+
+
+def shorten(text: str, limit: int) -> str:
+    """``text`` on one line (whitespace runs collapsed) of at most ``limit`` characters: a
+    longer one keeps its start (what failed) and its end (what to do) around ``" … "``."""
+    text = " ".join(str(text).split())
+    if len(text) <= limit:
+        return text
+    head = (limit - 3) * 2 // 3
+    return text[:head].rstrip() + " … " + text[len(text) - (limit - 3 - head) :].lstrip()
+
+
 def first_line(exc: BaseException) -> str:
-    """The first non-empty line of an exception's message (its class name if it has none)."""
+    """The first non-empty line of an exception's message (its class name if it has none),
+    at most :data:`MAX_CAUSE` characters."""
     if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
+        return shorten(exc.strerror, MAX_CAUSE)
     for line in str(exc).splitlines():
         if line.strip():
-            return line.strip()
+            return shorten(line, MAX_CAUSE)
     return type(exc).__name__
+
+
+def error_line(message: object) -> str:
+    """``iseg: error: <message>`` as one line of at most :data:`MAX_LINE` characters."""
+    prefix = f"{PROG}: error: "
+    return prefix + shorten(str(message), MAX_LINE - len(prefix))
+
+
+def report_error(message: object) -> None:
+    """Print :func:`error_line` of ``message`` on stderr."""
+    print(error_line(message), file=sys.stderr, flush=True)
 
 
 def warn(message: str) -> None:
     """One ``iseg: warning: ...`` line on stderr."""
-    print(f"{PROG}: warning: {message}", file=sys.stderr)
+    print(f"{PROG}: warning: {shorten(message, MAX_LINE)}", file=sys.stderr)
 
 
 # --- argparse value types (their __name__ is what argparse's messages show) -------------------
@@ -104,6 +132,36 @@ def positive_float(text: str) -> float:
     return finite_float(text, 0.0, inclusive=False)
 
 
+def open_unit(text: str) -> float:
+    """A number in (0, 1): the thresholds ``threshold`` and ``background_threshold``."""
+    value = _float(text)
+    if not 0.0 < value < 1.0:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1), got {text}")
+    return value
+
+
+MAX_ITERS = 10_000
+"""Largest ``--iters``: the paper uses 10 (interactive 50); the refinement has converged long
+before, and a typo such as ``--iters 10000000`` would run for days without a word."""
+
+
+def iterations(text: str) -> int:
+    value = non_negative_int(text)
+    if value > MAX_ITERS:
+        raise argparse.ArgumentTypeError(
+            f"must be ≤ {MAX_ITERS} (the paper uses 10; the refinement converges long before), "
+            f"got {value}"
+        )
+    return value
+
+
+def gamma(text: str) -> float:
+    """Cat-Cross γ in (0, MAX_GAMMA] (the recipes' bound: larger overflows the attention)."""
+    from ..recipes import MAX_GAMMA  # stdlib-only module
+
+    return finite_float(text, 0.0, inclusive=False, high=MAX_GAMMA)
+
+
 def seed(text: str) -> int:
     value = _int(text)
     if not 0 <= value <= SEED_MAX:
@@ -124,6 +182,9 @@ def device(text: str) -> str:
 non_negative_int.__name__ = "non-negative int"
 positive_int.__name__ = "positive int"
 positive_float.__name__ = "positive number"
+open_unit.__name__ = "number in (0, 1)"
+iterations.__name__ = f"int in [0, {MAX_ITERS}]"
+gamma.__name__ = "γ"
 seed.__name__ = "seed"
 device.__name__ = "device"
 
@@ -177,6 +238,15 @@ def add_output_options(parser: argparse.ArgumentParser, default_out: str = "iseg
         help="recompute finished images and replace results of other settings "
              "(files this tool did not write are never overwritten)",
     )  # fmt: skip
+    add_quiet_option(group)
+
+
+def add_quiet_option(parser) -> None:
+    """``--quiet``: no progress, no loading bars, no summary; warnings and errors only."""
+    parser.add_argument(
+        "--quiet", "-q", action="store_true",
+        help="print only warnings and errors (no progress, loading bars or summary)",
+    )  # fmt: skip
 
 
 # --- device, dtype, backend -----------------------------------------------------------------
@@ -208,49 +278,73 @@ def resolve_device(name: str | None, dtype: str | None):
                 code=2,
             )
     dtype = dtype or ("fp16" if kind == "cuda" else "fp32")
+    check_ops_backend(name)
     if kind == "cpu" and dtype == "fp16":
         warn("--dtype fp16 on CPU is slow and less precise than the default fp32")
     return name, {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
 
 
-def check_ops_backend() -> None:
-    """A bad ``ISEG_OPS_BACKEND`` as one usage error line, before the model loads."""
+def check_ops_backend(device: str | None = None) -> None:
+    """A bad ``ISEG_OPS_BACKEND`` as one usage error line, before the model loads; with
+    ``device``, also ``triton`` where the Triton kernels cannot run on it (triton missing, or
+    not CUDA and not ``TRITON_INTERPRET=1``)."""
     from iseg_ops import _dispatch
 
     try:
-        _dispatch.backend()
+        backend = _dispatch.backend()
     except ValueError as exc:
         raise CommandError(first_line(exc), code=2) from None
+    if device is None or backend != "triton":
+        return
+    if not _dispatch.triton_available():
+        why = "triton is not installed"
+    elif not (device.startswith("cuda") or _dispatch.interpreting()):
+        why = f"the Triton kernels run on CUDA (or with TRITON_INTERPRET=1), not on {device}"
+    else:
+        return
+    raise CommandError(
+        f"ISEG_OPS_BACKEND=triton: {why}; unset it (auto picks what can run) or set it to torch",
+        code=2,
+    )
 
 
 # --- model loading --------------------------------------------------------------------------
 
 
 @contextlib.contextmanager
-def quiet_loading() -> Iterator[None]:
-    """While loading and moving a pipeline: diffusers/transformers warnings (accelerate
-    missing, fp16 on CPU, hub retries) silenced unless more verbose logging was asked for, and
-    their loading bars off when stderr is not a terminal. Restores both afterwards."""
+def quiet_loading(quiet: bool = False) -> Iterator[None]:
+    """While loading and moving a model: diffusers/transformers/huggingface_hub warnings
+    (accelerate missing, fp16 on CPU, hub retries) silenced unless more verbose logging was
+    asked for, and their loading and download bars off when ``quiet`` or stderr is not a
+    terminal. Restores all of it afterwards."""
     from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub import utils as hub_utils
+    from huggingface_hub.utils import logging as hub_logging
     from transformers.utils import logging as transformers_logging
 
-    modules = (diffusers_logging, transformers_logging)
+    modules = (diffusers_logging, transformers_logging, hub_logging)
     levels = [module.get_verbosity() for module in modules]
-    bars = [module.is_progress_bar_enabled() for module in modules]
-    quiet_bars = not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty())
+    bars = [module.is_progress_bar_enabled() for module in modules[:2]]
+    hub_bars = hub_utils.are_progress_bars_disabled()
+    quiet_bars = quiet or not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty())
     for module, level in zip(modules, levels):
         if level >= logging.WARNING:
             module.set_verbosity(logging.ERROR)
-        if quiet_bars:
+    if quiet_bars:
+        for module in modules[:2]:
             module.disable_progress_bar()
+        hub_utils.disable_progress_bars()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", UserWarning)  # e.g. huggingface_hub's offline notes
             yield
     finally:
-        for module, level, bar in zip(modules, levels, bars):
+        for module, level in zip(modules, levels):
             module.set_verbosity(level)
+        for module, bar in zip(modules[:2], bars):
             (module.enable_progress_bar if bar else module.disable_progress_bar)()
+        (hub_utils.disable_progress_bars if hub_bars else hub_utils.enable_progress_bars)()
 
 
 def dtype_keyword() -> str:
@@ -267,15 +361,87 @@ def dtype_keyword() -> str:
     return "dtype" if 'kwargs.pop("dtype"' in source else "torch_dtype"
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?$")
+
+
 def looks_like_path(model: str) -> bool:
-    """A model given as a path, never a hub repo id (``/abs``, ``./rel``, ``../rel``, ``~``,
-    or an existing folder)."""
-    return (
-        os.path.isabs(model)
-        or model.startswith(("./", "../", "~", ".\\", "..\\"))
-        or os.path.isdir(model)
-        or model.count("/") > 1
-    )
+    """A model given as a path, never a hub repo id: ``/abs``, ``./rel``, ``../rel``, ``~``,
+    anything that exists here (even in part: ``models/sd`` where ``models/`` is a folder here),
+    a backslash or more than one ``/``, and anything a hub id cannot be (``org/name`` of
+    letters, digits, ``_ . -``, no ``..``)."""
+    if os.path.isabs(model) or model.startswith(("./", "../", "~", ".\\", "..\\")):
+        return True
+    if os.path.exists(model) or "\\" in model or (os.altsep and os.altsep in model):
+        return True
+    if not _HUB_ID.match(model) or ".." in model or "--" in model:
+        return True
+    return "/" in model and os.path.isdir(model.split("/")[0])
+
+
+def model_setting(model: str) -> str:
+    """``model`` as the settings record it: a local folder as its resolved absolute path (so
+    ``./m``, ``m/`` and ``/abs/m`` are one run), a hub id as given."""
+    if looks_like_path(model):
+        return str(Path(model).expanduser().resolve())
+    return model
+
+
+def download_command() -> str:
+    """The installed huggingface_hub's download command: ``hf download`` (≥ 0.34) or the
+    older ``huggingface-cli download``."""
+    import importlib.util
+
+    with contextlib.suppress(ImportError, ValueError):
+        if importlib.util.find_spec("huggingface_hub.cli.hf") is not None:
+            return "hf download"
+    return "huggingface-cli download"
+
+
+def hub_offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` is set to a true value."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def check_hub_model(repo: str, what: str, option: str, filename: str, advice: str = "") -> None:
+    """Before loading hub id ``repo`` (given as ``option``): fail at once, quietly and without
+    retries, when it is not in the local cache and the hub cannot be asked (``HF_HUB_OFFLINE``
+    or no network), or when the hub has no such repo. ``filename`` is a file every copy of the
+    repo has; ``advice`` ends the line."""
+    from huggingface_hub import HfApi, try_to_load_from_cache
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+
+    with contextlib.suppress(Exception):  # a bad cache is the loader's to report
+        if isinstance(try_to_load_from_cache(repo, filename), str):
+            return
+    advice = f"; {advice}" if advice else ""
+    fetch = f"download it where there is network (`{download_command()} {repo} --local-dir DIR`) and pass {option} DIR"
+    if hub_offline():
+        raise CommandError(
+            f"cannot load {what} '{repo}': it is not in the local cache and the hub is "
+            f"unreachable (HF_HUB_OFFLINE is set); unset HF_HUB_OFFLINE, or {fetch}{advice}"
+        )
+    from huggingface_hub.utils import logging as hub_logging
+
+    level = hub_logging.get_verbosity()
+    hub_logging.set_verbosity(max(level, logging.ERROR))  # no retry notes (the hub's only)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            HfApi().model_info(repo, timeout=10)
+    except RepositoryNotFoundError:
+        raise CommandError(
+            f"cannot load {what} '{repo}': no such repo on the hub (a private or gated repo "
+            f"needs `hf auth login`); give a hub id or {option} DIR{advice}"
+        ) from None
+    except HfHubHTTPError:
+        return  # the hub answered (rate limit, gated, ...): the load reports it
+    except Exception:
+        raise CommandError(
+            f"cannot load {what} '{repo}': it is not in the local cache and the hub is "
+            f"unreachable (no network?); {fetch}{advice}"
+        ) from None
+    finally:
+        hub_logging.set_verbosity(level)
 
 
 _WHAT_TO_DO = (
@@ -284,13 +450,19 @@ _WHAT_TO_DO = (
 )
 
 
-def check_model_folder(model: str) -> None:
-    """Fail before loading on a model folder that cannot be a Stable Diffusion pipeline."""
+def check_folder(model: str, what: str, todo: str) -> Path:
+    """``model`` (a path) as an existing folder, else one error line: no such folder."""
     path = Path(model).expanduser()
     if not path.exists():
-        raise CommandError(f"cannot load model '{model}': no such folder; {_WHAT_TO_DO}")
+        raise CommandError(f"cannot load {what} '{model}': no such folder; {todo}")
     if not path.is_dir():
-        raise CommandError(f"cannot load model '{model}': not a folder; {_WHAT_TO_DO}")
+        raise CommandError(f"cannot load {what} '{model}': not a folder; {todo}")
+    return path
+
+
+def check_model_folder(model: str) -> None:
+    """Fail before loading on a model folder that cannot be a Stable Diffusion pipeline."""
+    path = check_folder(model, "model", _WHAT_TO_DO)
     if not (path / "model_index.json").is_file():
         raise CommandError(
             f"cannot load model '{model}': no model_index.json, so not a diffusers pipeline "
@@ -318,25 +490,35 @@ def _short_cause(exc: BaseException) -> str:
     if any(k in low for k in ("max retries", "failed to resolve", "network is unreachable",
                               "connection", "timed out")):
         return "the hub cannot be reached (no network?)"
-    line = first_line(exc)
-    line = line.split(" Please check out the root cause")[0].strip()
-    return line if len(line) <= 200 else line[:197].rstrip() + "..."
+    return first_line(exc).split(" Please check out the root cause")[0].strip()
 
 
-def load_pipeline(model: str, device: str, dtype):
-    """``ISegPipeline.from_pretrained(model)`` in ``dtype`` on ``device``, quietly.
+def check_model(model: str) -> None:
+    """Everything about ``--model`` that can be known before loading: a local folder that is
+    a diffusers pipeline, or a hub id that is cached or reachable."""
+    if looks_like_path(model):
+        check_model_folder(model)
+        return
+    advice = ""
+    if model in WITHDRAWN_MODELS:
+        advice = f"Stability AI withdrew it: use --model {DEFAULT_MODEL} (same weights)"
+    check_hub_model(model, "model", "--model", "model_index.json", advice)
+
+
+def load_pipeline(model: str, device: str, dtype, quiet: bool = False):
+    """``ISegPipeline.from_pretrained(model)`` in ``dtype`` on ``device``, quietly (no loading
+    bars either when ``quiet``).
 
     Raises:
         CommandError: for any failure, in one line saying what was tried and what to do.
     """
     local = looks_like_path(model)
-    if local:
-        check_model_folder(model)
+    check_model(model)
     from ..pipeline import ISegPipeline
 
-    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    offline = hub_offline()
     try:
-        with quiet_loading():
+        with quiet_loading(quiet):
             pipe = ISegPipeline.from_pretrained(
                 str(Path(model).expanduser()) if local else model, **{dtype_keyword(): dtype}
             )
@@ -361,7 +543,7 @@ def load_pipeline(model: str, device: str, dtype):
                 todo += f", or use the default {DEFAULT_MODEL}"
         raise CommandError(f"cannot load model '{model}': tried {tried}: {cause}; {todo}") from None
     try:
-        with quiet_loading():
+        with quiet_loading(quiet):
             pipe = pipe.to(device)
     except KeyboardInterrupt:
         raise
@@ -369,6 +551,39 @@ def load_pipeline(model: str, device: str, dtype):
         raise CommandError(f"cannot move model '{model}' to {device}: {first_line(exc)}") from None
     pipe.set_progress_bar_config(disable=True)  # the runner's own progress counts images
     return pipe
+
+
+def check_recipe_options(recipe: str, options: dict) -> None:
+    """Options the recipe refuses (``get_recipe(recipe).replace(**options)``, the pipeline's
+    own validation) as one usage error, before the model loads."""
+    from ..recipes import get_recipe
+
+    try:
+        get_recipe(recipe).replace(**options)
+    except (ValueError, TypeError) as exc:
+        raise CommandError(first_line(exc).replace(f"recipe {recipe!r}: ", "", 1), code=2) from None
+
+
+def check_loaded(check) -> None:
+    """Run ``check()`` (a pipeline's model-dependent checks: layers, timestep, memory) after
+    loading and before anything is written; what it refuses is one usage error."""
+    try:
+        check()
+    except (ValueError, TypeError) as exc:
+        raise CommandError(first_line(exc), code=2) from None
+
+
+def model_failure(exc: BaseException, dtype, gamma: bool = True) -> str:
+    """A per-image failure inside the model in one line, with the hint that applies: a
+    non-finite result suggests ``--dtype fp32`` only on a run in lower precision."""
+    import torch
+
+    message = first_line(exc)
+    if "NaN or Inf" not in message:
+        return message
+    hints = (["--dtype fp32"] if dtype != torch.float32 else []) + (["a smaller --gamma"] if gamma else [])
+    advice = f"try {' or '.join(hints)}, or check the image" if hints else "check the image"
+    return f"the model overflowed on this image (NaN or Inf); {advice}"
 
 
 # --- inputs ---------------------------------------------------------------------------------
@@ -467,9 +682,11 @@ def check_images(paths: Sequence[Path]) -> None:
     headers are read here, the full decode happens per image in the run."""
     from PIL import Image
 
+    from ..images import accept_large_images
+
     for path in paths:
         try:
-            with Image.open(path):
+            with accept_large_images(), Image.open(path):
                 pass
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
             raise CommandError(f"cannot read image '{path}': {first_line(exc)}") from None

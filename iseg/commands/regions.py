@@ -95,12 +95,7 @@ def _lam(text: str) -> float:
     return _common.finite_float(text, 0.0, inclusive=True)
 
 
-def _unit(text: str) -> float:
-    return _common.finite_float(text, 0.0, inclusive=True, high=1.0)
-
-
 _lam.__name__ = "λ (a number ≥ 0)"
-_unit.__name__ = "number in [0, 1]"
 
 
 # --- parsers --------------------------------------------------------------------------------
@@ -111,19 +106,20 @@ def _settings_options(parser: argparse.ArgumentParser, regions: bool) -> None:
     add = parser.add_argument_group("iSeg settings (default: the recipe's)").add_argument
     add("--recipe", default=None, metavar="NAME",
         help="a named configuration (see `iseg recipes`; default: interactive)")
-    add("--iters", type=_common.non_negative_int, default=None,
-        help="refinement iterations N (interactive: 50)")
+    add("--iters", type=_common.iterations, default=None,
+        help=f"refinement iterations N (interactive: 50; at most {_common.MAX_ITERS})")
     add("--lam", type=_lam, default=None, help="Ent-Self strength λ (interactive: 0.0434294)")
     add("--t-max", type=_common.positive_float, default=None, metavar="T",
         help="upper clamp of Ent-Self's T (interactive: 1)")
-    add("--gamma", type=_common.positive_float, default=None,
-        help="weight γ of the BOS token of the empty prompt (interactive: 1.6)")
+    add("--gamma", type=_common.gamma, default=None,
+        help="weight γ in (0, 100] of the BOS token of the empty prompt (interactive: 1.6)")
     if regions:
-        add("--threshold", type=_unit, default=None,
-            help="a pixel is in a region's mask where its heat is above this (interactive: 0.5)")
+        add("--threshold", type=_common.open_unit, default=None,
+            help="a pixel is in a region's mask where its heat is above this, in (0, 1) "
+                 "(interactive: 0.5)")
     else:
-        add("--background-threshold", type=_common.positive_float, default=None, metavar="TAU",
-            help="pixels whose best heat is below TAU are background "
+        add("--background-threshold", type=_common.open_unit, default=None, metavar="TAU",
+            help="pixels whose best heat is below TAU in (0, 1) are background "
                  "(default: the background score (1 - max heat)²)")
     add("--seed", type=_common.seed, default=0,
         help="noise seed in [0, 2**64)" + ("" if regions else "; the i-th IMAGE uses seed + i")
@@ -134,6 +130,7 @@ def _settings_options(parser: argparse.ArgumentParser, regions: bool) -> None:
     group.add_argument("--overwrite", action="store_true",
                        help="recompute finished images and replace results of other settings "
                             "(files this tool did not write are never overwritten)")
+    _common.add_quiet_option(group)
     # fmt: on
 
 
@@ -214,24 +211,36 @@ def _options(args: argparse.Namespace) -> dict:
 
 
 def _settings(args: argparse.Namespace, dtype) -> dict:
-    model = args.model
-    if _common.looks_like_path(model):
-        model = str(Path(model).expanduser().absolute())
     options = _options(args)
     return {
-        "model": model,
+        "model": _common.model_setting(args.model),
         "dtype": str(dtype).removeprefix("torch."),
         **{k: options.get(k) for k in ("recipe", "iters", "lam", "t_max", "gamma")},
         "seed": args.seed,
     }
 
 
-def _load_checked(pipe, options: dict) -> None:
-    """A setting the pipeline refuses is one usage error, once, before any image runs."""
-    try:
-        pipe.resolve_recipe(**options)
-    except (ValueError, TypeError) as exc:
-        raise CommandError(first_line(exc), code=2) from None
+def _check_options(args: argparse.Namespace) -> dict:
+    """The pipeline keywords, after the checks that need no model (before it loads)."""
+    options = _options(args)
+    _common.check_recipe_options(
+        options["recipe"], {k: v for k, v in options.items() if k != "recipe"}
+    )
+    return options
+
+
+def _load(args: argparse.Namespace, device, dtype, options: dict):
+    """The pipeline, and what only the loaded model can check (layers, timestep, memory):
+    a setting it refuses is one usage error, before anything is written."""
+    pipe = _common.load_pipeline(args.model, device, dtype, quiet=args.quiet)
+    if hasattr(pipe, "check_settings"):
+
+        def check():
+            _, _, grid = pipe.check_settings(text=False, **options)
+            pipe.check_memory(grid, 1)
+
+        _common.check_loaded(check)
+    return pipe
 
 
 def _generator(seed: int):
@@ -249,8 +258,10 @@ def _read_region_mask(path: str):
     import numpy as np
     from PIL import Image
 
+    from ..images import accept_large_images
+
     try:
-        with Image.open(path) as image:
+        with accept_large_images(), Image.open(path) as image:
             image.load()
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise CommandError(f"--mask {path}: cannot read it: {first_line(exc)}", code=2) from None
@@ -304,6 +315,7 @@ def _run_regions(args: argparse.Namespace) -> int:
         raise CommandError(f"cannot read image '{path}': {first_line(exc)}") from None
     regions = _regions(args.regions, (image.height, image.width))  # before the model loads
     _check_recipe(args.recipe)
+    options = _check_options(args)
     device, dtype = _common.resolve_device(args.device, args.dtype)
 
     from ..runner import Runner
@@ -321,25 +333,26 @@ def _run_regions(args: argparse.Namespace) -> int:
         masks = [f"{name}_region{r}{REGION_MASK_SUFFIX}" for r in range(1, count + 1)]
         return [*masks, f"{name}_labels.png", f"{name}_overlay.png"]
 
-    runner = Runner(args.out, REGIONS, settings, overwrite=args.overwrite)
+    runner = Runner(args.out, REGIONS, settings, overwrite=args.overwrite, quiet=args.quiet)
     todo = runner.plan([path], outputs)
     if todo:
-        pipe = _common.load_pipeline(args.model, device, dtype)
-        options = _options(args)
-        _load_checked(pipe, options)
-        process = _regions_processor(pipe, regions, options, args, outputs)
+        pipe = _load(args, device, dtype, options)
+        process = _regions_processor(pipe, regions, options, args, outputs, dtype)
         runner.run(todo, lambda _: image, process)
     return runner.finish("segmented the regions of")
 
 
-def _regions_processor(pipe, regions, options, args, outputs):
+def _regions_processor(pipe, regions, options, args, outputs, dtype):
     def process(items, images):
         from PIL import Image
 
         from .. import masks
 
         item, image = items[0], images[0]
-        out = pipe.segment_regions(image, regions, generator=_generator(args.seed), **options)
+        try:
+            out = pipe.segment_regions(image, regions, generator=_generator(args.seed), **options)
+        except ValueError as exc:
+            raise RuntimeError(_common.model_failure(exc, dtype)) from None
         files = {}
         names = outputs(item.name)
         for r, mask in enumerate(out.masks[0]):
@@ -367,10 +380,12 @@ def read_label_map(path: Path, size: tuple[int, int]):
     import torch
     from PIL import Image
 
+    from ..images import accept_large_images
+
     if not path.is_file():
         raise ValueError(f"no mask '{path}' for this image")
     try:
-        with Image.open(path) as image:
+        with accept_large_images(), Image.open(path) as image:
             image.load()
     except (OSError, Image.DecompressionBombError) as exc:
         raise ValueError(f"cannot read mask '{path}': {first_line(exc)}") from None
@@ -397,6 +412,7 @@ def _run_refine(args: argparse.Namespace) -> int:
     if args.seed + len(paths) - 1 > _common.SEED_MAX:
         raise CommandError(f"--seed {args.seed}: too large for {len(paths)} images", code=2)
     _check_recipe(args.recipe)
+    options = _check_options(args)
     device, dtype = _common.resolve_device(args.device, args.dtype)
 
     from ..runner import Runner
@@ -406,17 +422,15 @@ def _run_refine(args: argparse.Namespace) -> int:
         "background_threshold": args.background_threshold,
         "masks": str(masks_dir.absolute()),
     }
-    runner = Runner(args.out, REFINE, settings, overwrite=args.overwrite)
+    runner = Runner(args.out, REFINE, settings, overwrite=args.overwrite, quiet=args.quiet)
     todo = runner.plan(paths, lambda name: [f"{name}.png"])
     if todo:
-        pipe = _common.load_pipeline(args.model, device, dtype)
-        options = _options(args)
-        _load_checked(pipe, options)
-        runner.run(todo, _common.load_image, _refine_processor(pipe, masks_dir, options, args))
+        pipe = _load(args, device, dtype, options)
+        runner.run(todo, _common.load_image, _refine_processor(pipe, masks_dir, options, args, dtype))
     return runner.finish("refined the masks of")
 
 
-def _refine_processor(pipe, masks_dir: Path, options: dict, args):
+def _refine_processor(pipe, masks_dir: Path, options: dict, args, dtype):
     def process(items, images):
         import torch
 
@@ -434,6 +448,8 @@ def _refine_processor(pipe, masks_dir: Path, options: dict, args):
                 out = pipe.refine_masks(image, label_map, generator=generator, **options)
             except torch.OutOfMemoryError:
                 raise CommandError(f"out of memory on {pipe.device}") from None
+            except ValueError as exc:
+                raise RuntimeError(_common.model_failure(exc, dtype)) from None
             labels = out.labels[0].cpu()
         return [{f"{item.name}.png": _common.saver(masks.label_image(labels))}]
 

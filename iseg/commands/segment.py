@@ -25,20 +25,22 @@ def parse_classes(text: str) -> tuple[str, ...]:
     """``"cat, potted plant"`` → ``("cat", "potted plant")``.
 
     Names are stripped and inner whitespace collapsed. Raises ``ValueError`` for an empty name
-    (``"cat,,dog"``, ``" , "``) or a name given twice.
+    (``"cat,,dog"``, ``" , "``) or a name given twice, also in another case (``"Cat,cat"``:
+    the text encoder lowercases, so they would be one class; see
+    :func:`iseg.prompts.check_classes`).
     """
+    from ..prompts import check_classes
+
     names = tuple(" ".join(name.split()) for name in text.split(","))
     hint = "give them comma-separated: --classes 'cat,dog'"
     if not any(names):
         raise ValueError(f"no class names in {text!r}; {hint}")
     if not all(names):
         raise ValueError(f"empty class name in {text!r}; {hint}")
-    seen: set[str] = set()
-    for name in names:
-        if name in seen:
-            raise ValueError(f"class {name!r} is given twice in {text!r}")
-        seen.add(name)
-    return names
+    try:
+        return check_classes(names)
+    except ValueError as exc:  # argparse names the option
+        raise ValueError(str(exc).removeprefix("classes: ")) from None
 
 
 def _classes(text: str) -> tuple[str, ...]:
@@ -84,14 +86,14 @@ def add_parser(subparsers) -> None:
     add = parser.add_argument_group("iSeg settings (default: the recipe's)").add_argument
     add("--recipe", default=None, metavar="NAME",
         help="a named configuration (see `iseg recipes`; default: paper)")
-    add("--iters", type=_common.non_negative_int, default=None,
-        help="refinement iterations N (paper: 10)")
+    add("--iters", type=_common.iterations, default=None,
+        help=f"refinement iterations N (paper: 10; at most {_common.MAX_ITERS})")
     add("--lam", type=_lam, default=None,
         help="Ent-Self strength λ, or 'none' for the raw self-attention (paper: 0.01)")
-    add("--gamma", type=_common.positive_float, default=None,
-        help="Cat-Cross weight γ (paper: 1.6)")
-    add("--background-threshold", type=_common.positive_float, default=None, metavar="TAU",
-        help="pixels whose best heat is below TAU are background "
+    add("--gamma", type=_common.gamma, default=None,
+        help="Cat-Cross weight γ in (0, 100] (paper: 1.6)")
+    add("--background-threshold", type=_common.open_unit, default=None, metavar="TAU",
+        help="pixels whose best heat is below TAU in (0, 1) are background "
              "(default: the background score (1 - max heat)²)")
     add("--seed", type=_common.seed, default=None,
         help="noise seed in [0, 2**64); the i-th IMAGE uses seed + i (default: the recipe's "
@@ -166,24 +168,23 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError("give --classes NAMES or --vocabulary voc|context|coco|FILE (one of them)", code=2)
     vocabulary = None
     if args.vocabulary is not None:
-        from .tag import resolve_tagger_vocabulary
+        from .tag import check_tagger_model, resolve_tagger_vocabulary
 
         vocabulary = resolve_tagger_vocabulary(args.vocabulary)
         if args.recipe is None and vocabulary.name:
             args.recipe = f"{vocabulary.name}-ovs"  # the authors' open-vocabulary setting
+        check_tagger_model(args.tagger_model)
     if args.recipe is not None:
         _check_recipe(args.recipe)
+    options = _pipeline_options(args, ())
+    options.pop("recipe", None)
+    _common.check_recipe_options(args.recipe or "paper", options)
     device, dtype = _common.resolve_device(args.device, args.dtype)
 
     from ..runner import Runner
 
-    model = args.model
-    if _common.looks_like_path(model):
-        from pathlib import Path
-
-        model = str(Path(model).expanduser().absolute())
     settings = {
-        "model": model,
+        "model": _common.model_setting(args.model),
         "dtype": str(dtype).removeprefix("torch."),
         "classes": None if args.classes is None else list(args.classes),
         "vocabulary": None if vocabulary is None else list(vocabulary.vocabulary),
@@ -194,34 +195,53 @@ def run(args: argparse.Namespace) -> int:
         "background_threshold": args.background_threshold,
         "seed": args.seed,
     }
-    runner = Runner(args.out, NAME, settings, overwrite=args.overwrite)
+    if vocabulary is not None:
+        from .tag import tagger_settings
+
+        settings["tagger"] = {"model": _common.model_setting(args.tagger_model), **tagger_settings(args)}
+    runner = Runner(args.out, NAME, settings, overwrite=args.overwrite, quiet=args.quiet)
     todo = runner.plan(paths, _common.label_outputs(args))
     if todo:
-        pipe = _common.load_pipeline(args.model, device, dtype)
+        pipe = _common.load_pipeline(args.model, device, dtype, quiet=args.quiet)
+        args.batch_size = _common.batch_size(args, device)
+        _check_loaded(pipe, args, options)
         if vocabulary is None:
-            _check_classes_fit(pipe, args.classes)
+            _check_classes_fit(pipe, args.classes, args.recipe)
         else:  # fp32 whatever the SD dtype, as the authors (bf16 flips tags)
             from .tag import load_tagger
 
             import torch
 
-            pipe.tagger = load_tagger(args.tagger_model, device, torch.float32)
-        args.batch_size = _common.batch_size(args, device)
-        runner.run(todo, _common.load_image, _processor(pipe, args, device), args.batch_size)
+            pipe.tagger = load_tagger(args.tagger_model, device, torch.float32, quiet=args.quiet)
+        runner.run(todo, _common.load_image, _processor(pipe, args, device, dtype), args.batch_size)
     return runner.finish("segmented")
 
 
-def _check_classes_fit(pipe, classes) -> None:
-    """Names that do not fit the text encoder fail once, here, not at every image."""
+def _check_loaded(pipe, args: argparse.Namespace, options: dict) -> None:
+    """What only the loaded model can check (the recipe's layers and heads, the timestep, the
+    attention's memory at the batch size), before anything is written."""
+    if not hasattr(pipe, "check_settings"):
+        return
+
+    def check():
+        _, _, grid = pipe.check_settings(args.recipe, None, True, **options)
+        pipe.check_memory(grid, args.batch_size)
+
+    _common.check_loaded(check)
+
+
+def _check_classes_fit(pipe, classes, recipe=None) -> None:
+    """Names that do not fit the text encoder, or that it cannot tell apart, fail once, here,
+    not at every image."""
     if not hasattr(pipe, "prompt"):
         return
     try:
-        pipe.prompt(list(classes))
+        pipe.prompt(list(classes), recipe)
     except ValueError as exc:
-        raise CommandError(f"--classes: {first_line(exc)}", code=2) from None
+        raise CommandError(f"--classes: {first_line(exc).removeprefix('classes: ')}", code=2) from None
 
 
-def _processor(pipe, args: argparse.Namespace, device: str):
+def _processor(pipe, args: argparse.Namespace, device: str, dtype):
     import inspect
 
     import torch
@@ -255,8 +275,8 @@ def _processor(pipe, args: argparse.Namespace, device: str):
                 f"out of memory on {device} with --batch-size {args.batch_size}; "
                 "try a smaller --batch-size or --dtype fp16"
             ) from None
-        except ValueError as exc:  # a setting the pipeline refuses: the same for every batch
-            raise CommandError(first_line(exc), code=2) from None
+        except ValueError as exc:  # the settings were checked: this batch's images failed
+            raise RuntimeError(_common.model_failure(exc, dtype)) from None
         results = []
         for b, (item, image, label) in enumerate(zip(items, images, output.labels)):  # [B, H, W] or a list
             label = label.cpu()

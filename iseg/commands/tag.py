@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -76,7 +77,19 @@ def resolve_tagger_vocabulary(spec: str):
         raise CommandError(f"--vocabulary: {first_line(exc)}", code=2) from None
 
 
-def load_tagger(model: str, device: str, dtype):
+_TAGGER_TODO = "pass --tagger-model DIR (a CLIP folder: config.json, model.safetensors, tokenizer) or a hub id"
+
+
+def check_tagger_model(model: str) -> None:
+    """``--tagger-model`` before anything loads: a path-looking value is a folder that exists
+    (never tried as a hub id), a hub id is cached or the hub can be asked."""
+    if _common.looks_like_path(model):
+        _common.check_folder(model, "the CLIP tagger from", _TAGGER_TODO)
+    else:
+        _common.check_hub_model(model, "the CLIP tagger from", "--tagger-model", "config.json")
+
+
+def load_tagger(model: str, device: str, dtype, quiet: bool = False):
     """``CLIPTagger.from_pretrained(model)`` on ``device`` in ``dtype``, quietly.
 
     Raises:
@@ -84,14 +97,22 @@ def load_tagger(model: str, device: str, dtype):
     """
     from ..tagger import CLIPTagger
 
-    source = str(Path(model).expanduser()) if _common.looks_like_path(model) else model
+    check_tagger_model(model)
+    local = _common.looks_like_path(model)
+    source = str(Path(model).expanduser()) if local else model
     try:
-        with _common.quiet_loading():
+        with _common.quiet_loading(quiet):
             return CLIPTagger.from_pretrained(source, torch_dtype=dtype, device=device)
     except KeyboardInterrupt:
         raise
     except Exception as exc:
-        raise CommandError(first_line(exc)) from None
+        cause = first_line(exc.__cause__ or exc)
+        fetch = f"`{_common.download_command()} {DEFAULT_TAGGER_MODEL} --local-dir DIR`"
+        where = f"the folder '{model}'" if local else f"the hub id '{model}'"
+        raise CommandError(
+            f"cannot load the CLIP tagger from {where}: {cause}; it needs a CLIPModel as "
+            f"safetensors plus its tokenizer: {fetch}, then --tagger-model DIR"
+        ) from None
 
 
 def add_parser(subparsers) -> None:
@@ -121,42 +142,58 @@ def add_parser(subparsers) -> None:
     group.add_argument("--dtype", choices=_common.DTYPES, default="fp32",
                        help="tagger precision (default: fp32, as the authors; bf16 and fp16 can "
                             "flip tags near the thresholds)")
+    _common.add_quiet_option(parser)
     add_tagger_options(parser)
     # fmt: on
 
 
+def _read_lines(out: Path) -> dict[str, str]:
+    """The tag lines of ``out`` by id (the first word), in order."""
+    try:
+        text = out.read_text(encoding="utf-8")
+    except (OSError, ValueError) as exc:  # ValueError: not UTF-8
+        raise CommandError(f"cannot read '{out}': {first_line(exc)}; move it away or choose "
+                           "another --out") from None  # fmt: skip
+    lines: dict[str, str] = {}
+    for line in text.splitlines():
+        if line.strip():
+            lines.setdefault(line.split()[0], line.strip())
+    return lines
+
+
 def _read_existing(out: Path, manifest: Path, settings: dict, overwrite: bool) -> dict[str, str]:
-    """The lines already in ``out`` by id, after checking that this tool wrote them."""
+    """The lines already in ``out`` by id, after checking that this tool wrote them. A file
+    that holds no tag yet (a first run that tagged nothing) locks no settings."""
+    from ..runner import describe_changes
+
     if out.is_dir():
         raise CommandError(f"--out '{out}' is a folder; give a file name such as tags.txt", code=2)
     if not out.exists():
         return {}
     try:
         recorded = json.loads(manifest.read_text(encoding="utf-8"))
-        if recorded.get("command") != NAME:
+        if not isinstance(recorded, dict) or recorded.get("command") != NAME:
             raise ValueError
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, RecursionError):
         raise CommandError(
             f"refusing to overwrite '{out}': this tool did not write it (no {manifest.name} "
             "beside it); move it away or choose another --out"
         ) from None
-    if recorded.get("settings") != settings:
-        if overwrite:
-            return {}
-        old = recorded.get("settings") or {}
-        changed = ", ".join(
-            f"{k}: {old.get(k)!r} → {settings.get(k)!r}"
-            for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)
-        )  # fmt: skip
+    old = recorded.get("settings")
+    if not isinstance(old, dict):
         raise CommandError(
-            f"'{out}' holds tags of other settings ({changed}); rerun with --overwrite to "
-            "replace them, or choose another --out"
+            f"'{manifest}' is not an iseg manifest: its settings are not an object; remove "
+            f"both files or choose another --out"
         )
-    lines = {}
-    for line in out.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            lines.setdefault(line.split()[0], line.strip())
-    return lines
+    lines = _read_lines(out)
+    if old == settings:
+        return lines
+    if overwrite or not lines:
+        return {}
+    raise CommandError(
+        f"'{out}' holds tags of other settings ({describe_changes(old, settings)}); rerun "
+        "with --overwrite to replace them, or choose another --out"
+    )
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -184,11 +221,8 @@ def run(args: argparse.Namespace) -> int:
     preset = resolve_tagger_vocabulary(args.vocabulary)
     device, dtype = _common.resolve_device(args.device, args.dtype)
     overrides = tagger_settings(args)
-    model = args.tagger_model
-    if _common.looks_like_path(model):
-        model = str(Path(model).expanduser().absolute())
     settings = {
-        "tagger_model": model,
+        "tagger_model": _common.model_setting(args.tagger_model),
         "dtype": str(dtype).removeprefix("torch."),
         "vocabulary": preset.name or list(preset.vocabulary),
         "background": list(preset.background),
@@ -200,20 +234,36 @@ def run(args: argparse.Namespace) -> int:
     todo = [(stem, path) for stem, path in ids.items() if stem not in lines]
     skipped = len(ids) - len(todo)
     if not todo:
-        print(f"{_common.PROG}: all {len(ids)} images already tagged in '{out}'", file=sys.stderr)
+        if not args.quiet:
+            print(f"{_common.PROG}: all {len(ids)} images already tagged in '{out}'", file=sys.stderr)
         return 0
 
     # 2. Load the tagger; write the kept lines (none after --overwrite), then the settings
     #    (in this order, a kill in between never leaves old tags under new settings)
-    tagger = load_tagger(args.tagger_model, device, dtype)
+    tagger = load_tagger(args.tagger_model, device, dtype, quiet=args.quiet)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(out, "".join(line + "\n" for line in lines.values()))
-        _write_atomic(manifest, json.dumps({"command": NAME, "settings": settings}, indent=1) + "\n")
     except OSError as exc:
         raise CommandError(f"cannot write '{out}': {first_line(exc)}") from None
+    _write_atomic(out, "".join(line + "\n" for line in lines.values()))
+    _write_atomic(manifest, json.dumps({"command": NAME, "settings": settings}, indent=1) + "\n")
 
     # 3. Tag, appending lines; rewrite the file now and then, and whatever happens
+    failed = _tag_all(tagger, todo, preset, overrides, lines, out, quiet=args.quiet)
+    if not args.quiet:
+        print(
+            f"{_common.PROG}: tagged {len(todo) - failed} image(s) into '{out}'"
+            + (f", {skipped} already there" if skipped else "")
+            + (f", {failed} failed" if failed else ""),
+            file=sys.stderr,
+        )
+    return 1 if failed else 0
+
+
+def _tag_all(tagger, todo, preset, overrides: dict, lines: dict, out: Path, quiet: bool) -> int:
+    """Tag each ``(stem, path)`` of ``todo`` into ``lines``, rewriting ``out`` every
+    ``FLUSH_EVERY_IMAGES`` images or ``FLUSH_EVERY_SECONDS`` and at the end, however the loop
+    ends. An image that cannot be read or tagged is one error line; returns how many."""
     from ..images import load_image
 
     call = {"preset": preset.name} if preset.name else {"vocabulary": preset.vocabulary}
@@ -227,34 +277,40 @@ def run(args: argparse.Namespace) -> int:
             _write_atomic(out, "".join(line + "\n" for line in lines.values()))
             written, last_flush = len(lines), time.monotonic()
 
-    progress = _progress(len(todo))
+    progress = _progress(len(todo), quiet)
     try:
         for stem, path in todo:
             try:
                 image = load_image(path)
-            except (OSError, ValueError) as exc:
-                print(f"{_common.PROG}: error: cannot read image '{path}': {first_line(exc)}", file=sys.stderr)
+            except Exception as exc:
+                _common.report_error(f"cannot read image '{path}': {first_line(exc)}")
                 failed += 1
                 continue
-            result = tagger(image, **call, **overrides)
+            try:
+                result = tagger(image, **call, **overrides)
+            except (KeyboardInterrupt, MemoryError):
+                raise
+            except Exception as exc:  # this image failed inside the model; the others go on
+                _common.report_error(f"'{path}': {first_line(exc)}")
+                failed += 1
+                continue
             lines[stem] = " ".join([stem, *map(str, result.indices)])
             progress.update(1)
             if len(lines) - written >= FLUSH_EVERY_IMAGES or time.monotonic() - last_flush > FLUSH_EVERY_SECONDS:
                 flush()
+    except BaseException:
+        with contextlib.suppress(CommandError):  # the first error is the one to report
+            flush()
+        raise
+    else:
+        flush()
     finally:
         progress.close()
-        flush()
-    done = len(todo) - failed
-    print(
-        f"{_common.PROG}: tagged {done} image(s) into '{out}'"
-        + (f", {skipped} already there" if skipped else "")
-        + (f", {failed} failed" if failed else ""),
-        file=sys.stderr,
-    )
-    return 1 if failed else 0
+    return failed
 
 
-def _progress(total: int):
+def _progress(total: int, quiet: bool = False):
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="image", disable=not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty()))
+    tty = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
+    return tqdm(total=total, unit="image", disable=quiet or not tty)

@@ -16,7 +16,7 @@ import argparse
 import sys
 
 from . import _common
-from ._common import CommandError, first_line
+from ._common import CommandError
 
 NAME = "unsupervised"
 DIFFSEG_MODEL = "CompVis/stable-diffusion-v1-4"  # DiffSeg's backbone
@@ -63,8 +63,10 @@ def add_parser(subparsers) -> None:
     add("--kl-threshold", type=_common.positive_float, default=1.1, metavar="TAU",
         help="DiffSeg's merging threshold τ: larger merges more (1.1 COCO-Stuff, 0.9 Cityscapes; "
              "default 1.1)")
-    add("--iters", type=_optional(_common.non_negative_int, "an int ≥ 0 or 'none'"), default=10,
-        help="refinement iterations N, or 'none' for DiffSeg's own segments (default: 10)")
+    add("--iters", type=_optional(_common.iterations, f"an int in [0, {_common.MAX_ITERS}] or 'none'"),
+        default=10,
+        help="refinement iterations N, or 'none' for DiffSeg's own segments (default: 10; at "
+             f"most {_common.MAX_ITERS})")
     add("--lam", type=_optional(_lam, "λ (a number ≥ 0 or 'none')"), default=0.01,
         help="Ent-Self strength λ, or 'none' for the raw aggregated attention (default: 0.01)")
     add("--init", choices=("maps", "onehot"), default="maps",
@@ -94,13 +96,8 @@ def run(args: argparse.Namespace) -> int:
 
     from ..runner import Runner
 
-    model = args.model
-    if _common.looks_like_path(model):
-        from pathlib import Path
-
-        model = str(Path(model).expanduser().absolute())
     settings = {
-        "model": model,
+        "model": _common.model_setting(args.model),
         "dtype": str(dtype).removeprefix("torch."),
         "kl_threshold": args.kl_threshold,
         "iters": args.iters,
@@ -110,13 +107,24 @@ def run(args: argparse.Namespace) -> int:
         "anchor_grid": args.anchor_grid,
         "first_pass": args.first_pass,
     }
-    runner = Runner(args.out, NAME, settings, overwrite=args.overwrite)
+    runner = Runner(args.out, NAME, settings, overwrite=args.overwrite, quiet=args.quiet)
     todo = runner.plan(paths, _common.label_outputs(args))
     if todo:
-        pipe = _common.load_pipeline(args.model, device, dtype)
+        pipe = _common.load_pipeline(args.model, device, dtype, quiet=args.quiet)
         args.batch_size = _common.batch_size(args, device)
-        runner.run(todo, _common.load_image, _processor(pipe, args, device), args.batch_size)
+        _common.check_loaded(lambda: _check_loaded(pipe, args))
+        runner.run(todo, _common.load_image, _processor(pipe, args, device, dtype), args.batch_size)
     return runner.finish("segmented")
+
+
+def _check_loaded(pipe, args: argparse.Namespace) -> None:
+    """What only the loaded model can check, before anything is written: DiffSeg's anchors fit
+    the latent grid, and the aggregated attention of a batch fits in memory."""
+    side = pipe.unet.config.sample_size
+    if args.anchor_grid > side:
+        raise ValueError(f"--anchor-grid must be ≤ the latent grid side {side}, got {args.anchor_grid}")
+    if hasattr(pipe, "check_memory"):
+        pipe.check_memory((side, side), args.batch_size)
 
 
 def overlay(image, label, alpha: float = 0.5):
@@ -128,7 +136,7 @@ def overlay(image, label, alpha: float = 0.5):
     return Image.blend(image.convert("RGB"), masks.label_image(label).convert("RGB"), alpha)
 
 
-def _processor(pipe, args: argparse.Namespace, device: str):
+def _processor(pipe, args: argparse.Namespace, device: str, dtype):
     import torch
 
     from .. import masks
@@ -153,8 +161,8 @@ def _processor(pipe, args: argparse.Namespace, device: str):
                 f"out of memory on {device} with --batch-size {args.batch_size}; "
                 "try a smaller --batch-size or --dtype fp16"
             ) from None
-        except ValueError as exc:  # a setting the pipeline refuses: the same for every batch
-            raise CommandError(first_line(exc), code=2) from None
+        except (ValueError, RuntimeError) as exc:  # settings were checked: these images failed
+            raise RuntimeError(_common.model_failure(exc, dtype, gamma=False)) from None
         results = []
         for item, image, label, lost in zip(items, images, output.labels, output.dropped_anchors):
             label = label.cpu()
