@@ -525,7 +525,8 @@ def _sdxl_components(
     same vocabulary; the second pads with ``"!"`` as SDXL's does), ``CLIPTextModel`` and
     ``CLIPTextModelWithProjection``, a 3-level UNet with ``text_time`` added conditioning
     (``addition_time_embed_dim · 6`` size/crop ids + the pooled projection), the VAE with
-    ``force_upcast``. ``torch.manual_seed(seed)`` before each model unless ``seed`` is None."""
+    ``force_upcast``. ``torch.manual_seed(seed)`` before each model unless ``seed`` is None.
+    No scheduler (it must not be built under another default dtype or device)."""
     directory = tokenizer_dir or tempfile.mkdtemp()
     tokenizer = make_clip_tokenizer(directory)
     directory_2 = os.path.join(directory, "tokenizer_2")  # the second one's files beside
@@ -561,7 +562,7 @@ def _sdxl_components(
             lambda: CLIPTextModelWithProjection(_text_config(tokenizer_2, **text_2))
         ),
     }
-    return {**models, "tokenizer": tokenizer, "tokenizer_2": tokenizer_2, "scheduler": _sdxl_scheduler()}
+    return {**models, "tokenizer": tokenizer, "tokenizer_2": tokenizer_2}
 
 
 def tiny_sdxl_components(seed: int = 0, tokenizer_dir: str | os.PathLike[str] | None = None) -> dict:
@@ -596,7 +597,7 @@ def tiny_sdxl_components(seed: int = 0, tokenizer_dir: str | os.PathLike[str] | 
     small = dict(vocab_size=TINY_VOCAB_SIZE, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37)
     text = dict(hidden_size=32, hidden_act="quick_gelu", **small)
     text_2 = dict(hidden_size=48, hidden_act="gelu", projection_dim=24, **small)
-    return _sdxl_components(unet, vae, text, text_2, seed, tokenizer_dir)
+    return {**_sdxl_components(unet, vae, text, text_2, seed, tokenizer_dir), "scheduler": _sdxl_scheduler()}
 
 
 def sdxl_base_components(
@@ -634,6 +635,7 @@ def sdxl_base_components(
     torch.set_default_dtype(torch_dtype)
     try:
         with torch.device(device):
-            return _sdxl_components(unet, vae, text, text_2, None, tokenizer_dir)
+            components = _sdxl_components(unet, vae, text, text_2, None, tokenizer_dir)
     finally:
         torch.set_default_dtype(default_dtype)
+    return {**components, "scheduler": _sdxl_scheduler()}
