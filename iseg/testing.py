@@ -203,18 +203,16 @@ def make_clip_tokenizer(
     )
 
 
+# Stable Diffusion's training noise schedule (1.x, 2.x-base and SDXL share it).
+_SD_SCHEDULE = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    steps_offset=1, prediction_type="epsilon",
+)  # fmt: skip
+
+
 def _sd_scheduler() -> DDIMScheduler:
     """DDIM with Stable Diffusion's (1.x and 2.x-base) noise schedule."""
-    return DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type="epsilon",
-    )
+    return DDIMScheduler(clip_sample=False, set_alpha_to_one=False, **_SD_SCHEDULE)
 
 
 def _text_config(tokenizer: CLIPTokenizer, **sizes: int | str) -> CLIPTextConfig:
@@ -506,15 +504,7 @@ def sd14_components(
 def _sdxl_scheduler() -> EulerDiscreteScheduler:
     """Euler with SDXL-base's schedule (the training schedule is SD's scaled-linear one)."""
     return EulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        interpolation_type="linear",
-        prediction_type="epsilon",
-        steps_offset=1,
-        timestep_spacing="leading",
-        use_karras_sigmas=False,
+        interpolation_type="linear", timestep_spacing="leading", use_karras_sigmas=False, **_SD_SCHEDULE
     )
 
 
