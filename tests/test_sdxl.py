@@ -303,7 +303,8 @@ def test_sdxl_vae_encodes_in_fp32_when_fp16_overflows(sdxl_components, overflowi
         assert torch.isfinite(z).all()
         assert not torch.isfinite(copy.deepcopy(overflowing_vae).half().encode(pixels.half()).latent_dist.mean).all()
 
-    pipe = ISegPipeline(**{**sdxl_components, "vae": copy.deepcopy(overflowing_vae)})
+    fresh = copy.deepcopy(sdxl_components)  # .to(fp16) casts the modules in place
+    pipe = ISegPipeline(**{**fresh, "vae": copy.deepcopy(overflowing_vae)})
     pipe = pipe.to(dtype=torch.float16)
     pipe.set_progress_bar_config(disable=True)
     encoder_in, latents = [], []
@@ -320,7 +321,7 @@ def test_sdxl_vae_encodes_in_fp32_when_fp16_overflows(sdxl_components, overflowi
     # The same VAE declared fp16-safe (force_upcast=False) overflows: an error, never NaN masks.
     unsafe = copy.deepcopy(overflowing_vae)
     unsafe.register_to_config(force_upcast=False)
-    pipe = ISegPipeline(**{**sdxl_components, "vae": unsafe}).to(dtype=torch.float16)
+    pipe = ISegPipeline(**{**fresh, "vae": unsafe}).to(dtype=torch.float16)
     pipe.set_progress_bar_config(disable=True)
     with pytest.raises(ValueError, match="NaN or Inf"):
         pipe(image, ["cat"], generator=generator())
