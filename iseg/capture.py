@@ -12,6 +12,11 @@ Every layer's output is computed with fused SDPA; the captured self-attention la
 head-mean probabilities through :func:`iseg_ops.head_mean_attention` (never materialising the
 per-head probabilities), the captured cross-attention layers add the sum over their selected
 heads of the probabilities over the text tokens.
+
+Resolutions are latent downsampling factors, so one plan shape serves every layout: SD 1.x/2.x
+attend at factors 1, 2, 4, 8 (64×64 … 8×8 at 512²); SDXL at 2 and 4 only (64×64 with 2
+transformer layers per block and 32×32 with 10, at 1024²), with the added conditioning (pooled
+text embedding, size/crop ids) passed to :func:`run_unet`.
 """
 
 from __future__ import annotations
@@ -426,8 +431,8 @@ def run_unet(
     processor records what is needed) and return; nothing after it is computed.
 
     The blocks run explicitly, as ``UNet2DConditionModel.forward`` runs them for Stable
-    Diffusion 1.x/2.x, with no exception and no host synchronisation, so the step can be
-    compiled into one graph.
+    Diffusion 1.x/2.x and SDXL, with no exception and no host synchronisation, so the step can
+    be compiled into one graph.
 
     Args:
         unet: a ``UNet2DConditionModel`` in SD 1.x/2.x or SDXL layout.

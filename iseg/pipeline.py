@@ -194,7 +194,7 @@ class ISegPipeline(DiffusionPipeline):
         _check_text_encoders(self)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self._prompts: dict[tuple, ClassPrompt] = {}
-        self._text_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._text_cache: dict[tuple, tuple] = {}  # encode_classes' and encode_prompt's results
         self._capture_step = _capture_step
         self.vae_batch_size = 4  # images per VAE encoder call (see encode_images)
         self.tagger = None  # a CLIPTagger for vocabulary=... (load_tagger); not a saved component
@@ -379,13 +379,11 @@ class ISegPipeline(DiffusionPipeline):
         projected pooled embedding ``[1, P]`` (in the UNet's dtype). ``text_encoder_2`` reads the
         same tokens (:func:`_second_tokenizer_ids`), so the class positions hold for both."""
         device = self._execution_device
-        states, pooled = [], None
-        pairs = ((self.text_encoder, ids), (self.text_encoder_2, _second_tokenizer_ids(self, ids)))
-        for encoder, token_ids in pairs:
-            out = encoder(torch.tensor([token_ids], device=device), output_hidden_states=True)
-            states.append(out.hidden_states[-2])
-            pooled = getattr(out, "text_embeds", None)
-        return torch.cat(states, dim=-1), pooled.to(self.unet.dtype)
+        first = self.text_encoder(torch.tensor([ids], device=device), output_hidden_states=True)
+        ids_2 = _second_tokenizer_ids(self, ids)
+        second = self.text_encoder_2(torch.tensor([ids_2], device=device), output_hidden_states=True)
+        states = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+        return states, second.text_embeds.to(self.unet.dtype)
 
     def encode_classes(self, classes: Sequence[str], recipe: str | Recipe | None = None):
         """Text embeddings of the iSeg prompt with Cat-Cross applied, and the class averaging.
@@ -432,11 +430,16 @@ class ISegPipeline(DiffusionPipeline):
         """SDXL's added conditioning for ``batch`` images captured at ``resolution``²:
         ``{"text_embeds": [B, P] pooled embedding, "time_ids": [B, 6]}`` with the time ids
         original size + crop top-left + target size = ``(R, R, 0, 0, R, R)`` (the capture
-        resolution, no crop). ``None`` for SD 1.x/2.x UNets."""
+        resolution, no crop). ``None`` for SD 1.x/2.x UNets. The ids are uploaded once per
+        resolution (cached), so no copy to the device waits for the queued VAE."""
         if not is_sdxl(self.unet):
             return None
-        ids = (resolution, resolution, 0, 0, resolution, resolution)
-        time_ids = torch.tensor([ids], device=self._execution_device, dtype=self.unet.dtype)
+        device, dtype = self._execution_device, self.unet.dtype
+        key = ("time_ids", resolution, device, dtype)
+        if key not in self._text_cache:
+            ids = (resolution, resolution, 0, 0, resolution, resolution)
+            _bounded_put(self._text_cache, key, torch.tensor([ids], device=device, dtype=dtype))
+        time_ids = self._text_cache[key]
         return {"text_embeds": pooled.expand(batch, -1), "time_ids": time_ids.expand(batch, -1)}
 
     def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -520,8 +523,6 @@ class ISegPipeline(DiffusionPipeline):
         with stage("unet", device):
             if embeds.shape[0] != batch:
                 embeds = embeds.expand(batch, -1, -1)
-            if pooled is not None and pooled.shape[0] != batch:
-                pooled = pooled.expand(batch, -1)
             added = self.added_conditioning(pooled, batch, pixels.shape[-1])
             store, processors = capture_processors(self.unet, plan)
             with installed(processors), value_checks(False):
