@@ -967,7 +967,8 @@ def _check_text_encoders(pipe: ISegPipeline) -> None:
         )
     projection = getattr(pipe.text_encoder_2.config, "projection_dim", None)
     expected = pipe.unet.add_embedding.linear_1.in_features
-    if not hasattr(pipe.text_encoder_2, "text_projection") or 6 * config.addition_time_embed_dim + projection != expected:
+    fits = projection is not None and 6 * config.addition_time_embed_dim + projection == expected
+    if not hasattr(pipe.text_encoder_2, "text_projection") or not fits:
         raise ValueError(
             "text_encoder_2 must be a CLIPTextModelWithProjection whose pooled projection plus "
             f"6 size/crop ids × {config.addition_time_embed_dim} gives the UNet's added "

@@ -27,7 +27,7 @@ from iseg.images import to_tensor_batch
 from iseg.masks import to_model_range
 from iseg.pipeline import vae_encode_dtype
 from iseg.recipes import SDXL_CROSS_LAYERS, default_recipe_for, is_sdxl
-from iseg.testing import make_clip_tokenizer, sdxl_base_components, tiny_components, tiny_sdxl_components
+from iseg.testing import make_clip_tokenizer, sdxl_base_components, tiny_sdxl_components
 
 from .conftest import generator, make_image
 from .test_diffseg import aggregate_direct, record_attn1
@@ -101,7 +101,9 @@ def test_tiny_and_full_sdxl_layouts():
         assert attention_factors(unet) == [2, 4] and unet.config.sample_size == latent
         assert all(unet.get_submodule(layer) is not None for layer in SDXL_CROSS_LAYERS)
     sizes = {k: sum(p.numel() for p in full[k].parameters()) for k in ("unet", "vae", "text_encoder", "text_encoder_2")}
-    assert sizes == {"unet": 2_567_463_684, "vae": 83_653_863, "text_encoder": 123_060_480, "text_encoder_2": 694_659_840}
+    assert sizes == {
+        "unet": 2_567_463_684, "vae": 83_653_863, "text_encoder": 123_060_480, "text_encoder_2": 694_659_840
+    }  # fmt: skip
     unet = full["unet"]
     assert unet.add_embedding.linear_1.in_features == 6 * 256 + 1280 and unet.config.cross_attention_dim == 768 + 1280
 
@@ -382,11 +384,14 @@ def test_sdxl_folder_round_trips(sdxl, sdxl_components, tmp_path):
     assert again.text_encoder_2 is not None and is_sdxl(again)
 
     shared = ISegPipeline.from_pipe(StableDiffusionXLPipeline(**sdxl_components))
-    assert shared.text_encoder_2 is sdxl_components["text_encoder_2"] and shared.tokenizer_2 is sdxl_components["tokenizer_2"]
+    assert shared.text_encoder_2 is sdxl_components["text_encoder_2"]
+    assert shared.tokenizer_2 is sdxl_components["tokenizer_2"]
 
 
 def test_sd_folders_still_round_trip(components, tmp_path):
-    sd = StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    sd = StableDiffusionPipeline(
+        **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
     sd.save_pretrained(tmp_path / "sd")  # a folder without text_encoder_2 in its model_index
     loaded = ISegPipeline.from_pretrained(tmp_path / "sd")
     assert loaded.text_encoder_2 is None and loaded.tokenizer_2 is None
@@ -434,7 +439,8 @@ def test_mismatched_components_fail_clearly(sdxl_components, components, tmp_pat
     with pytest.raises(ValueError, match="SDXL UNet .* needs text_encoder, tokenizer, text_encoder_2"):
         ISegPipeline(**no_second)
     with pytest.raises(ValueError, match="text_encoder_2: an SD 1.x/2.x UNet"):
-        ISegPipeline(**components, text_encoder_2=sdxl_components["text_encoder_2"], tokenizer_2=sdxl_components["tokenizer_2"])
+        second = {k: sdxl_components[k] for k in ("text_encoder_2", "tokenizer_2")}
+        ISegPipeline(**components, **second)
     with pytest.raises(ValueError, match="widths add up to 64"):
         ISegPipeline(**{**sdxl_components, "text_encoder_2": sdxl_components["text_encoder"]})
 
