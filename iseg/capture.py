@@ -12,6 +12,11 @@ Every layer's output is computed with fused SDPA; the captured self-attention la
 head-mean probabilities through :func:`iseg_ops.head_mean_attention` (never materialising the
 per-head probabilities), the captured cross-attention layers add the sum over their selected
 heads of the probabilities over the text tokens.
+
+Resolutions are latent downsampling factors, so one plan shape serves every layout: SD 1.x/2.x
+attend at factors 1, 2, 4, 8 (64×64 … 8×8 at 512²); SDXL at 2 and 4 only (64×64 with 2
+transformer layers per block and 32×32 with 10, at 1024²), with the added conditioning (pooled
+text embedding, size/crop ids) passed to :func:`run_unet`.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from diffusers.models.attention_processor import Attention
 
 from iseg_ops import head_mean_attention
 
-from .recipes import DEFAULT_SELF_ATTENTION_LAYER
+from .recipes import DEFAULT_SELF_ATTENTION_LAYER, SDXL_SELF_ATTENTION_LAYER, is_sdxl
 
 # Cross-attention weights by the layer's downsampling factor w.r.t. the latent: 16×16 and
 # 32×32 for a 64×64 latent (METHOD §1); 8×8 and 64×64 have weight 0.
@@ -100,9 +105,11 @@ def _check_layer(unet, name: str, what: str, which: str) -> Attention:
     except AttributeError:
         module = None
     if not isinstance(module, Attention) or _LAYER.match(name) is None:
+        example = SDXL_SELF_ATTENTION_LAYER if is_sdxl(unet) else DEFAULT_SELF_ATTENTION_LAYER
+        hint = "; an SDXL-layout UNet takes the recipe 'sdxl' (or 'sdxl-interactive')" if is_sdxl(unet) else ""
         raise ValueError(
             f"{what}: the UNet has no transformer-block attention layer {name!r} (expected a "
-            f"name like {DEFAULT_SELF_ATTENTION_LAYER!r})"
+            f"name like {example!r}){hint}"
         )
     if not name.endswith(which):
         kind = "self-attention (attn1)" if which == "attn1" else "cross-attention (attn2)"
@@ -314,18 +321,46 @@ def installed(processors: Mapping[Attention, object]) -> Iterator[None]:
             m.set_processor(processor)
 
 
-def _check_sd_layout(unet) -> None:
+def _check_sd_layout(unet, added_cond_kwargs) -> None:
     config = unet.config
     unsupported = [
         name
         for name in ("class_embed_type", "addition_embed_type", "encoder_hid_dim_type", "time_cond_proj_dim")
-        if getattr(config, name, None) is not None
+        if getattr(config, name, None) is not None and not (name == "addition_embed_type" and is_sdxl(unet))
     ]
     if unsupported or getattr(config, "center_input_sample", False):
         raise ValueError(
-            f"capture: the truncated forward supports Stable Diffusion 1.x/2.x UNets; this one "
-            f"sets {', '.join(unsupported) or 'center_input_sample'}"
+            f"capture: the truncated forward supports Stable Diffusion 1.x/2.x and SDXL UNets; "
+            f"this one sets {', '.join(unsupported) or 'center_input_sample'}"
         )
+    if is_sdxl(unet) and not {"text_embeds", "time_ids"} <= set(added_cond_kwargs or ()):
+        raise ValueError(
+            "capture: an SDXL UNet (addition_embed_type 'text_time') needs added_cond_kwargs "
+            "with 'text_embeds' (the pooled text embedding) and 'time_ids' (size and crop)"
+        )
+
+
+def time_embedding(unet, sample, timestep, context, added_cond_kwargs=None) -> torch.Tensor:
+    """The embedding every resnet receives: the timestep's, plus for SDXL the added
+    conditioning (pooled text embedding and size/crop ids through ``add_embedding``), as
+    ``UNet2DConditionModel.forward`` computes it."""
+    emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep), None)
+    if is_sdxl(unet):
+        emb = emb + unet.get_aug_embed(emb=emb, encoder_hidden_states=context, added_cond_kwargs=added_cond_kwargs)
+    if unet.time_embed_act is not None:
+        emb = unet.time_embed_act(emb)
+    return emb
+
+
+def attention_factors(unet) -> list[int]:
+    """The latent downsampling factors at which ``unet`` has transformer-block attention,
+    ascending: ``[1, 2, 4, 8]`` for SD 1.x/2.x, ``[2, 4]`` for SDXL (64×64 and 32×32 of a
+    128×128 latent; nothing at 128×128)."""
+    return sorted({
+        downsampling_factor(unet, name)
+        for name, m in unet.named_modules()
+        if isinstance(m, Attention) and _LAYER.match(name)
+    })  # fmt: skip
 
 
 def _run_transformer_until(transformer, hidden, context, block_index: int) -> None:
@@ -388,20 +423,25 @@ def _run_block(block, hidden, emb, context, stop, res=None):
     raise ValueError(f"capture: the block has no attention module {attention_index}")
 
 
-def run_unet(unet, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, stop_after: str) -> None:
+def run_unet(
+    unet, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, stop_after: str,
+    added_cond_kwargs: Mapping[str, torch.Tensor] | None = None,
+) -> None:
     """Run ``unet`` on ``sample`` up to and including the attention layer ``stop_after`` (whose
     processor records what is needed) and return; nothing after it is computed.
 
     The blocks run explicitly, as ``UNet2DConditionModel.forward`` runs them for Stable
-    Diffusion 1.x/2.x, with no exception and no host synchronisation, so the step can be
-    compiled into one graph.
+    Diffusion 1.x/2.x and SDXL, with no exception and no host synchronisation, so the step can
+    be compiled into one graph.
 
     Args:
-        unet: a ``UNet2DConditionModel`` in SD 1.x/2.x layout.
+        unet: a ``UNet2DConditionModel`` in SD 1.x/2.x or SDXL layout.
         sample (Tensor): ``[B, 4, h, w]`` noisy latents.
         timestep (Tensor): ``[B]`` or scalar timestep.
         context (Tensor): ``[B, L, D]`` text embeddings.
         stop_after (str): a ``...transformer_blocks.N.attn1|attn2`` layer name.
+        added_cond_kwargs (dict): SDXL only: ``{"text_embeds": [B, P] pooled text embedding,
+            "time_ids": [B, 6] original size, crop top-left, target size}``.
     """
     match = _LAYER.match(stop_after)
     if match is None:
@@ -409,11 +449,9 @@ def run_unet(unet, sample: torch.Tensor, timestep: torch.Tensor, context: torch.
     kind, block_index, mid, attention_index, transformer_index, which = match.groups()
     stop = (int(attention_index), int(transformer_index), which)
     block_index = int(block_index or 0)
-    _check_sd_layout(unet)
+    _check_sd_layout(unet, added_cond_kwargs)
 
-    emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep), None)
-    if unet.time_embed_act is not None:
-        emb = unet.time_embed_act(emb)
+    emb = time_embedding(unet, sample, timestep, context, added_cond_kwargs)
     hidden = unet.conv_in(sample)
     residuals = (hidden,)
     for i, block in enumerate(unet.down_blocks):

@@ -25,7 +25,6 @@ DiffSeg as ``shared/docs/UNSUPERVISED.md`` §1 states it from its official code,
 from __future__ import annotations
 
 import math
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -38,7 +37,7 @@ from diffusers.utils import BaseOutput
 import iseg_ops
 from iseg_ops._dispatch import value_checks
 
-from .capture import attend, project_heads
+from .capture import attend, attention_factors, project_heads
 from .images import to_tensor_batch
 
 DIFFSEG_TIMESTEP = 300
@@ -173,21 +172,24 @@ def self_attention_layers(unet) -> dict[str, Attention]:
 
 @torch.no_grad()
 def aggregate_self_attention(
-    unet, latents: torch.Tensor, timestep: int, context: torch.Tensor, keep_full_resolution: bool = False
-):
-    """One UNet call on ``latents`` at ``timestep`` with text ``context``; returns the
-    aggregated self-attention ``A`` ``[B, HW, HW]`` fp32 (and, with ``keep_full_resolution``,
-    the mean of the full-resolution layers too: ``(A, A_full)``). The aggregation processors
-    are installed on the ``attn1`` layers for this call only and the previous ones always
-    restored."""
-    aggregate = SelfAttentionAggregate(tuple(latents.shape[-2:]))
+    unet, latents: torch.Tensor, timestep: int, context: torch.Tensor, keep_full_resolution: bool = False,
+    added_cond_kwargs: dict | None = None,
+):  # fmt: skip
+    """One UNet call on ``latents`` at ``timestep`` with text ``context`` (and, for SDXL, its
+    ``added_cond_kwargs``); returns the aggregated self-attention ``A`` ``[B, HW, HW]`` fp32 on
+    the UNet's finest attention grid (the latent grid on SD; half of it on SDXL, which has no
+    attention at the latent resolution), and with ``keep_full_resolution`` the mean of that
+    grid's layers too: ``(A, A_full)``. The aggregation processors are installed on the
+    ``attn1`` layers for this call only and the previous ones always restored."""
+    finest = attention_factors(unet)[0]
+    aggregate = SelfAttentionAggregate(tuple(side // finest for side in latents.shape[-2:]))
     layers = self_attention_layers(unet)
     previous = {m: m.processor for m in layers.values()}
     try:
         for name, module in layers.items():
             module.set_processor(SelfAttentionAggregation(aggregate, name))
         t = torch.full((latents.shape[0],), timestep, device=latents.device, dtype=torch.long)
-        unet(latents, t, encoder_hidden_states=context, return_dict=False)
+        unet(latents, t, encoder_hidden_states=context, added_cond_kwargs=added_cond_kwargs, return_dict=False)
     finally:
         for module, processor in previous.items():
             module.set_processor(processor)
@@ -330,22 +332,12 @@ def label_maps(maps: torch.Tensor, grid: tuple[int, int], size: tuple[int, int])
 
 # --------------------------------------------------------------------------- 4. the call
 
-_EMPTY_PROMPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
 
 def empty_prompt_embeddings(pipe) -> torch.Tensor:
     """The text encoder's output ``[1, 77, D]`` for the empty prompt ``""`` padded to the
-    tokenizer's length (DiffSeg's unconditional context); cached per text encoder."""
-    device, dtype = pipe._execution_device, pipe.unet.dtype
-    cache = _EMPTY_PROMPT.setdefault(pipe.text_encoder, {})
-    if (device, dtype) not in cache:
-        tokenizer = pipe.tokenizer
-        ids = tokenizer(
-            "", padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-            return_tensors="pt",
-        ).input_ids  # fmt: skip
-        cache[(device, dtype)] = pipe.text_encoder(ids.to(device))[0].to(dtype)
-    return cache[(device, dtype)]
+    tokenizer's length (DiffSeg's unconditional context; on SDXL both encoders' penultimate
+    states concatenated); cached by the pipeline."""
+    return pipe.encode_prompt("")[0]
 
 
 def _number(name: str, value: object, low: float, inclusive: bool) -> float:
@@ -449,7 +441,9 @@ def segment_unsupervised(
     resolution = _int("resolution", resolution, 1)
     if resolution % (factor * 8):
         raise ValueError(f"resolution must be a multiple of {factor * 8}, got {resolution}")
-    grid = (resolution // factor, resolution // factor)
+    pipe.warn_if_not_native(resolution)
+    side = resolution // factor // attention_factors(pipe.unet)[0]  # SDXL: half the latent
+    grid = (side, side)
     if anchor_grid > min(grid):
         raise ValueError(f"anchor_grid must be ≤ the latent grid side {min(grid)}, got {anchor_grid}")
     pixels, sizes = to_tensor_batch(image, resolution, antialias=False)
@@ -460,19 +454,21 @@ def segment_unsupervised(
     # 2. encode: empty prompt, clean latent (optionally noised)
     device, stage = pipe._execution_device, pipe.stage_timer
     with stage("text", device):
-        context = empty_prompt_embeddings(pipe).expand(batch, -1, -1)
+        context, pooled = pipe.encode_prompt("")
+        context = context.expand(batch, -1, -1)
+        added = pipe.added_conditioning(pooled, batch, resolution)  # SDXL; None on SD
     with stage("vae", device):
         latents = pipe.encode_images(pixels).to(pipe.unet.dtype)
         if add_noise:
             noise = pipe.make_noise(tuple(latents.shape), generator)
             t = torch.full((batch,), timestep, device=device, dtype=torch.long)
-            latents = pipe.scheduler.add_noise(latents, noise, t)
+            latents = pipe.add_noise(latents, noise, t)
 
     # 3. one UNet call, aggregating every attn1 layer (the ops' per-call NaN checks, each a
     # host synchronisation, are off inside; A is checked once after)
     full_only = iters is not None and refine_attention == "full-resolution"
     with stage("unet", device), value_checks(False):
-        attention = aggregate_self_attention(pipe.unet, latents, timestep, context, full_only)
+        attention = aggregate_self_attention(pipe.unet, latents, timestep, context, full_only, added)
     attention, propagate = attention if full_only else (attention, attention)
     if not bool(torch.isfinite(attention.sum())):
         raise RuntimeError(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numbers
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -37,7 +38,7 @@ from .capture import (
 )
 from .images import to_tensor_batch
 from .prompts import ClassPrompt, build_prompt, check_classes, recipe_classes
-from .recipes import Recipe, get_recipe
+from .recipes import Recipe, default_recipe_for, get_recipe, is_sdxl
 from .timing import StageTimer
 
 _TEXT_CACHE_SIZE = 256
@@ -196,24 +197,29 @@ class ISegPipeline(DiffusionPipeline):
         >>> out.labels.shape  # [1, H, W]
     """
 
-    model_cpu_offload_seq = "text_encoder->vae->unet"
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->vae->unet"
     # Components of a Stable Diffusion pipeline that iSeg does not use: accepted (so that
     # ``ISegPipeline(**sd_pipe.components)`` works), never loaded, never kept.
     _UNUSED = ("safety_checker", "feature_extractor", "image_encoder")
-    _optional_components = list(_UNUSED)
+    # SDXL's second text encoder and tokenizer: None for SD 1.x/2.x.
+    _SDXL_TEXT = ("text_encoder_2", "tokenizer_2")
+    _optional_components = [*_UNUSED, *_SDXL_TEXT]
 
     def __init__(
-        self, vae, text_encoder, tokenizer, unet, scheduler,
+        self, vae, text_encoder, tokenizer, unet, scheduler, text_encoder_2=None, tokenizer_2=None,
         safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker=None,
+        force_zeros_for_empty_prompt=None, add_watermarker=None,
     ):  # fmt: skip
         super().__init__()
         self.register_modules(
             vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler
         )
+        self.register_modules(text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
         self.register_modules(**dict.fromkeys(self._UNUSED))  # None: not kept
+        _check_text_encoders(self)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self._prompts: dict[tuple, ClassPrompt] = {}
-        self._text_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._text_cache: dict[tuple, tuple] = {}  # encode_classes' and encode_prompt's results
         self._capture_step = _capture_step
         self.vae_batch_size = 4  # images per VAE encoder call (see encode_images)
         self.tagger = None  # a CLIPTagger for vocabulary=... (load_tagger); not a saved component
@@ -229,10 +235,11 @@ class ISegPipeline(DiffusionPipeline):
 
     @classmethod
     def from_pipe(cls, pipeline, **kwargs):
-        """An :class:`ISegPipeline` sharing ``pipeline``'s VAE, text encoder, tokenizer, UNet and
-        scheduler (e.g. a ``StableDiffusionPipeline``); other components are ignored."""
-        names = ("vae", "text_encoder", "tokenizer", "unet", "scheduler")
-        components = {n: kwargs.pop(n, None) or pipeline.components[n] for n in names}
+        """An :class:`ISegPipeline` sharing ``pipeline``'s VAE, text encoder(s), tokenizer(s),
+        UNet and scheduler (e.g. a ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``);
+        other components are ignored."""
+        names = ("vae", "text_encoder", "tokenizer", "unet", "scheduler", *cls._SDXL_TEXT)
+        components = {n: kwargs.pop(n, None) or pipeline.components.get(n) for n in names}
         if kwargs:
             raise TypeError(f"from_pipe: unexpected arguments {sorted(kwargs)}")
         return cls(**components)
@@ -257,9 +264,11 @@ class ISegPipeline(DiffusionPipeline):
         return self.unet.config.sample_size * self.vae_scale_factor
 
     def resolve_recipe(self, recipe: str | Recipe | None = None, **overrides) -> Recipe:
-        """``recipe`` (a name, a :class:`Recipe` or ``None`` = "paper") with every keyword given
-        explicitly overriding its field. Raises ``ValueError``/``TypeError`` naming a bad one."""
-        base = get_recipe(recipe)
+        """``recipe`` (a name, a :class:`Recipe` or ``None`` = this backbone's default:
+        ``"paper"``, or ``"sdxl"`` for an SDXL UNet, see
+        :func:`~iseg.recipes.default_recipe_for`) with every keyword given explicitly overriding
+        its field. Raises ``ValueError``/``TypeError`` naming a bad one."""
+        base = self._recipe(recipe)
         changes = {}
         for name, value in overrides.items():
             if value is _UNSET:
@@ -287,6 +296,10 @@ class ISegPipeline(DiffusionPipeline):
         except (ValueError, TypeError) as exc:  # name the argument, not the recipe
             raise type(exc)(str(exc).replace(f"recipe {base.name!r}: ", "", 1)) from None
 
+    def _recipe(self, recipe: str | Recipe | None, text: bool = True) -> Recipe:
+        """``get_recipe`` with ``None`` = this backbone's default recipe (text or text-free)."""
+        return get_recipe(default_recipe_for(self, text) if recipe is None else recipe)
+
     def _check_resolution(self, resolution) -> int:
         resolution = self.default_resolution if resolution is None else _plain(resolution)
         if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution <= 0:
@@ -295,7 +308,24 @@ class ISegPipeline(DiffusionPipeline):
             raise ValueError(
                 f"resolution must be a multiple of {self.vae_scale_factor * 8}, got {resolution}"
             )
+        self.warn_if_not_native(resolution)
         return resolution
+
+    def warn_if_not_native(self, resolution: int) -> None:
+        """A warning when an SDXL UNet captures at another resolution than the one it was
+        trained at (``unet.config.sample_size × vae_scale_factor``: 1024 for SDXL-base): its
+        attention grids shrink with the resolution (at 512², 32×32 self-attention) and its
+        features degrade. Allowed: the grids and memory follow the resolution."""
+        native = self.default_resolution
+        if is_sdxl(self.unet) and resolution != native:
+            side = resolution // self.vae_scale_factor
+            warnings.warn(
+                f"resolution {resolution}: this SDXL UNet was trained at {native}² (SDXL-base: "
+                f"1024²); at {resolution}² its attention grids are {side // 2}×{side // 2} and "
+                f"{side // 4}×{side // 4}, and its attention is less reliable",
+                UserWarning,
+                stacklevel=4,
+            )
 
     def _check_timestep(self, recipe: Recipe) -> None:
         steps = self.scheduler.config.num_train_timesteps
@@ -360,7 +390,7 @@ class ISegPipeline(DiffusionPipeline):
     def prompt(self, classes: Sequence[str], recipe: str | Recipe | None = None) -> ClassPrompt:
         """The tokenized iSeg prompt of ``classes`` under ``recipe`` (cached; classes in the
         recipe's prompt order). Raises ``ValueError`` when it does not fit the text encoder."""
-        recipe = get_recipe(recipe)
+        recipe = self._recipe(recipe)
         names, offsets, order = recipe_classes(recipe, check_classes(classes))
         key = (names, offsets, order, recipe.prompt_template, recipe.prompt_suffix, recipe.background_words)
         if key not in self._prompts:
@@ -377,8 +407,14 @@ class ISegPipeline(DiffusionPipeline):
         return self._prompts[key]
 
     def _encode_ids(self, ids: Sequence[int], scaled: Sequence[Sequence[int]], gamma: float):
+        """``(embeds [1, L, D], pooled [1, P] | None)`` of the token ids, the rows at the
+        ``scaled`` positions multiplied by ``gamma`` (Cat-Cross). SD: the text encoder's output,
+        no pooled embedding; SDXL: :meth:`_encode_sdxl`."""
         device, dtype = self._execution_device, self.unet.dtype
-        embeds = self.text_encoder(torch.tensor([ids], device=device))[0]
+        if self.text_encoder_2 is None:
+            embeds, pooled = self.text_encoder(torch.tensor([ids], device=device))[0], None
+        else:
+            embeds, pooled = self._encode_sdxl(ids)
         for positions in scaled:
             embeds[:, list(positions)] *= gamma
         embeds = embeds.to(dtype)
@@ -386,43 +422,99 @@ class ISegPipeline(DiffusionPipeline):
             raise ValueError(
                 f"gamma={gamma!r} makes the text embeddings overflow {dtype}; use a smaller gamma"
             )
-        return embeds
+        return embeds, pooled
+
+    def _encode_sdxl(self, ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """SDXL's conditioning of the prompt with ``tokenizer`` ids ``ids``: both encoders'
+        penultimate hidden states concatenated ``[1, L, D1 + D2]`` and ``text_encoder_2``'s
+        projected pooled embedding ``[1, P]`` (in the UNet's dtype). ``text_encoder_2`` reads the
+        same tokens (:func:`_second_tokenizer_ids`), so the class positions hold for both."""
+        device = self._execution_device
+        first = self.text_encoder(torch.tensor([ids], device=device), output_hidden_states=True)
+        ids_2 = _second_tokenizer_ids(self, ids)
+        second = self.text_encoder_2(torch.tensor([ids_2], device=device), output_hidden_states=True)
+        states = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+        return states, second.text_embeds.to(self.unet.dtype)
 
     def encode_classes(self, classes: Sequence[str], recipe: str | Recipe | None = None):
         """Text embeddings of the iSeg prompt with Cat-Cross applied, and the class averaging.
 
-        Returns ``(embeds [1, L, D], class_tokens [K, L])``: the text encoder's output with the
-        selected class tokens' embeddings multiplied by ``recipe.gamma`` (Eq. 8–9), and for
-        each class ``1/n`` at its ``n`` selected positions. Cached per class list and recipe.
+        Returns ``(embeds [1, L, D], class_tokens [K, L], pooled [1, P] | None)``: the text
+        encoder's output with the selected class tokens' embeddings multiplied by
+        ``recipe.gamma`` (Eq. 8–9), for each class ``1/n`` at its ``n`` selected positions, and
+        (SDXL) the pooled embedding, which Cat-Cross leaves unchanged: it is no token's key, it
+        enters the UNet through the time embedding of every resnet. On SDXL ``embeds`` is both
+        encoders' penultimate states concatenated and γ scales a class token's whole row (both
+        halves), so its keys are scaled by γ as on SD. Cached per class list and recipe.
         """
-        recipe = get_recipe(recipe)
+        recipe = self._recipe(recipe)
         device = self._execution_device
         key = ("classes", tuple(classes), recipe, device, self.unet.dtype)
         if key not in self._text_cache:
             prompt = self.prompt(classes, recipe)
-            embeds = self._encode_ids(prompt.input_ids, prompt.class_positions, recipe.gamma)
+            embeds, pooled = self._encode_ids(prompt.input_ids, prompt.class_positions, recipe.gamma)
             tokens = torch.zeros(len(classes), len(prompt.input_ids), device=device)
             for k, positions in enumerate(prompt.class_positions):
                 tokens[k, list(positions)] = 1.0 / len(positions)
-            _bounded_put(self._text_cache, key, (embeds, tokens))
+            _bounded_put(self._text_cache, key, (embeds, tokens, pooled))
         return self._text_cache[key]
 
-    def encode_text_free(self, gamma: float) -> torch.Tensor:
-        """Embeddings ``[1, L, D]`` of the prompt ``" "`` with BOS × γ (the authors' demo, METHOD §5)."""
-        key = ("text-free", gamma, self._execution_device, self.unet.dtype)
+    def encode_prompt(self, text: str, bos_gamma: float = 1.0):
+        """``(embeds [1, L, D], pooled [1, P] | None)`` of a plain prompt padded to the
+        tokenizer's length, BOS × ``bos_gamma`` (cached). ``" "`` with γ is the text-free
+        prompt of regions and given masks (METHOD §5), ``""`` DiffSeg's unconditional one."""
+        key = ("prompt", text, bos_gamma, self._execution_device, self.unet.dtype)
         if key not in self._text_cache:
             ids = self.tokenizer(
-                " ", padding="max_length", max_length=self.tokenizer.model_max_length
+                text, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True
             ).input_ids
-            _bounded_put(self._text_cache, key, (self._encode_ids(ids, [(0,)], gamma), None))
-        return self._text_cache[key][0]
+            scaled = [(0,)] if bos_gamma != 1.0 else []
+            _bounded_put(self._text_cache, key, self._encode_ids(ids, scaled, bos_gamma))
+        return self._text_cache[key]
+
+    def encode_text_free(self, gamma: float):
+        """``(embeds [1, L, D], pooled [1, P] | None)`` of the prompt ``" "`` with BOS × γ (the
+        authors' demo, METHOD §5)."""
+        return self.encode_prompt(" ", gamma)
+
+    def added_conditioning(self, pooled: torch.Tensor | None, batch: int, resolution: int):
+        """SDXL's added conditioning for ``batch`` images captured at ``resolution``²:
+        ``{"text_embeds": [B, P] pooled embedding, "time_ids": [B, 6]}`` with the time ids
+        original size + crop top-left + target size = ``(R, R, 0, 0, R, R)`` (the capture
+        resolution, no crop). ``None`` for SD 1.x/2.x UNets. The ids are uploaded once per
+        resolution (cached), so no copy to the device waits for the queued VAE."""
+        if not is_sdxl(self.unet):
+            return None
+        device, dtype = self._execution_device, self.unet.dtype
+        key = ("time_ids", resolution, device, dtype)
+        if key not in self._text_cache:
+            ids = (resolution, resolution, 0, 0, resolution, resolution)
+            _bounded_put(self._text_cache, key, torch.tensor([ids], device=device, dtype=dtype))
+        time_ids = self._text_cache[key]
+        return {"text_embeds": pooled.expand(batch, -1), "time_ids": time_ids.expand(batch, -1)}
+
+    def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The UNet's input at ``timesteps``: ``√ᾱ_t · latents + √(1 − ᾱ_t) · noise`` from the
+        scheduler's training schedule (``alphas_cumprod``), computed in fp32, returned in the
+        UNet's dtype. DDPM/DDIM/PNDM's ``add_noise`` is this; Euler-type schedulers (SDXL's,
+        the Turbo models') add noise in σ-space (``x + σ·ε``, rescaled later by
+        ``scale_model_input``), so iSeg never calls ``scheduler.add_noise``."""
+        alphas = getattr(self.scheduler, "alphas_cumprod", None)
+        if alphas is None:
+            raise ValueError(
+                f"scheduler: {type(self.scheduler).__name__} has no alphas_cumprod (a DDPM-type "
+                "noise schedule); iSeg noises latents with it"
+            )
+        a = alphas.to(latents.device, torch.float32)[timesteps.to(latents.device)].view(-1, 1, 1, 1)
+        noisy = a**0.5 * latents.float() + (1 - a) ** 0.5 * noise.float()
+        return noisy.to(self.unet.dtype)
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pixels from :func:`iseg.images.to_tensor_batch` ``[B, 3, R, R]`` → VAE latents
         (``latent_dist.mean``, scaled; no sampling), ``vae_batch_size`` images per encoder call
         (default 4, so a batch of 8 does not double the VAE's peak memory). Uploaded from pinned memory without
         blocking the host, then mapped to [-1, 1] on the device."""
-        vae = self.vae
+        vae = self._vae_for_encoding()
         pixels = self._upload(pixels)
         # In slices: the encoder's activations (not the UNet's) dominate a large batch's memory.
         # On an H200, slices of 1 halved batch 8's peak (7.5 → 3.6 GB) but doubled the VAE's
@@ -433,6 +525,13 @@ class ISegPipeline(DiffusionPipeline):
         ])  # fmt: skip
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return (latents - shift) * vae.config.scaling_factor
+
+    def _vae_for_encoding(self):
+        """The VAE, moved to fp32 once when :func:`vae_encode_dtype` says its fp16 encoder
+        overflows (SDXL's); the pipeline never decodes, so the decoder's copy goes too."""
+        if vae_encode_dtype(self.vae, self.unet) != self.vae.dtype:
+            self.vae.float()  # not .to(dtype): diffusers warns on every dtype cast there
+        return self.vae
 
     def make_noise(self, shape: tuple[int, ...], generator=None) -> torch.Tensor:
         """Gaussian noise of ``shape`` on the execution device in the UNet's dtype, drawn with
@@ -459,9 +558,10 @@ class ISegPipeline(DiffusionPipeline):
 
     # --- 2. capture --------------------------------------------------------------------------
 
-    def _run_capture(self, pixels, embeds, plan: CapturePlan, recipe: Recipe, generator):
-        """VAE → noise at t → one truncated UNet call. Returns ``(self_attention, cross sums by
-        factor, latent size)``."""
+    def _run_capture(self, pixels, embeds, pooled, plan: CapturePlan, recipe: Recipe, generator):
+        """VAE → noise at t → one truncated UNet call (SDXL: with the added conditioning of
+        ``pooled`` at the capture resolution). Returns ``(self_attention, cross sums by factor,
+        latent size)``."""
         device, stage = self._execution_device, self.stage_timer
         batch = pixels.shape[0]
         with stage("vae", device):
@@ -470,15 +570,16 @@ class ISegPipeline(DiffusionPipeline):
             noise = self.make_noise(shape, self._generators(generator, batch, recipe))  # before the VAE
             latents = self.encode_images(pixels)
             t = torch.full((batch,), recipe.timestep, device=device, dtype=torch.long)
-            noisy = self.scheduler.add_noise(latents, noise, t)
+            noisy = self.add_noise(latents, noise, t)
         with stage("unet", device):
             if embeds.shape[0] != batch:
                 embeds = embeds.expand(batch, -1, -1)
+            added = self.added_conditioning(pooled, batch, pixels.shape[-1])
             store, processors = capture_processors(self.unet, plan)
             with installed(processors), value_checks(False):
                 if self._capture_step is not _capture_step:  # compiled: a new CUDA-graph step
                     torch.compiler.cudagraph_mark_step_begin()
-                self_attention, cross = self._capture_step(self.unet, plan, store, noisy, t, embeds)
+                self_attention, cross = self._capture_step(self.unet, plan, store, noisy, t, embeds, added)
             if self._capture_step is not _capture_step:
                 # CUDA graphs own their outputs until the next replay: keep copies.
                 self_attention, cross = self_attention.clone(), tuple(c.clone() for c in cross)
@@ -490,13 +591,14 @@ class ISegPipeline(DiffusionPipeline):
         device = self._execution_device
         with self.stage_timer("text", device):
             text = [self.encode_classes(c, recipe) for c in class_lists]
-            embeds = torch.cat([e for e, _ in text])
-            k = max(t.shape[0] for _, t in text)
+            embeds = torch.cat([e for e, _, _ in text])
+            pooled = None if text[0][2] is None else torch.cat([p for _, _, p in text])
+            k = max(t.shape[0] for _, t, _ in text)
             class_tokens = torch.zeros(len(text), k, embeds.shape[1], device=device)
-            for b, (_, tokens) in enumerate(text):
+            for b, (_, tokens, _) in enumerate(text):
                 class_tokens[b, : tokens.shape[0]] = tokens
         plan = self._plan(recipe, text=True)
-        self_attention, sums, latent = self._run_capture(pixels, embeds, plan, recipe, generator)
+        self_attention, sums, latent = self._run_capture(pixels, embeds, pooled, plan, recipe, generator)
         with self.stage_timer("ops", device), value_checks(False):
             tokens = fuse_token_maps(sums, plan, latent)  # [B, HW, L]
             grid = (latent[0] // plan.self_factor, latent[1] // plan.self_factor)
@@ -509,9 +611,9 @@ class ISegPipeline(DiffusionPipeline):
         """Capture with no class text: ``(self_attention [B, HW, HW], grid)``; only the
         self-attention layer (and what precedes it) runs."""
         with self.stage_timer("text", self._execution_device):
-            embeds = self.encode_text_free(recipe.gamma)
+            embeds, pooled = self.encode_text_free(recipe.gamma)
         plan = self._plan(recipe, text=False)
-        self_attention, _, latent = self._run_capture(pixels, embeds, plan, recipe, generator)
+        self_attention, _, latent = self._run_capture(pixels, embeds, pooled, plan, recipe, generator)
         return self_attention, (latent[0] // plan.self_factor, latent[1] // plan.self_factor)
 
     @torch.no_grad()
@@ -607,8 +709,8 @@ class ISegPipeline(DiffusionPipeline):
         # 1. Check inputs (before any model runs)
         if (classes is None) == (vocabulary is None):
             raise ValueError("give classes (names to segment) or vocabulary (to tag first), not both or neither")
-        if recipe is None and vocabulary in ("voc", "context", "coco"):
-            recipe = f"{vocabulary}-ovs"
+        if recipe is None and vocabulary in ("voc", "context", "coco") and not is_sdxl(self.unet):
+            recipe = f"{vocabulary}-ovs"  # the authors' SD 2.1 setting; SDXL keeps "sdxl"
         options.update(iters=iters, lam=lam, gamma=gamma, timestep=timestep)
         recipe, pixels, sizes, _ = self.check_inputs(image, recipe, resolution, generator, True, **options)
         if vocabulary is not None:  # the tagger's own checks come before its model runs
@@ -643,7 +745,7 @@ class ISegPipeline(DiffusionPipeline):
         image,
         regions,
         *,
-        recipe: str | Recipe | None = "interactive",
+        recipe: str | Recipe | None = None,
         generator=None,
         resolution: int | None = None,
         return_dict: bool = True,
@@ -658,8 +760,9 @@ class ISegPipeline(DiffusionPipeline):
             regions: a list of regions (coordinates in image pixels, x right, y down), or one
                 list per image.
             recipe: default ``"interactive"`` (the authors' demo: prompt ``" "`` with BOS × γ,
-                all heads, λ = 0.0434294 with T ≤ 1, 50 iterations, threshold 0.5); keywords
-                (``iters``, ``lam``, ``t_max``, ``gamma``, ``threshold``, …) override it.
+                all heads, λ = 0.0434294 with T ≤ 1, 50 iterations, threshold 0.5;
+                ``"sdxl-interactive"`` on an SDXL UNet); keywords (``iters``, ``lam``,
+                ``t_max``, ``gamma``, ``threshold``, …) override it.
 
         Returns:
             :class:`RegionsOutput`: heatmaps ``[B, R, H, W]`` (each column divided by its max,
@@ -672,6 +775,7 @@ class ISegPipeline(DiffusionPipeline):
         from . import seeds
 
         # 1. Check inputs and build the initial maps (before any model runs)
+        recipe = self._recipe(recipe, text=False) if recipe is None else recipe
         recipe, pixels, sizes, grid = self.check_inputs(image, recipe, resolution, generator, False, **options)
         built = []
         for regions_i, size in zip(_region_lists(regions, len(sizes)), sizes):
@@ -701,7 +805,7 @@ class ISegPipeline(DiffusionPipeline):
         image,
         label_map,
         *,
-        recipe: str | Recipe | None = "interactive",
+        recipe: str | Recipe | None = None,
         generator=None,
         resolution: int | None = None,
         return_dict: bool = True,
@@ -713,7 +817,8 @@ class ISegPipeline(DiffusionPipeline):
             image: one image (PIL or ``[3, H, W]``/``[1, 3, H, W]`` tensor).
             label_map: ``[H, W]`` ints (0 = background, 255 = ignore, other ids < 255 = classes)
                 or ``[K, H, W]`` soft maps, at the image's size (tensor or NumPy array).
-            recipe: default ``"interactive"``'s text-free capture and refinement; labels by the
+            recipe: default ``"interactive"``'s text-free capture and refinement
+                (``"sdxl-interactive"`` on an SDXL UNet); labels by the
                 ``(1 − max)²`` rule unless ``background_threshold`` is given.
 
         Returns:
@@ -724,6 +829,7 @@ class ISegPipeline(DiffusionPipeline):
         from . import seeds
 
         # 1. Check inputs and build the initial maps (before any model runs)
+        recipe = self._recipe(recipe, text=False) if recipe is None else recipe
         recipe, pixels, sizes, grid = self.check_inputs(image, recipe, resolution, generator, False, **options)
         if len(sizes) != 1:
             raise ValueError(f"image: refine_masks takes one image, got {len(sizes)}")
@@ -819,11 +925,12 @@ class ISegPipeline(DiffusionPipeline):
         return self
 
 
-def _capture_step(unet, plan: CapturePlan, store, noisy, t, embeds):
-    """One truncated UNet call with ``plan``'s processors installed: returns
-    ``(self_attention, (cross sum per weighted factor, ...))``. No host synchronisation."""
+def _capture_step(unet, plan: CapturePlan, store, noisy, t, embeds, added=None):
+    """One truncated UNet call with ``plan``'s processors installed (``added``: SDXL's added
+    conditioning): returns ``(self_attention, (cross sum per weighted factor, ...))``. No host
+    synchronisation."""
     store.clear()
-    run_unet(unet, noisy, t, embeds, plan.last_layer)
+    run_unet(unet, noisy, t, embeds, plan.last_layer, added)
     out = (store.self_attention, tuple(store.cross_sums[f] for f, _ in plan.weights))
     store.clear()
     return out
@@ -886,3 +993,71 @@ def _check_finite_outputs(**tensors: torch.Tensor | None) -> None:
                 f"{name} contains NaN or Inf: the model overflowed on this input; try {hint} "
                 "or check the image"
             )
+
+
+# --- SDXL ----------------------------------------------------------------------------------
+
+
+def _check_text_encoders(pipe: ISegPipeline) -> None:
+    """An SDXL UNet needs both of SDXL's text encoders and tokenizers, with widths that add up
+    to its cross-attention width and a pooled width that fits its added conditioning (6 time
+    ids); an SD UNet takes no second encoder. ``ValueError`` naming what does not fit."""
+    sdxl, second = is_sdxl(pipe.unet), pipe.text_encoder_2 is not None
+    if not sdxl:
+        if second:
+            raise ValueError("text_encoder_2: an SD 1.x/2.x UNet (no added conditioning) takes one text encoder")
+        return
+    if not second or pipe.tokenizer_2 is None or pipe.text_encoder is None or pipe.tokenizer is None:
+        raise ValueError(
+            "an SDXL UNet (addition_embed_type 'text_time') needs text_encoder, tokenizer, "
+            "text_encoder_2 and tokenizer_2 (SDXL's refiner, with text_encoder_2 only, is not supported)"
+        )
+    config = pipe.unet.config
+    widths = pipe.text_encoder.config.hidden_size + pipe.text_encoder_2.config.hidden_size
+    if widths != config.cross_attention_dim:
+        raise ValueError(
+            f"text_encoder_2: the two text encoders' widths add up to {widths}, but the UNet's "
+            f"cross-attention takes {config.cross_attention_dim}"
+        )
+    projection = getattr(pipe.text_encoder_2.config, "projection_dim", None)
+    expected = pipe.unet.add_embedding.linear_1.in_features
+    fits = projection is not None and 6 * config.addition_time_embed_dim + projection == expected
+    if not hasattr(pipe.text_encoder_2, "text_projection") or not fits:
+        raise ValueError(
+            "text_encoder_2 must be a CLIPTextModelWithProjection whose pooled projection plus "
+            f"6 size/crop ids × {config.addition_time_embed_dim} gives the UNet's added "
+            f"conditioning width {expected} (SDXL-base: 1280 + 6 × 256 = 2816)"
+        )
+
+
+def _second_tokenizer_ids(pipe: ISegPipeline, ids: Sequence[int]) -> list[int]:
+    """``tokenizer_2``'s ids of the tokens that ``tokenizer`` gave as ``ids`` (up to its EOS),
+    padded with ``tokenizer_2``'s pad token (SDXL's pads with ``"!"``), so both encoders read
+    the same tokens at the same positions. ``ValueError`` when ``tokenizer_2`` lacks one of
+    them (SDXL's two tokenizers share CLIP's vocabulary)."""
+    first, second = pipe.tokenizer, pipe.tokenizer_2
+    ids = list(ids)
+    end = ids.index(first.eos_token_id, 1) + 1 if first.eos_token_id in ids[1:] else len(ids)
+    tokens = first.convert_ids_to_tokens(ids[:end])
+    out = second.convert_tokens_to_ids(tokens)
+    if second.convert_ids_to_tokens(out) != tokens:
+        missing = [t for t, back in zip(tokens, second.convert_ids_to_tokens(out)) if t != back]
+        raise ValueError(
+            f"tokenizer_2 has no token {missing[0]!r}: iSeg needs SDXL's two tokenizers to share "
+            "one vocabulary"
+        )
+    pad = second.pad_token_id if second.pad_token_id is not None else second.eos_token_id
+    return out + [pad] * (len(ids) - end)
+
+
+def vae_encode_dtype(vae, unet) -> torch.dtype:
+    """The dtype the VAE encoder runs in: fp32 when the VAE is fp16, its config says
+    ``force_upcast`` and the UNet is SDXL's (SDXL's VAE overflows to NaN in fp16; an fp16-safe
+    VAE such as the community ``madebyollin/sdxl-vae-fp16-fix`` sets ``force_upcast=False`` and
+    stays fp16), else the VAE's own dtype. diffusers' SDXL pipelines apply the same rule;
+    SD 1.x/2.x pipelines ignore ``force_upcast`` (which their configs leave at its default,
+    True) because SD's VAE is fp16-safe."""
+    dtype = vae.dtype
+    if dtype == torch.float16 and getattr(vae.config, "force_upcast", False) and is_sdxl(unet):
+        return torch.float32
+    return dtype

@@ -292,6 +292,93 @@ RECIPES: dict[str, Recipe] = {
     )
 }
 
+# --- SDXL (iseg's choice: no paper gives these) ------------------------------------------------
+
+SDXL_SELF_ATTENTION_LAYER = "up_blocks.1.attentions.1.transformer_blocks.0.attn1"
+# SDXL-base's attention blocks: (block, attention modules, transformer layers in each). At
+# 1024² the latent is 128×128: down_blocks.1/up_blocks.1 attend at 64×64 (factor 2),
+# down_blocks.2/up_blocks.0 (and the mid block) at 32×32 (factor 4); nothing at 128×128.
+_SDXL_BLOCKS = (("down_blocks.1", 2, 2), ("down_blocks.2", 2, 10), ("up_blocks.0", 3, 10), ("up_blocks.1", 3, 2))
+SDXL_CROSS_LAYERS = tuple(
+    f"{block}.attentions.{a}.transformer_blocks.{t}.attn2"
+    for block, attentions, depth in _SDXL_BLOCKS
+    for a in range(attentions)
+    for t in range(depth)
+)
+
+SDXL_NOTES = """The ``sdxl`` recipe is iseg's choice for SDXL-family UNets (SDXL-base, SDXL-Turbo and their
+fine-tunes); no paper gives a setting, and none was tuned on data. Each value carries the
+paper's SD 2.1 setting over by what it means at SDXL's native 1024² (latent 128×128):
+
+* self-attention: ``up_blocks.1.attentions.1.transformer_blocks.0.attn1``, all heads. SDXL
+  attends at 64×64 and 32×32 only; this is the finest level, in the same place as the paper's
+  SD 2.1 layer (the last up block with attention, its middle attention module, first
+  transformer layer). Its 64×64 grid is the paper's grid, so ``S`` costs what it does on SD 2.1
+  at 512² (4096², 32 MiB in fp16).
+* cross-attention: every ``attn2`` of the down and up blocks at 32×32 and 64×64 (60 layers:
+  2 × 2 + 3 × 2 at 64×64, 2 × 10 + 3 × 10 at 32×32), all heads, weighted 0.7 at 32×32 (latent
+  factor 4) and 0.3 at 64×64 (factor 2). At 1024² these levels have 32- and 16-pixel cells,
+  as SD 2.1's 16×16 (0.7) and 32×32 (0.3) at 512²: the paper's weights by image scale, which
+  are its weights by latent factor. The mid block (10 more layers at 32×32) is left out, as
+  METHOD §1 words the paper's choice: down and up blocks. No head subsets: the authors'
+  were picked on SD 2.1's heads.
+* timestep 100: SDXL trains on SD's noise schedule (scaled-linear β 0.00085–0.012, 1000
+  steps), so t = 100 is the paper's noise level.
+* γ = 1.6 and λ = 0.01, 10 iterations: the paper's defaults (Table 5). Cat-Cross scales the
+  class tokens' rows of the concatenated text states (both encoders' halves), which scales
+  their keys by γ exactly as on SD (``to_k`` has no bias); the pooled embedding is unchanged.
+"""
+
+_SDXL_LAYOUT = dict(
+    self_attention_layer=SDXL_SELF_ATTENTION_LAYER,
+    cross_attention_layers=tuple((layer, None) for layer in SDXL_CROSS_LAYERS),
+    cross_attention_weights=((4, 0.7), (2, 0.3)),
+)
+RECIPES.update(
+    (r.name, r)
+    for r in (
+        Recipe(
+            "sdxl",
+            "iseg's SDXL setting: 64×64 self-attention, 60 attn2 at 32×32/64×64, the paper's γ, λ, t",
+            "no paper figure (SDXL, SDXL-Turbo)",
+            extra={"notes": SDXL_NOTES}, **_SDXL_LAYOUT,
+        ),
+        RECIPES["interactive"].replace(
+            name="sdxl-interactive",
+            description="the interactive recipe on SDXL's 64×64 self-attention layer",
+            reproduces="no paper figure (SDXL regions and given masks)",
+            extra={"notes": SDXL_NOTES}, **_SDXL_LAYOUT,
+        ),
+    )
+)
+
+
+def is_sdxl(model: object) -> bool:
+    """Whether ``model`` (a pipeline, a UNet, or a UNet's config) has SDXL's layout: a UNet
+    with ``addition_embed_type == "text_time"`` (SDXL, SDXL-Turbo). Detected by config, never
+    by repo name; SD 1.x/2.x (and SD-Turbo, SD 2.1's layout) have none."""
+    config = model
+    if not isinstance(config, Mapping):
+        unet = getattr(model, "unet", None) if hasattr(model, "components") else model  # a pipeline
+        config = getattr(unet, "config", unet)
+    if isinstance(config, Mapping):
+        return config.get("addition_embed_type") == "text_time"
+    return getattr(config, "addition_embed_type", None) == "text_time"
+
+
+def default_recipe_for(model: object, text: bool = True) -> str:
+    """The recipe used when none is given: ``"sdxl"`` (``"sdxl-interactive"`` for text-free
+    tasks) for an SDXL-layout ``model`` (a pipeline, UNet or UNet config, see :func:`is_sdxl`),
+    else ``"paper"`` (``"interactive"``).
+
+    Example:
+        >>> default_recipe_for({"addition_embed_type": "text_time"})
+        'sdxl'
+    """
+    if is_sdxl(model):
+        return "sdxl" if text else "sdxl-interactive"
+    return "paper" if text else "interactive"
+
 
 def get_recipe(recipe: str | Recipe | None) -> Recipe:
     """The :class:`Recipe` named ``recipe`` (a ``Recipe`` is returned as is; ``None`` = "paper").

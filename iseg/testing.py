@@ -30,8 +30,8 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from diffusers import AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 __all__ = [
     "DEFAULT_WORDS",
@@ -39,7 +39,9 @@ __all__ = [
     "make_clip_tokenizer",
     "sd14_components",
     "sd21_base_components",
+    "sdxl_base_components",
     "tiny_components",
+    "tiny_sdxl_components",
 ]
 
 DEFAULT_WORDS: tuple[str, ...] = (
@@ -141,7 +143,9 @@ def _learn_merges(words: Iterable[str]) -> list[tuple[str, str]]:
 
 
 def make_clip_tokenizer(
-    directory: str | os.PathLike[str], words: Sequence[str] = DEFAULT_WORDS
+    directory: str | os.PathLike[str],
+    words: Sequence[str] = DEFAULT_WORDS,
+    pad_token: str = EOS_TOKEN,
 ) -> CLIPTokenizer:
     """Write a small byte-level BPE vocabulary and load it as a CLIP tokenizer.
 
@@ -158,6 +162,8 @@ def make_clip_tokenizer(
         directory: existing folder; ``vocab.json`` and ``merges.txt`` are
             written there (and overwritten if present).
         words: lower-case, letters-only words to make single tokens.
+        pad_token: ``<|endoftext|>`` (SD 1.x/2.x and SDXL's first tokenizer) or ``"!"``
+            (SDXL's second tokenizer pads with it, id 0).
 
     Returns:
         A ``CLIPTokenizer`` with ``model_max_length`` 77. ``tokenizer(text,
@@ -192,23 +198,21 @@ def make_clip_tokenizer(
         model_max_length=MODEL_MAX_LENGTH,
         bos_token=BOS_TOKEN,
         eos_token=EOS_TOKEN,
-        pad_token=EOS_TOKEN,
+        pad_token=pad_token,
         unk_token=EOS_TOKEN,
     )
 
 
+# Stable Diffusion's training noise schedule (1.x, 2.x-base and SDXL share it).
+_SD_SCHEDULE = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    steps_offset=1, prediction_type="epsilon",
+)  # fmt: skip
+
+
 def _sd_scheduler() -> DDIMScheduler:
     """DDIM with Stable Diffusion's (1.x and 2.x-base) noise schedule."""
-    return DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type="epsilon",
-    )
+    return DDIMScheduler(clip_sample=False, set_alpha_to_one=False, **_SD_SCHEDULE)
 
 
 def _text_config(tokenizer: CLIPTokenizer, **sizes: int | str) -> CLIPTextConfig:
@@ -492,3 +496,136 @@ def sd14_components(
         num_attention_heads=12, hidden_act="quick_gelu", projection_dim=768,
     )  # fmt: skip
     return _sd_components(unet, text, torch_dtype, tokenizer_dir)
+
+
+# --- SDXL ------------------------------------------------------------------------------------
+
+
+def _sdxl_scheduler() -> EulerDiscreteScheduler:
+    """Euler with SDXL-base's schedule (the training schedule is SD's scaled-linear one)."""
+    return EulerDiscreteScheduler(
+        interpolation_type="linear", timestep_spacing="leading", use_karras_sigmas=False, **_SD_SCHEDULE
+    )
+
+
+def _sdxl_components(
+    unet: dict, vae: dict, text: dict, text_2: dict, seed: int | None, tokenizer_dir
+) -> dict:
+    """SDXL components in SDXL-base's block layout with random weights: the two tokenizers (the
+    same vocabulary; the second pads with ``"!"`` as SDXL's does), ``CLIPTextModel`` and
+    ``CLIPTextModelWithProjection``, a 3-level UNet with ``text_time`` added conditioning
+    (``addition_time_embed_dim · 6`` size/crop ids + the pooled projection), the VAE with
+    ``force_upcast``. ``torch.manual_seed(seed)`` before each model unless ``seed`` is None.
+    No scheduler (it must not be built under another default dtype or device)."""
+    directory = tokenizer_dir or tempfile.mkdtemp()
+    tokenizer = make_clip_tokenizer(directory)
+    directory_2 = os.path.join(directory, "tokenizer_2")  # the second one's files beside
+    os.makedirs(directory_2, exist_ok=True)
+    tokenizer_2 = make_clip_tokenizer(directory_2, pad_token="!")
+
+    def seeded(build):
+        if seed is not None:
+            torch.manual_seed(seed)
+        return build().eval()
+
+    time_ids_dim = unet.pop("addition_time_embed_dim") * 6
+    models = {
+        "unet": seeded(lambda: UNet2DConditionModel(
+            in_channels=4, out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            layers_per_block=2, act_fn="silu", flip_sin_to_cos=True, freq_shift=0,
+            downsample_padding=1, mid_block_scale_factor=1, norm_eps=1e-5,
+            use_linear_projection=True, addition_embed_type="text_time",
+            addition_time_embed_dim=time_ids_dim // 6,
+            projection_class_embeddings_input_dim=time_ids_dim + text_2["projection_dim"],
+            cross_attention_dim=text["hidden_size"] + text_2["hidden_size"],
+            **unet,
+        )),  # fmt: skip
+        "vae": seeded(lambda: AutoencoderKL(
+            in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4,
+            act_fn="silu", scaling_factor=0.13025, force_upcast=True, **vae,
+        )),  # fmt: skip
+        "text_encoder": seeded(lambda: CLIPTextModel(_text_config(tokenizer, **text))),
+        "text_encoder_2": seeded(
+            lambda: CLIPTextModelWithProjection(_text_config(tokenizer_2, **text_2))
+        ),
+    }
+    return {**models, "tokenizer": tokenizer, "tokenizer_2": tokenizer_2}
+
+
+def tiny_sdxl_components(seed: int = 0, tokenizer_dir: str | os.PathLike[str] | None = None) -> dict:
+    """Tiny random-weight SDXL components in SDXL-base's layout, for tests on CPU.
+
+    * UNet: 3 levels (``down_blocks.0`` and ``up_blocks.2`` without attention), latent
+      ``[B, 4, 32, 32]`` (images ``[B, 3, 256, 256]``), channels (8, 16, 32), heads (2, 4, 8)
+      of width 4, SDXL's 2 transformer layers per block at the first attention level (latent
+      side 16: SDXL's 64×64 at 1024²) and 10 at the second (side 8: SDXL's 32×32, also the mid
+      block), so the ``sdxl`` recipe's layer names all exist. Text states ``[B, 77, 80]`` (32 +
+      48, the two encoders' penultimate states concatenated), ``text_time`` added conditioning:
+      6 size/crop ids × 8 + the 24-wide pooled projection.
+    * VAE: SDXL's 4 blocks (``vae_scale_factor`` 8) at channels (8, 16, 16, 16), scaling factor
+      0.13025, ``force_upcast=True`` as SDXL's VAE (which overflows in fp16).
+    * ``text_encoder``: ``CLIPTextModel``, 2 layers, width 32; ``text_encoder_2``:
+      ``CLIPTextModelWithProjection``, 2 layers, width 48, projection 24.
+    * ``tokenizer``/``tokenizer_2``: :func:`make_clip_tokenizer`'s vocabulary; the second pads
+      with ``"!"`` (id 0) as SDXL's.
+    * ``scheduler``: ``EulerDiscreteScheduler`` with SDXL's schedule.
+
+    ``torch.manual_seed(seed)`` runs before each model. Models are float32 and in eval mode.
+
+    Returns:
+        ``{"vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet",
+        "scheduler"}``, ready for ``StableDiffusionXLPipeline(**components)``.
+    """
+    unet = dict(
+        sample_size=32, block_out_channels=(8, 16, 32), attention_head_dim=(2, 4, 8),
+        transformer_layers_per_block=(1, 2, 10), norm_num_groups=4, addition_time_embed_dim=8,
+    )  # fmt: skip
+    vae = dict(block_out_channels=(8, 16, 16, 16), norm_num_groups=4, sample_size=256)
+    small = dict(vocab_size=TINY_VOCAB_SIZE, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37)
+    text = dict(hidden_size=32, hidden_act="quick_gelu", **small)
+    text_2 = dict(hidden_size=48, hidden_act="gelu", projection_dim=24, **small)
+    return {**_sdxl_components(unet, vae, text, text_2, seed, tokenizer_dir), "scheduler": _sdxl_scheduler()}
+
+
+def sdxl_base_components(
+    torch_dtype: torch.dtype = torch.float16,
+    tokenizer_dir: str | os.PathLike[str] | None = None,
+    device: str | torch.device = "cpu",
+) -> dict:
+    """``stabilityai/stable-diffusion-xl-base-1.0``'s architectures with random weights.
+
+    The configs written out, so nothing is downloaded; for benchmarks, whose speed does not
+    depend on weight values. Built directly in ``torch_dtype`` on ``device`` (``"cuda"`` skips
+    a CPU copy and initialises in seconds); eval mode.
+
+    * UNet (2.57B parameters): latent ``[B, 4, 128, 128]`` (1024 px), channels (320, 640,
+      1280), heads (5, 10, 20) of width 64, 2 transformer layers per block at 64×64 and 10 at
+      32×32 (and in the mid block), none at 128×128; text states ``[B, 77, 2048]``;
+      ``text_time`` added conditioning (6 ids × 256 + the 1280-wide pooled projection = 2816).
+    * VAE (83.7M): as SD's, scaling factor 0.13025, ``force_upcast=True``.
+    * ``text_encoder``: CLIP ViT-L/14's text tower (12 layers, width 768, quick-GELU);
+      ``text_encoder_2``: OpenCLIP ViT-bigG/14's (32 layers, width 1280, projection 1280).
+    * Tokenizers: :func:`make_clip_tokenizer`'s (ids < 1000), the second padding with ``"!"``.
+    * Scheduler: Euler with SDXL's schedule.
+    """
+    unet = dict(
+        sample_size=128, block_out_channels=(320, 640, 1280), attention_head_dim=(5, 10, 20),
+        transformer_layers_per_block=(1, 2, 10), norm_num_groups=32, addition_time_embed_dim=256,
+    )  # fmt: skip
+    vae = dict(block_out_channels=(128, 256, 512, 512), norm_num_groups=32, sample_size=1024)
+    common = dict(vocab_size=49408, layer_norm_eps=1e-5)
+    text = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                num_attention_heads=12, hidden_act="quick_gelu", projection_dim=768, **common)  # fmt: skip
+    text_2 = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                  num_attention_heads=20, hidden_act="gelu", projection_dim=1280, **common)  # fmt: skip
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch_dtype)
+    try:
+        with torch.device(device):
+            components = _sdxl_components(unet, vae, text, text_2, None, tokenizer_dir)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    return {**components, "scheduler": _sdxl_scheduler()}

@@ -67,7 +67,8 @@ def test_presets_match_method_section_6():
     assert (paper.lam, paper.iters, paper.self_attention_heads, paper.cross_attention_layers) == (0.01, 10, None, None)
     assert not paper.cluster_cross_attention and paper.antialias and paper.seed is None
     assert get_recipe(None) is paper and set(RECIPES) == {
-        "paper", "voc-wsss", "coco-wsss", "voc-ovs", "context-ovs", "coco-ovs", "interactive"
+        "paper", "voc-wsss", "coco-wsss", "voc-ovs", "context-ovs", "coco-ovs", "interactive",
+        "sdxl", "sdxl-interactive",  # iseg's SDXL settings, tests/test_sdxl.py
     }  # fmt: skip
 
 
