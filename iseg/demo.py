@@ -398,9 +398,9 @@ def segment_classes(
     """Segment ``image`` into the classes of ``classes_text`` (``"cat, dog"``).
 
     Runs ``pipe(image, classes, recipe=, iters=, lam=, gamma=, generator=seed,
-    output_heatmaps=False)`` as ``iseg segment IMAGE --classes ... --seed seed`` does, so the
-    labels are the command's; the heatmaps are made at the size of ``display`` (default the
-    image) from the same refined maps.
+    heatmap_size=display size)``: the labels as ``iseg segment IMAGE --classes ... --seed seed``
+    makes them (row chunks at the image's size), the heatmaps at the size of ``display``
+    (default the image) from the same refined maps.
 
     Raises:
         DemoError: no image, bad class names or settings (before the model runs), or names
@@ -420,15 +420,14 @@ def segment_classes(
     parameters = inspect.signature(pipe.__call__).parameters
     if recipe and "recipe" in parameters:
         options["recipe"] = recipe
-    lean = "output_heatmaps" in parameters  # the labels as the command makes them
-    extra = {"output_heatmaps": False, "output_attentions": True} if lean else {}
+    if "heatmap_size" in parameters:  # the labels as the command makes them
+        options["heatmap_size"] = (display.height, display.width)
     try:
-        output = pipe(image, list(classes), generator=torch.Generator().manual_seed(seed), **options, **extra)
+        output = pipe(image, list(classes), generator=torch.Generator().manual_seed(seed), **options)
     except ValueError as exc:
         raise DemoError(first_line(exc)) from None
     label = output.labels[0].cpu()  # [H, W]
-    heat = _class_heatmaps(pipe, output, options, display) if lean else output.heatmaps[0]
-    heat = shrink(heat.float().cpu(), display.size)  # [K, h, w]
+    heat = shrink(output.heatmaps[0].float().cpu(), display.size)  # [K, h, w]
     stem = Path(image_name).stem
     command = command_line(
         "segment", image_name, "--classes", ",".join(classes),
@@ -445,17 +444,6 @@ def segment_classes(
         classes=classes,
         command=command,
     )
-
-
-def _class_heatmaps(pipe, output, options: dict, display: Image.Image):
-    """``[K, h, w]`` heatmaps at the display size from the captured attention of ``output``
-    (the refinement the pipeline ran, run again: cheap next to the capture)."""
-    from iseg import masks as masks_
-
-    recipe = pipe.resolve_recipe(options.get("recipe"), **{k: v for k, v in options.items() if k != "recipe"})
-    refined = pipe._refine(output.self_attention, output.cross_attention, recipe)
-    side = math.isqrt(refined.shape[1])
-    return masks_.heatmaps(refined, (side, side), (display.height, display.width))[0]
 
 
 # --- the Regions tab --------------------------------------------------------------------------

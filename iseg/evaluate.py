@@ -630,11 +630,13 @@ def _write_atomic(path, data: bytes) -> None:
         with open(tmp, "xb") as f:
             f.write(data)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(exc, OSError) and exc.errno is not None:  # the error names the file, not the temp
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
         raise
 
 

@@ -58,9 +58,9 @@ class ISegPipelineOutput(BaseOutput):
     """Output of :class:`ISegPipeline` (text segmentation and :meth:`~ISegPipeline.refine_masks`).
 
     Args:
-        heatmaps: ``[B, K, H, W]`` float in [0, 1] at the input images' size (a list of
-            ``[K_i, H_i, W_i]`` when the images' sizes or class counts differ); ``None`` with
-            ``output_heatmaps=False``.
+        heatmaps: ``[B, K, H, W]`` float in [0, 1] at the input images' size, or at
+            ``heatmap_size`` (a list of ``[K_i, H_i, W_i]`` when the sizes or class counts
+            differ); ``None`` with ``output_heatmaps=False`` and no ``heatmap_size``.
         labels: ``[B, H, W]`` int64, 0 = background, k = ``classes[k-1]`` (a list of ``[H_i, W_i]``
             likewise).
         self_attention: ``[B, HW, HW]`` raw head-mean self-attention, before Ent-Self; only
@@ -665,6 +665,7 @@ class ISegPipeline(DiffusionPipeline):
         vocabulary: str | Sequence[str] | None = None,
         resolution: int | None = None,
         output_heatmaps: bool = True,
+        heatmap_size: tuple[int, int] | None = None,
         return_dict: bool = True,
         **options,
     ) -> ISegPipelineOutput | tuple:
@@ -695,6 +696,9 @@ class ISegPipeline(DiffusionPipeline):
             output_heatmaps: ``False`` computes the labels in row chunks without full-size
                 float heatmaps (``heatmaps`` is then ``None``): the full-size heatmaps take
                 ``4·K·H·W`` bytes per image (1.5 GB for 8 classes on a 12 MP photo).
+            heatmap_size: ``(height, width)``: the heatmaps at this size for every image (e.g.
+                a display copy's), from the same refined maps; the labels are then made at
+                each image's size in row chunks, as with ``output_heatmaps=False``.
             options: any other recipe field: ``self_attention_layer``, ``self_attention_heads``
                 (the authors' scripts use ``(1, 2)``, 0-indexed; default all heads),
                 ``cross_attention_weights`` (``{4: 0.7, 2: 0.3}``: 16×16 and 32×32 on a 64×64
@@ -712,6 +716,7 @@ class ISegPipeline(DiffusionPipeline):
         if recipe is None and vocabulary in ("voc", "context", "coco") and not is_sdxl(self.unet):
             recipe = f"{vocabulary}-ovs"  # the authors' SD 2.1 setting; SDXL keeps "sdxl"
         options.update(iters=iters, lam=lam, gamma=gamma, timestep=timestep)
+        heatmap_size = _check_heatmap_size(heatmap_size)
         recipe, pixels, sizes, _ = self.check_inputs(image, recipe, resolution, generator, True, **options)
         if vocabulary is not None:  # the tagger's own checks come before its model runs
             classes = self.tag(image, vocabulary)
@@ -729,7 +734,7 @@ class ISegPipeline(DiffusionPipeline):
             # 4. Masks at each image's size
             num_classes = [len(c) for c in class_lists]
             with self.stage_timer("post", self._execution_device):
-                heat, label = self._masks(refined, grid, sizes, num_classes, recipe, output_heatmaps)
+                heat, label = self._masks(refined, grid, sizes, num_classes, recipe, output_heatmaps, heatmap_size)
             progress.update()
 
         self.maybe_free_model_hooks()
@@ -896,16 +901,20 @@ class ISegPipeline(DiffusionPipeline):
             return iseg_ops.refine(self_attention, initial, iters=recipe.iters, lam=recipe.lam, **kwargs)
 
     @staticmethod
-    def _masks(refined, grid, sizes, num_classes, recipe: Recipe, output_heatmaps: bool):
-        """Heatmaps and labels at each image's size; stacked when sizes and K agree."""
+    def _masks(refined, grid, sizes, num_classes, recipe: Recipe, output_heatmaps: bool, heatmap_size=None):
+        """Heatmaps and labels at each image's size (heatmaps at ``heatmap_size`` where given);
+        stacked when sizes and K agree."""
         tau = recipe.background_threshold
-        if not output_heatmaps:
+        if not output_heatmaps or heatmap_size is not None:
             label = [
                 masks.labels_chunked(refined[b, :, :k], grid, size, tau)
                 for b, (size, k) in enumerate(zip(sizes, num_classes))
             ]
-            same = len(set(sizes)) == 1
-            return None, (torch.stack(label) if same else label)
+            label = torch.stack(label) if len(set(sizes)) == 1 else label
+            if heatmap_size is None:
+                return None, label
+            heat = [masks.heatmaps(refined[b : b + 1, :, :k], grid, heatmap_size)[0] for b, k in enumerate(num_classes)]
+            return (torch.stack(heat) if len(set(num_classes)) == 1 else heat), label
         if len(set(sizes)) == 1 and len(set(num_classes)) == 1:
             heat = masks.heatmaps(refined, grid, sizes[0])
             return heat, masks.labels(heat, tau)
@@ -977,6 +986,17 @@ def _stack_columns(columns: list[torch.Tensor], device) -> torch.Tensor:
     for b, c in enumerate(columns):
         out[b, :, : c.shape[1]] = c
     return out.to(device)
+
+
+def _check_heatmap_size(size: object) -> tuple[int, int] | None:
+    """``heatmap_size`` as ``(height, width)``, or a ValueError naming it."""
+    if size is None:
+        return None
+    ok = isinstance(size, (tuple, list)) and len(size) == 2
+    ok = ok and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1 for v in size)
+    if not ok:
+        raise ValueError(f"heatmap_size must be (height, width), two whole numbers ≥ 1, got {size!r}")
+    return int(size[0]), int(size[1])
 
 
 def _check_finite_outputs(**tensors: torch.Tensor | None) -> None:

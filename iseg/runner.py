@@ -210,6 +210,15 @@ def manifest_outputs(folder: Path) -> set[str]:
 _FULL = {errno.ENOSPC: "no space left on device", getattr(errno, "EDQUOT", -1): "disk quota exceeded"}
 
 
+def os_error_line(exc: OSError) -> str:
+    """One line for a failed read or write (a full disk, a missing file): the file and why
+    (a full disk or quota says so in words)."""
+    reason = _FULL.get(exc.errno) or exc.strerror
+    if not reason:
+        return first_line(exc)
+    return f"{exc.filename}: {reason}" if exc.filename else reason
+
+
 def write_error(path: Path, exc: OSError) -> CommandError:
     """The one-line error of a write to ``path`` that failed (a full disk says so, and that
     the finished outputs are kept and a rerun resumes)."""

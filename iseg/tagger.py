@@ -38,6 +38,7 @@ from PIL import Image
 from scipy import ndimage
 
 from .data import data_path
+from .hub import download_command, hub_offline
 from .images import to_rgb
 
 __all__ = [
@@ -635,7 +636,7 @@ class CLIPTagger:
 
         source = os.fspath(name_or_path)
         local = Path(source).is_dir()
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("", "0", "false", "no", "off")
+        offline = hub_offline()
         try:
             files = {"local_files_only": local or offline}
             model = CLIPModel.from_pretrained(source, use_safetensors=True, **files)
@@ -646,7 +647,7 @@ class CLIPTagger:
                 f"cannot load the CLIP tagger from {where} {source!r} "
                 f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
                 f"it needs a CLIPModel as safetensors plus its tokenizer: download "
-                f"{DEFAULT_TAGGER_MODEL} once (e.g. `huggingface-cli download {DEFAULT_TAGGER_MODEL} "
+                f"{DEFAULT_TAGGER_MODEL} once (e.g. `{download_command()} {DEFAULT_TAGGER_MODEL} "
                 "--local-dir DIR`) and pass --tagger-model DIR, or give a hub id"
                 + (" with HF_HUB_OFFLINE unset (it is set)" if offline else " with network access")
             ) from error
@@ -692,13 +693,18 @@ class CLIPTagger:
 
         Returns:
             ``[C, E]`` float32 on the model's device.
+
+        Raises:
+            ValueError: a name whose prompt is longer than the text encoder's token limit
+                (77 for CLIP), before anything is encoded.
         """
         missing = [n for n in dict.fromkeys(names) if n not in self._text_cache]
+        self._check_token_lengths(missing)
         per_pass = max(1, 1024 // len(self.templates))
         for start in range(0, len(missing), per_pass):
             chunk = missing[start : start + per_pass]
             prompts = [t.format(n) for n in chunk for t in self.templates]
-            tokens = self.tokenizer(prompts, padding=True, truncation=True, return_tensors="pt")
+            tokens = self.tokenizer(prompts, padding=True, return_tensors="pt")  # lengths checked
             pooled = self.model.text_model(
                 input_ids=tokens.input_ids.to(self.device),
                 attention_mask=tokens.attention_mask.to(self.device),
@@ -708,6 +714,24 @@ class CLIPTagger:
             for name, embedding in zip(chunk, F.normalize(features, dim=-1)):
                 self._text_cache[name] = embedding
         return torch.stack([self._text_cache[n] for n in names])
+
+    def _check_token_lengths(self, names: Sequence[str]) -> None:
+        """Refuse a name that CLIP would truncate in one of the templates (not cut silently)."""
+        if not names:
+            return
+        limit = self.model.config.text_config.max_position_embeddings
+        if 0 < getattr(self.tokenizer, "model_max_length", limit) < limit:
+            limit = self.tokenizer.model_max_length
+        prompts = [t.format(n) for n in names for t in self.templates]
+        lengths = [len(ids) for ids in self.tokenizer(prompts, truncation=False, verbose=False).input_ids]
+        for i, length in enumerate(lengths):
+            if length > limit:
+                name = names[i // len(self.templates)]
+                shown = name if len(name) <= 60 else name[:59] + "…"
+                raise ValueError(
+                    f"class name {shown!r} is too long: {length} tokens in a prompt, over the CLIP "
+                    f"text encoder's limit of {limit}; shorten it"
+                )
 
     # --- vision side
 

@@ -247,6 +247,31 @@ def test_classes_on_a_display_copy_keep_full_size_labels(saved):
     assert result.overlay.size == (64, 48) and result.heatmaps[0][0].size == (64, 48)
 
 
+class ClassesStub:
+    """A pipeline with only the public ``__call__``: records its keywords, returns fixed maps."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, image, classes, generator=None, *, recipe=None, iters=None, lam=None, gamma=None,
+                 output_heatmaps=True, heatmap_size=None):  # fmt: skip
+        self.calls.append({"output_heatmaps": output_heatmaps, "heatmap_size": heatmap_size})
+        h, w = heatmap_size
+        self.heat = torch.rand(1, len(classes), h, w, generator=torch.Generator().manual_seed(0))
+        labels = torch.zeros(1, image.height, image.width, dtype=torch.long)
+        return types.SimpleNamespace(heatmaps=self.heat, labels=labels)
+
+
+def test_classes_heatmaps_come_from_one_public_call_at_the_display_size():
+    image = make_image(8, (96, 128))
+    display = demo.display_copy(image, side=64)
+    stub = ClassesStub()
+    result = demo.segment_classes(stub, image, "cat, dog", None, 3, 0.01, 1.6, 0, display=display)
+    assert stub.calls == [{"output_heatmaps": True, "heatmap_size": (48, 64)}]
+    for (picture, _), heat in zip(result.heatmaps, stub.heat[0]):
+        assert np.array_equal(np.asarray(picture), np.asarray(demo.heatmap_image(heat)))
+
+
 def _run_shown_command(command: str, image_path: Path, out: Path) -> None:
     """The command as shown, but for the image's path and the output folder, run in-process."""
     from iseg import cli
@@ -640,7 +665,7 @@ def test_a_rejected_input_is_a_warning_and_the_last_result_stays(saved, monkeypa
     for bad in (("cat, cat", 0), ("cat", 2**64)):
         values = on_classes(upload, bad[0], "paper", 2, 0.01, 1.6, bad[1])
         assert list(values.values()) == [gr.skip()]  # nothing replaced
-    assert warnings == ["class 'cat' is given twice in 'cat, cat'",
+    assert warnings == ["class 'cat' is given twice",
                         "seed must be a whole number in [0, 18446744073709551615], got '2**64' (0 to 2**64 − 1)"]  # fmt: skip
 
 

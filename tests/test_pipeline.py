@@ -184,6 +184,33 @@ def test_outputs_are_refined_maps_at_the_input_size(pipe):
     assert (out.labels == expected_labels).float().mean() > 0.999
 
 
+def test_heatmap_size_gives_the_heatmaps_at_that_size_and_the_chunked_labels(pipe):
+    """``heatmap_size=(h, w)``: the refined maps upsampled to (h, w) (recomputed here in float64
+    from the captured maps) and the labels of ``output_heatmaps=False`` at the image's size."""
+    img = make_image(5, size=(70, 50))
+    out = pipe(img, CLASSES, generator=generator(), output_attentions=True, heatmap_size=(21, 33))
+    lean = pipe(img, CLASSES, generator=generator(), output_heatmaps=False)
+    assert out.heatmaps.shape == (1, 2, 21, 33)
+    assert torch.equal(out.labels, lean.labels) and out.labels.shape == (1, 70, 50)
+    refined = reference.refine(out.self_attention.double(), out.cross_attention.double(), 10, 0.01)
+    maps = F.interpolate(refined.transpose(1, 2).reshape(1, 2, 16, 16), size=(21, 33), mode="bilinear", align_corners=False)
+    lo, hi = maps.amin(dim=(2, 3), keepdim=True), maps.amax(dim=(2, 3), keepdim=True)
+    torch.testing.assert_close(out.heatmaps.double(), (maps - lo) / (hi - lo), atol=1e-4, rtol=0)
+    # at the image's own size: the default call's heatmaps
+    same = pipe(img, CLASSES, generator=generator(), heatmap_size=(70, 50))
+    torch.testing.assert_close(same.heatmaps, pipe(img, CLASSES, generator=generator()).heatmaps)
+    # per image of a batch of other class counts: a list
+    two = pipe([img, make_image(6, (40, 40))], [["cat"], CLASSES], generator=generator(), heatmap_size=(8, 9))
+    assert [tuple(h.shape) for h in two.heatmaps] == [(1, 8, 9), (2, 8, 9)]
+    assert [tuple(l.shape) for l in two.labels] == [(70, 50), (40, 40)]
+
+
+@pytest.mark.parametrize("size", [(0, 4), (4,), (4.0, 4), "4x4", (True, 4), (4, -1)])
+def test_a_bad_heatmap_size_is_refused_before_the_model_runs(pipe, size):
+    with pytest.raises(ValueError, match=r"heatmap_size must be \(height, width\), two whole numbers ≥ 1"):
+        pipe(make_image(5, size=(32, 32)), CLASSES, generator=generator(), heatmap_size=size)
+
+
 def test_iters_zero_gives_the_upsampled_cross_attention(pipe, image):
     out = pipe(image, CLASSES, iters=0, generator=generator(), output_attentions=True)
     maps = out.cross_attention.transpose(1, 2).reshape(1, 2, 16, 16)

@@ -125,6 +125,30 @@ def test_regions_round_trip_matches_the_pipeline(model, loaded, scene, tmp_path,
         assert (overlay.mode, overlay.size) == ("RGB", (64, 48))
 
 
+def test_negative_points_are_regions_in_the_order_given(model, loaded, scene, tmp_path, capsys):
+    """--negative-point interleaved with other options: regions numbered in the command line's
+    order (as the demo numbers them), the background point's own mask written (empty)."""
+    image_path, _, _ = scene
+    out = tmp_path / "out"
+    argv = regions_command(image_path, model, out, "--negative-point", "60,45", "--point", "10,10",
+                           "--box", "30,25,62,46", "--negative-point", "2,44:4,44",
+                           "--line", "5,40:20,30")  # fmt: skip
+    assert main(argv) == 0
+    regions = [Point(60, 45, negative=True), Point(10, 10), Box(30, 25, 62, 46),
+               Point([(2, 44), (4, 44)], negative=True), Line([(5, 40), (20, 30)])]  # fmt: skip
+    direct = loaded.segment_regions(load_image(image_path), regions,
+                                    generator=torch.Generator().manual_seed(3))  # fmt: skip
+    for r in range(5):
+        mode, pixels = read_png(out / f"scene_region{r + 1}_mask.png")
+        assert mode == "L"
+        np.testing.assert_array_equal(pixels == 255, direct.masks[0, r].numpy(), err_msg=str(r))
+    for r in (0, 3):  # the background points' masks: written, empty
+        assert not read_png(out / f"scene_region{r + 1}_mask.png")[1].any()
+    np.testing.assert_array_equal(read_png(out / "scene_labels.png")[1], direct.labels[0].numpy())
+    assert not set(np.unique(direct.labels[0].numpy())) & {1, 4}
+    assert direct.masks[0, 1].any() or direct.masks[0, 2].any()  # a non-trivial result
+
+
 def test_regions_rerun_skips_and_other_regions_need_overwrite(model, scene, tmp_path, capsys):
     image_path, _, _ = scene
     out = tmp_path / "out"
@@ -149,6 +173,9 @@ def test_regions_rerun_skips_and_other_regions_need_overwrite(model, scene, tmp_
         (["--box", "0,0,65,20"], "--box 0,0,65,20: (0, 0, 65, 20) is outside the image"),
         (["--line", "5,5:70,5"], "--line 5,5:70,5: vertex 1 (70, 5) is outside the image"),
         ([], "give at least one region"),
+        (["--negative-point", "70,5"], "--negative-point 70,5: point 0 (70, 5) is outside the image"),
+        (["--negative-point", "5,5"], "--negative-point only marks background: give a region"),
+        (["--negative-point", "5,5", "--negative-point", "6,6"], "--negative-point only marks"),
     ],
 )
 def test_bad_regions_are_one_usage_error_before_loading(
@@ -179,7 +206,8 @@ def test_bad_mask_files_are_usage_errors(scene, tmp_path, capsys, monkeypatch):
 @pytest.mark.parametrize(
     "regions",
     [["--line", "5,5"], ["--point", "nan,5"], ["--point", "5"], ["--box", "1,2,3"],
-     ["--point", "a,b"], ["--box", "0,0,inf,4"]],
+     ["--point", "a,b"], ["--box", "0,0,inf,4"], ["--negative-point", "5"],
+     ["--negative-point", "5,nan"]],
 )
 def test_malformed_options_are_argparse_errors(regions, scene, tmp_path, capsys, monkeypatch):
     forbid_loading(monkeypatch)

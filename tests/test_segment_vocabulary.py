@@ -81,3 +81,18 @@ def test_default_batch_size_is_eight_on_cuda_one_elsewhere():
     args = argparse.Namespace(batch_size=None)
     assert _common.batch_size(args, "cuda:0") == 8 and _common.batch_size(args, "cpu") == 1
     assert _common.batch_size(argparse.Namespace(batch_size=3), "cuda") == 3
+
+
+def test_a_vocabulary_name_clip_cannot_hold_is_one_usage_error_before_writing(folders, tmp_path, capsys):
+    """Not silently truncated by the tagger: one line after the models load, nothing written."""
+    root, images = folders
+    vocab = tmp_path / "long.txt"
+    vocab.write_text("cat\n" + " ".join(["dog"] * 80) + "\n")
+    out = tmp_path / "out"
+    args = ["segment", *map(str, images), "--vocabulary", str(vocab), "--model", str(root / "model"),
+            "--tagger-model", str(root / "clip"), "--out", str(out), "--device", "cpu", "--dtype", "fp32"]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("iseg: error: --vocabulary: class name 'dog dog")
+    assert "over the CLIP text encoder's limit of 77" in err[0]
+    assert not out.exists() or not list(out.glob("*.png"))

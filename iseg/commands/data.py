@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import _common
 from ._common import CommandError, first_line
 
 
@@ -27,7 +28,7 @@ def add_parser(subparsers) -> None:
     )
     coco.add_argument("--instances", required=True, metavar="FILE", help="instances_{train,val}2014.json")
     coco.add_argument("--out", required=True, metavar="DIR", help="output folder, e.g. ROOT/coco_seg_anno")
-    coco.add_argument("--quiet", action="store_true", help="no progress bar")
+    _common.add_quiet_option(coco)
     context = kinds.add_parser(
         "context",
         help="Pascal Context trainval/*.mat → SegmentationClassContext/<id>.png (official 59-label order)",
@@ -36,29 +37,24 @@ def add_parser(subparsers) -> None:
     context.add_argument(
         "--out", required=True, metavar="DIR", help="output folder, e.g. VOCdevkit/VOC2010/SegmentationClassContext"
     )
-    context.add_argument("--quiet", action="store_true", help="no progress bar")
+    _common.add_quiet_option(context)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..data.convert import coco_labels, context_labels
+    from ..runner import os_error_line
 
     def log(message: str) -> None:
-        print(f"iseg: {message}", file=sys.stderr)
+        if not args.quiet:
+            print(f"iseg: {message}", file=sys.stderr)
 
     try:
         if args.dataset == "coco":
             coco_labels(args.instances, args.out, progress=not args.quiet, log=log)
         else:
             context_labels(args.mat_dir, args.out, progress=not args.quiet, log=log)
-    except OSError as exc:
+    except OSError as exc:  # a read (a write that fails is save_atomic's CommandError)
         raise CommandError(os_error_line(exc)) from None
     except (ImportError, ValueError) as exc:
         raise CommandError(first_line(exc)) from None
     return 0
-
-
-def os_error_line(exc: OSError) -> str:
-    """One line for a failed read or write (a full disk, a missing file): the file and why."""
-    if exc.filename and exc.strerror:
-        return f"{exc.filename}: {exc.strerror}"
-    return first_line(exc)

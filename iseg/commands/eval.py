@@ -23,11 +23,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 from . import _common
 from ._common import CommandError, first_line
-from .data import os_error_line
 
 TASK_NAMES = ("voc-wsss", "coco-wsss", "voc-ovs", "context-ovs", "coco-ovs", "cityscapes", "cocostuff27")
 
@@ -85,7 +83,7 @@ def add_parser(subparsers) -> None:
     )  # fmt: skip
     group.add_argument("--num-shards", type=_common.positive_int, default=None, metavar="N")
     group.add_argument("--shard-index", type=_common.non_negative_int, default=None, metavar="I")
-    group.add_argument("--quiet", action="store_true", help="no progress bar")
+    _common.add_quiet_option(group)
 
 
 def shards_from(args: argparse.Namespace, environ=os.environ) -> tuple[int, int, int | None]:
@@ -126,10 +124,9 @@ def run(args: argparse.Namespace) -> int:
             device_name = f"cuda:{local_rank % torch.cuda.device_count()}"
     device, dtype = _common.resolve_device(device_name, args.dtype)
     _common.check_ops_backend()
-    model = args.model
     if _common.looks_like_path(args.model):
         _common.check_model_folder(args.model)
-        model = str(Path(args.model).expanduser().resolve())  # compared by what it means
+    model = _common.model_setting(args.model)  # a folder is compared by what it means
     if args.first_pass is not None and args.task not in ("cityscapes", "cocostuff27"):
         raise CommandError("--first-pass applies to the unsupervised tasks (cityscapes, cocostuff27)", code=2)
     out = args.out or os.path.join("iseg-eval", args.task)
@@ -137,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
     workers = args.workers if args.workers is not None else min(4, os.cpu_count() or 1)
 
     def load():
-        return _common.load_pipeline(args.model, device, dtype)
+        return _common.load_pipeline(args.model, device, dtype, quiet=args.quiet)
 
     def log(message: str) -> None:
         print(f"iseg: {message}", file=sys.stderr)
@@ -155,6 +152,8 @@ def run(args: argparse.Namespace) -> int:
     except (EvalError, DatasetError) as exc:
         raise CommandError(first_line(exc)) from None
     except OSError as exc:  # a full disk, an unwritable --out: the predictions written stay
+        from ..runner import os_error_line
+
         raise CommandError(f"{os_error_line(exc)} (the predictions already written are kept; rerun to resume)") from None
     if result.metrics is not None:
         print(format_table(result.metrics))
@@ -163,15 +162,14 @@ def run(args: argparse.Namespace) -> int:
     if result.metrics is not None:
         failures.update(result.metrics["failures"])
     # Each one is predicted again by the next run (a missing, unreadable or changed prediction).
-    for image_id, message in list(failures.items())[:20]:
-        print(f"iseg: error: {message}", file=sys.stderr)
+    for message in list(failures.values())[:20]:
+        _common.report_error(message)
     if len(failures) > 20:
-        print(f"iseg: error: … and {len(failures) - 20} more (see metrics.json)", file=sys.stderr)
+        _common.report_error(f"… and {len(failures) - 20} more (see metrics.json)")
     if failures:
-        print(
-            f"iseg: error: {len(failures)} image(s) not scored; fix the files named above (the next run "
-            "predicts again every prediction that is missing, unreadable or changed) and rerun",
-            file=sys.stderr,
+        _common.report_error(
+            f"{len(failures)} image(s) not scored; fix the files named above (the next run "
+            "predicts again every prediction that is missing, unreadable or changed) and rerun"
         )
         return 1
     return 0

@@ -1,9 +1,11 @@
 """``iseg regions`` (segment what the user points at) and ``iseg refine-masks`` (refine given
 masks), both on one text-free capture refined by Ent-Self (METHOD §5, the paper's Fig. 12 and 6).
 
-``iseg regions IMAGE --point X,Y --box X0,Y0,X1,Y1 --line X,Y:X,Y[:X,Y...] --mask M.png --out DIR``
-writes, per region r (1-based, in the order of the options), ``OUT/<name>_region<r>_mask.png``
-(white = in the region's mask), plus ``OUT/<name>_labels.png`` (palette PNG: 0 = none, r =
+``iseg regions IMAGE --point X,Y --box X0,Y0,X1,Y1 --line X,Y:X,Y[:X,Y...] --mask M.png
+--negative-point X,Y --out DIR`` writes, per region r (1-based, in the order of the options,
+interleaved as given), ``OUT/<name>_region<r>_mask.png`` (white = in the region's mask; a
+``--negative-point`` (a background click, subtracted from the other regions) is a region
+too, with an empty mask), plus ``OUT/<name>_labels.png`` (palette PNG: 0 = none, r =
 region r) and ``OUT/<name>_overlay.png``. Coordinates are image pixels (x right, y down);
 ``--point X,Y:X,Y`` with several points is one region (their cells averaged).
 
@@ -17,6 +19,7 @@ images skipped, files this tool did not write never overwritten).
 
 Example:
     $ iseg regions cat.jpg --point 120,80 --box 10,20,200,180 --line 5,5:60,40:90,41 --out out
+    $ iseg regions cat.jpg --point 120,80 --negative-point 300,30 --out out
     $ iseg refine-masks synthetic/images --masks synthetic/masks --out refined
 """
 
@@ -65,6 +68,12 @@ def parse_point(text: str) -> tuple[str, str, list]:
     return ("point", text, [_pair(p) for p in text.split(":")])
 
 
+def parse_negative_point(text: str) -> tuple[str, str, list]:
+    """``"X,Y"`` or ``"X,Y:X,Y:..."`` → ``("negative-point", text, [(x, y), ...])``: a
+    background click, subtracted from the other regions (:mod:`iseg.seeds`)."""
+    return ("negative-point", text, [_pair(p) for p in text.split(":")])
+
+
 def parse_box(text: str) -> tuple[str, str, tuple]:
     """``"X0,Y0,X1,Y1"`` → ``("box", text, (x0, y0, x1, y1))``."""
     parts = text.split(",")
@@ -86,6 +95,7 @@ def parse_mask(text: str) -> tuple[str, str, str]:
 
 
 parse_point.__name__ = "point X,Y[:X,Y...]"
+parse_negative_point.__name__ = "negative point X,Y[:X,Y...]"
 parse_box.__name__ = "box X0,Y0,X1,Y1"
 parse_line.__name__ = "line X,Y:X,Y[:X,Y...]"
 parse_mask.__name__ = "mask file"
@@ -139,11 +149,12 @@ def add_parser(subparsers) -> None:
         REGIONS,
         help="segment the regions given by points, boxes, lines and masks",
         description=(
-            "Segment what you point at in IMAGE: each --point, --box, --line or --mask is one "
-            "region (in the order given), refined by Ent-Self from one text-free capture. "
-            "Writes OUT/<name>_region<r>_mask.png per region r, OUT/<name>_labels.png (0 = none, "
-            "r = region r) and OUT/<name>_overlay.png. Coordinates are image pixels, x right, "
-            "y down."
+            "Segment what you point at in IMAGE: each --point, --box, --line, --mask or "
+            "--negative-point is one region (numbered in the order given), refined by Ent-Self "
+            "from one text-free capture; a --negative-point marks background, subtracted from "
+            "the other regions (its own mask is empty). Writes OUT/<name>_region<r>_mask.png per "
+            "region r, OUT/<name>_labels.png (0 = none, r = region r) and OUT/<name>_overlay.png. "
+            "Coordinates are image pixels, x right, y down."
         ),
     )
     # fmt: off
@@ -160,6 +171,10 @@ def add_parser(subparsers) -> None:
     group.add_argument("--mask", dest="regions", action="append", type=parse_mask,
                        metavar="M.png",
                        help="a mask image at the image's size (nonzero pixels are in the region)")
+    group.add_argument("--negative-point", dest="regions", action="append",
+                       type=parse_negative_point, metavar="X,Y[:X,Y...]",
+                       help="a background click, subtracted from the other regions (its own "
+                            "mask is empty); needs at least one other region")
     # fmt: on
     _common.add_model_options(parser)
     _settings_options(parser, regions=True)
@@ -278,8 +293,8 @@ def _regions(specs: list, size: tuple[int, int]) -> list:
 
     regions = []
     for kind, _text, value in specs:
-        if kind == "point":
-            regions.append(seeds.Point(value))
+        if kind in ("point", "negative-point"):
+            regions.append(seeds.Point(value, negative=kind == "negative-point"))
         elif kind == "box":
             regions.append(seeds.Box(*value))
         elif kind == "line":
@@ -294,6 +309,9 @@ def _regions(specs: list, size: tuple[int, int]) -> list:
         if found:
             kind, text, _ = specs[int(found.group(1))]
             message = f"--{kind} {text}: {found.group(2)}"
+        elif "only negative points" in message:
+            message = ("--negative-point only marks background: give a region to segment too "
+                       "(--point, --box, --line or --mask)")
         raise CommandError(message, code=2) from None
     return regions
 
@@ -302,7 +320,7 @@ def _run_regions(args: argparse.Namespace) -> int:
     if not args.regions:
         raise CommandError(
             "give at least one region: --point X,Y, --box X0,Y0,X1,Y1, --line X,Y:X,Y or "
-            "--mask M.png",
+            "--mask M.png (and, optionally, --negative-point X,Y)",
             code=2,
         )
     path = Path(args.image)

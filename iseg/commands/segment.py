@@ -208,11 +208,12 @@ def run(args: argparse.Namespace) -> int:
         if vocabulary is None:
             _check_classes_fit(pipe, args.classes, args.recipe)
         else:  # fp32 whatever the SD dtype, as the authors (bf16 flips tags)
-            from .tag import load_tagger
+            from .tag import check_vocabulary_fits, load_tagger
 
             import torch
 
             pipe.tagger = load_tagger(args.tagger_model, device, torch.float32, quiet=args.quiet)
+            check_vocabulary_fits(pipe.tagger, vocabulary)
         runner.run(todo, _common.load_image, _processor(pipe, args, device, dtype), args.batch_size)
     return runner.finish("segmented")
 

@@ -77,6 +77,15 @@ def resolve_tagger_vocabulary(spec: str):
         raise CommandError(f"--vocabulary: {first_line(exc)}", code=2) from None
 
 
+def check_vocabulary_fits(tagger, preset) -> None:
+    """A vocabulary or background name that CLIP's 77 tokens cannot hold is one usage error,
+    once, after the tagger loads and before anything is written (its embeddings are cached)."""
+    try:
+        tagger.text_embeddings([*preset.vocabulary, *preset.background])
+    except ValueError as exc:
+        raise CommandError(f"--vocabulary: {first_line(exc)}", code=2) from None
+
+
 _TAGGER_TODO = "pass --tagger-model DIR (a CLIP folder: config.json, model.safetensors, tokenizer) or a hub id"
 
 
@@ -241,6 +250,7 @@ def run(args: argparse.Namespace) -> int:
     # 2. Load the tagger; write the kept lines (none after --overwrite), then the settings
     #    (in this order, a kill in between never leaves old tags under new settings)
     tagger = load_tagger(args.tagger_model, device, dtype, quiet=args.quiet)
+    check_vocabulary_fits(tagger, preset)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

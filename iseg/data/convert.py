@@ -25,8 +25,6 @@ Example:
 from __future__ import annotations
 
 import io
-import os
-import secrets
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -46,20 +44,18 @@ def coco_category_table() -> dict[int, int]:
 
 
 def write_png_atomic(label: np.ndarray, path: Path) -> None:
-    """``[H, W]`` uint8 → grayscale PNG at ``path`` through a temporary file and ``os.replace``."""
+    """``[H, W]`` uint8 → grayscale PNG at ``path`` through a temporary file and ``os.replace``
+    (:func:`iseg.runner.save_atomic`).
+
+    Raises:
+        CommandError: the write failed (e.g. a full disk), in one line naming ``path``; no
+            partial file stays.
+    """
+    from ..runner import save_atomic
+
     buffer = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(label, dtype=np.uint8), mode="L").save(buffer, format="PNG")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.iseg-tmp")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(buffer.getvalue())
-        os.replace(tmp, path)
-    except OSError as exc:  # e.g. a full disk: no partial file stays, the error names the file
-        tmp.unlink(missing_ok=True)
-        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    save_atomic(lambda f: f.write(buffer.getvalue()), Path(path))
 
 
 def _progress(items: Iterable, total: int, show: bool, desc: str):

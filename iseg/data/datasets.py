@@ -215,13 +215,15 @@ def check_id(image_id: str, where: str, folders: bool = False) -> None:
     """An id names files under the dataset root and ``OUT/pred/``: it must stay there. No
     absolute path, no ``..``, no backslash, no empty or hidden part; a ``/`` only where the
     dataset's ids hold a folder (``folders``: Cityscapes' ``city/frame``)."""
-    parts = image_id.split("/")
-    bad = (
-        "\\" in image_id
-        or image_id.startswith(("/", "~"))
-        or (not folders and len(parts) > 1)
-        or any(not part or part in (".", "..") or part.startswith(".") for part in parts)
-    )
+    from ..runner import check_plain_name
+
+    parts = image_id.split("/") if folders and not image_id.startswith("/") else [image_id]
+    try:
+        for part in parts:
+            check_plain_name(part, "image id")
+        bad = image_id.startswith("~") or any(part.startswith(".") for part in parts)
+    except ValueError:
+        bad = True
     if bad:
         rule = "a folder and a name" if folders else "a file name"
         raise DatasetError(
