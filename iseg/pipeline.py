@@ -342,6 +342,8 @@ class ISegPipeline(DiffusionPipeline):
         keywords applied, the timestep, the resolution and the capture plan (layers and heads
         exist in this UNet). Returns ``(recipe, resolution, grid)``; raises
         ``ValueError``/``TypeError`` naming the bad argument."""
+        if recipe is None:  # the text-free tasks' default is another recipe
+            recipe = default_recipe_for(self, text)
         recipe = self.resolve_recipe(recipe, **options)
         self._check_timestep(recipe)
         resolution = self._check_resolution(resolution)
@@ -713,8 +715,8 @@ class ISegPipeline(DiffusionPipeline):
         # 1. Check inputs (before any model runs)
         if (classes is None) == (vocabulary is None):
             raise ValueError("give classes (names to segment) or vocabulary (to tag first), not both or neither")
-        if recipe is None and vocabulary in ("voc", "context", "coco") and not is_sdxl(self.unet):
-            recipe = f"{vocabulary}-ovs"  # the authors' SD 2.1 setting; SDXL keeps "sdxl"
+        if recipe is None and isinstance(vocabulary, str):
+            recipe = default_recipe_for(self, vocabulary=vocabulary)  # SD: "<preset>-ovs"
         options.update(iters=iters, lam=lam, gamma=gamma, timestep=timestep)
         heatmap_size = _check_heatmap_size(heatmap_size)
         recipe, pixels, sizes, _ = self.check_inputs(image, recipe, resolution, generator, True, **options)

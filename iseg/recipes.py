@@ -366,17 +366,22 @@ def is_sdxl(model: object) -> bool:
     return getattr(config, "addition_embed_type", None) == "text_time"
 
 
-def default_recipe_for(model: object, text: bool = True) -> str:
+def default_recipe_for(model: object, text: bool = True, vocabulary: str | None = None) -> str:
     """The recipe used when none is given: ``"sdxl"`` (``"sdxl-interactive"`` for text-free
     tasks) for an SDXL-layout ``model`` (a pipeline, UNet or UNet config, see :func:`is_sdxl`),
-    else ``"paper"`` (``"interactive"``).
+    else ``"paper"`` (``"interactive"``); on SD 1.x/2.x a tagger ``vocabulary`` preset
+    (``"voc"``, ``"context"``, ``"coco"``) picks the authors' ``"<preset>-ovs"`` setting.
 
     Example:
         >>> default_recipe_for({"addition_embed_type": "text_time"})
         'sdxl'
+        >>> default_recipe_for({}, vocabulary="voc")
+        'voc-ovs'
     """
     if is_sdxl(model):
         return "sdxl" if text else "sdxl-interactive"
+    if text and vocabulary in ("voc", "context", "coco"):
+        return f"{vocabulary}-ovs"
     return "paper" if text else "interactive"
 
 

@@ -484,3 +484,25 @@ def test_cli_picks_the_sdxl_recipe_for_an_sdxl_folder(sdxl_components, tmp_path,
     direct = loaded(load_image(path), CLASSES, generator=generator(0)).labels[0]  # the CLI's seed 0
     with Image.open(tmp_path / "out" / "photo_labels.png") as png:
         assert torch.equal(torch.from_numpy(np.asarray(png).astype(np.int64)), direct)
+
+
+def test_cli_regions_pick_the_sdxl_interactive_recipe(sdxl_components, tmp_path, monkeypatch, capsys):
+    from iseg.cli import main
+
+    StableDiffusionXLPipeline(**sdxl_components).save_pretrained(tmp_path / "xl")
+    path = tmp_path / "photo.png"
+    make_image(5, (60, 80)).save(path)
+    names = []
+    original = ISegPipeline.resolve_recipe
+
+    def spy(self, *args, **kwargs):
+        recipe = original(self, *args, **kwargs)
+        names.append(recipe.name)
+        return recipe
+
+    monkeypatch.setattr(ISegPipeline, "resolve_recipe", spy)
+    argv = ["regions", str(path), "--point", "20,30", "--model", str(tmp_path / "xl"),
+            "--out", str(tmp_path / "out"), "--device", "cpu", "--dtype", "fp32"]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    assert set(names) == {"sdxl-interactive"}
+    assert (tmp_path / "out" / "photo_region1_mask.png").is_file()

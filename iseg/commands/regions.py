@@ -115,7 +115,8 @@ def _settings_options(parser: argparse.ArgumentParser, regions: bool) -> None:
     # fmt: off
     add = parser.add_argument_group("iSeg settings (default: the recipe's)").add_argument
     add("--recipe", default=None, metavar="NAME",
-        help="a named configuration (see `iseg recipes`; default: interactive)")
+        help="a named configuration (see `iseg recipes`; default: interactive, sdxl-interactive on an "
+             "SDXL model)")
     add("--iters", type=_common.iterations, default=None,
         help=f"refinement iterations N (interactive: 50; at most {_common.MAX_ITERS})")
     add("--lam", type=_lam, default=None, help="Ent-Self strength λ (interactive: 0.0434294)")
@@ -216,7 +217,7 @@ def _check_recipe(name: str | None) -> None:
 
 def _options(args: argparse.Namespace) -> dict:
     """The pipeline keywords given on the command line (the others stay the recipe's)."""
-    options = {"recipe": args.recipe or "interactive"}
+    options = {"recipe": args.recipe}  # None: the model's default (interactive; SDXL's on SDXL)
     names = ("iters", "lam", "t_max", "gamma", "threshold", "background_threshold")
     for name in names:
         value = getattr(args, name, None)
@@ -239,7 +240,7 @@ def _check_options(args: argparse.Namespace) -> dict:
     """The pipeline keywords, after the checks that need no model (before it loads)."""
     options = _options(args)
     _common.check_recipe_options(
-        options["recipe"], {k: v for k, v in options.items() if k != "recipe"}
+        options["recipe"] or "interactive", {k: v for k, v in options.items() if k != "recipe"}
     )
     return options
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..recipes import default_recipe_for
 from . import _common
 from ._common import CommandError, first_line
 
@@ -85,7 +86,8 @@ def add_parser(subparsers) -> None:
 
     add = parser.add_argument_group("iSeg settings (default: the recipe's)").add_argument
     add("--recipe", default=None, metavar="NAME",
-        help="a named configuration (see `iseg recipes`; default: paper)")
+        help="a named configuration (see `iseg recipes`; default: paper, <preset>-ovs with a --vocabulary "
+             "preset, sdxl on an SDXL model)")
     add("--iters", type=_common.iterations, default=None,
         help=f"refinement iterations N (paper: 10; at most {_common.MAX_ITERS})")
     add("--lam", type=_lam, default=None,
@@ -171,8 +173,6 @@ def run(args: argparse.Namespace) -> int:
         from .tag import check_tagger_model, resolve_tagger_vocabulary
 
         vocabulary = resolve_tagger_vocabulary(args.vocabulary)
-        if args.recipe is None and vocabulary.name:
-            args.recipe = f"{vocabulary.name}-ovs"  # the authors' open-vocabulary setting
         check_tagger_model(args.tagger_model)
     if args.recipe is not None:
         _check_recipe(args.recipe)
@@ -188,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
         "dtype": str(dtype).removeprefix("torch."),
         "classes": None if args.classes is None else list(args.classes),
         "vocabulary": None if vocabulary is None else list(vocabulary.vocabulary),
-        "recipe": args.recipe or "paper",
+        "recipe": args.recipe,  # None: the model's default (iseg.recipes.default_recipe_for)
         "iters": args.iters,
         "lam": args.lam,
         "gamma": args.gamma,
@@ -203,6 +203,8 @@ def run(args: argparse.Namespace) -> int:
     todo = runner.plan(paths, _common.label_outputs(args))
     if todo:
         pipe = _common.load_pipeline(args.model, device, dtype, quiet=args.quiet)
+        if args.recipe is None:  # SD: paper (<preset>-ovs with a tagger preset); SDXL: sdxl
+            args.recipe = default_recipe_for(pipe, vocabulary=vocabulary and vocabulary.name)
         args.batch_size = _common.batch_size(args, device)
         _check_loaded(pipe, args, options)
         if vocabulary is None:
