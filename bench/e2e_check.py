@@ -103,7 +103,9 @@ def compiled_pipeline(pipe: ISegPipeline, **options) -> ISegPipeline:
 
 def random_images(batch: int, size: int) -> list[Image.Image]:
     rng = np.random.default_rng(0)
-    return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(batch)]
+    return [
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(batch)
+    ]
 
 
 def _sync(cuda: bool) -> None:
@@ -134,7 +136,13 @@ def _timed_case(fn: Callable[[], object], batch: int, reps: int, warmups: int, c
         torch.cuda.reset_peak_memory_stats()
     ms = _median_ms(fn, reps, cuda)
     peak = torch.cuda.max_memory_allocated() / 1e9 if cuda else None
-    return {"batch": batch, "ms_per_image": ms / batch, "ms_per_call": ms, "peak_gb": peak, "warmup_s": warmup_s}
+    return {
+        "batch": batch,
+        "ms_per_image": ms / batch,
+        "ms_per_call": ms,
+        "peak_gb": peak,
+        "warmup_s": warmup_s,
+    }
 
 
 class _Check:
@@ -156,11 +164,15 @@ class _Check:
         left = self.deadline - time.perf_counter()
         if left >= 1.2 * self.last_compile_s:
             return True
-        self.results["errors"][name] = f"skipped: {left:.0f} s of the budget left, a compile takes ~{self.last_compile_s:.0f} s"
+        self.results["errors"][name] = (
+            f"skipped: {left:.0f} s of the budget left, a compile takes ~{self.last_compile_s:.0f} s"
+        )
         self.report(f"{name} (skipped: compile budget)", None, None, "ms/image")
         return False
 
-    def case(self, name: str, fn: Callable[[], object], batch: int, compiled: bool = False) -> dict | None:
+    def case(
+        self, name: str, fn: Callable[[], object], batch: int, compiled: bool = False
+    ) -> dict | None:
         """Time ``fn`` and report ``name`` in ms/image; an error is recorded, not raised."""
         try:
             result = _timed_case(fn, batch, self.reps, self.warmups, self.cuda)
@@ -186,7 +198,9 @@ def _e2e_call(runner, batch: int, size: int) -> Callable[[], object]:
     images = random_images(batch, size)
 
     def call():
-        return runner(images, CLASSES, generator=[torch.Generator().manual_seed(i) for i in range(batch)])
+        return runner(
+            images, CLASSES, generator=[torch.Generator().manual_seed(i) for i in range(batch)]
+        )
 
     return call
 
@@ -234,8 +248,17 @@ def _goals(check: _Check) -> None:
     def ms(name):
         return cases.get(name, {}).get("ms_per_image")
 
-    b1, authors, b8 = ms("e2e iseg-compiled batch 1"), ms("e2e authors batch 1"), ms("e2e iseg-compiled batch 8")
-    check.goal(f"goal: iseg-compiled batch 1 ≤ {GOAL_B1_MS:g} ms", b1, b1 is not None and b1 <= GOAL_B1_MS, "ms")
+    b1, authors, b8 = (
+        ms("e2e iseg-compiled batch 1"),
+        ms("e2e authors batch 1"),
+        ms("e2e iseg-compiled batch 8"),
+    )
+    check.goal(
+        f"goal: iseg-compiled batch 1 ≤ {GOAL_B1_MS:g} ms",
+        b1,
+        b1 is not None and b1 <= GOAL_B1_MS,
+        "ms",
+    )
     speedup = authors / b1 if (b1 and authors) else None
     check.goal(f"goal: iseg-compiled batch 1 ≥ {GOAL_B1_SPEEDUP:g}× authors", speedup,
                speedup is not None and speedup >= GOAL_B1_SPEEDUP, "×")  # fmt: skip
@@ -244,7 +267,9 @@ def _goals(check: _Check) -> None:
                "ms/image" if last == 8 else f"ms/image (smoke: batch {last})")  # fmt: skip
 
 
-def _vae_variant(pipe: ISegPipeline, channels_last: bool, slices: bool, options: dict | None) -> ISegPipeline:
+def _vae_variant(
+    pipe: ISegPipeline, channels_last: bool, slices: bool, options: dict | None
+) -> ISegPipeline:
     """A :func:`sibling` of ``pipe`` whose ``encode_images`` runs one VAE variant."""
     other = sibling(pipe)
     if options is not None:
@@ -283,7 +308,9 @@ def _vae(check: _Check, pipe: ISegPipeline, compiled: ISegPipeline) -> None:
 def _vae_memory(check: _Check, variant: ISegPipeline, pixels: torch.Tensor, result: dict) -> None:
     """The whole-batch encoder's measured peak per image against ``_vae_bytes_per_image``."""
     batch = pixels.shape[0]
-    estimate = pipeline_module._vae_bytes_per_image(variant.vae.config, variant.vae.dtype, tuple(pixels.shape[-2:]))
+    estimate = pipeline_module._vae_bytes_per_image(
+        variant.vae.config, variant.vae.dtype, tuple(pixels.shape[-2:])
+    )
     result["estimate_gb_per_image"] = estimate / 1e9
     if not check.cuda:
         return
@@ -295,10 +322,17 @@ def _vae_memory(check: _Check, variant: ISegPipeline, pixels: torch.Tensor, resu
     measured = (torch.cuda.max_memory_allocated() - base) / batch
     result["measured_gb_per_image"] = measured / 1e9
     # Not an issue goal: ≤ 1 says the estimate that decides the slices is on the safe side.
-    check.report("vae: measured peak per image / the slicing estimate (≤ 1 is safe)", measured / estimate, None, "")
+    check.report(
+        "vae: measured peak per image / the slicing estimate (≤ 1 is safe)",
+        measured / estimate,
+        None,
+        "",
+    )
 
 
-def run(out_dir, report: Report = print_report, smoke: bool | None = None, budget_s: float | None = None) -> dict:
+def run(
+    out_dir, report: Report = print_report, smoke: bool | None = None, budget_s: float | None = None
+) -> dict:
     """Run the end-to-end check (module docstring), report each number, write and return the
     results."""
     smoke = not torch.cuda.is_available() if smoke is None else smoke
@@ -330,7 +364,9 @@ def _environment(pipe: ISegPipeline, smoke: bool) -> dict:
     except ImportError:
         triton_version = None
     return {
-        "gpu": torch.cuda.get_device_name() if not smoke else f"cpu ({platform.processor() or 'unknown'})",
+        "gpu": torch.cuda.get_device_name()
+        if not smoke
+        else f"cpu ({platform.processor() or 'unknown'})",
         "model": "tiny (random weights, fp32)" if smoke else "sd21-base (random weights, fp16)",
         "resolution": pipe.default_resolution,
         "classes": len(CLASSES),
@@ -345,7 +381,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--smoke", action="store_true", help="the tiny model on CPU")
-    parser.add_argument("--budget-s", type=float, default=None, help=f"compile budget (default {GPU_BUDGET_S:g} on a GPU)")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help=f"compile budget (default {GPU_BUDGET_S:g} on a GPU)",
+    )
     args = parser.parse_args(argv)
     run(args.out, smoke=args.smoke or None, budget_s=args.budget_s)
     return 0

@@ -376,12 +376,11 @@ class ISegPipeline(DiffusionPipeline):
         :meth:`compile`, in the VAE's memory format).
 
         ``vae_batch_size`` images per encoder call: ``None`` (default) encodes the whole batch
-        at once where the device's free memory holds it (CUDA) and
-        falls back to slices of 4 elsewhere; an int fixes the slice size."""
-        pixels = self._upload(pixels)
-        if _is_channels_last(self.vae):
+        at once where the device's free memory holds it (CUDA), else in slices (of 4 off
+        CUDA); an int fixes the slice size."""
+        vae, pixels = self.vae, self._upload(pixels)
+        if _is_channels_last(vae):
             pixels = pixels.contiguous(memory_format=torch.channels_last)
-        vae = self.vae
         size = self.vae_batch_size or _vae_slice_size(vae.config, vae.dtype, pixels.shape, pixels.device)
         parts = [self._encode_step(vae, part) for part in pixels.split(size)]
         if len(parts) == 1 and self._encode_step is _encode_step:
@@ -820,9 +819,9 @@ def _vae_bytes_per_image(config, dtype: torch.dtype, size: tuple[int, int]) -> i
 
 
 def _vae_slice_size(config, dtype: torch.dtype, shape: torch.Size, device: torch.device) -> int:
-    """Images per encoder call for pixels of ``shape`` ``[B, 3, H, W]`` on ``device``: on CUDA the whole batch where
-    90 % of the free memory (the driver's free memory plus the allocator's cached blocks) holds
-    the estimated peak, else as many as it holds (at least 1); elsewhere 4."""
+    """Images per encoder call for pixels of ``shape`` ``[B, 3, H, W]`` on ``device``: on CUDA
+    the whole batch where 90 % of the free memory (the driver's free memory plus the allocator's
+    cached blocks) holds the estimated peak, else as many as it holds (at least 1); elsewhere 4."""
     if device.type != "cuda":
         return _VAE_FALLBACK_SLICE
     free, _ = torch.cuda.mem_get_info(device)

@@ -31,13 +31,31 @@ def test_smoke_run_measures_every_case_and_writes_what_it_reports(e2e_check, tmp
     assert results["errors"] == {}
     pipelines = ("authors", "iseg", "iseg-compiled")
     expected = {f"e2e {p} batch {b}" for p in pipelines for b in (1, 2)}
-    expected |= {f"vae eager {layout} {how} batch 2" for layout in ("nchw", "channels_last") for how in ("slices of 4", "whole batch")}
-    expected |= {"vae compiled channels_last whole batch batch 1", "vae compiled channels_last whole batch batch 2"}
-    expected |= {"vae compiled nchw whole batch batch 2", "vae compiled channels_last slices of 4 batch 2"}
+    expected |= {
+        f"vae eager {layout} {how} batch 2"
+        for layout in ("nchw", "channels_last")
+        for how in ("slices of 4", "whole batch")
+    }
+    expected |= {
+        "vae compiled channels_last whole batch batch 1",
+        "vae compiled channels_last whole batch batch 2",
+    }
+    expected |= {
+        "vae compiled nchw whole batch batch 2",
+        "vae compiled channels_last slices of 4 batch 2",
+    }
     assert set(results["cases"]) == expected
     for name, case in results["cases"].items():
-        assert case["ms_per_image"] > 0 and math.isclose(case["ms_per_call"], case["ms_per_image"] * case["batch"]), name
-    assert set(results["cases"]["e2e iseg batch 1"]["stages_ms_per_image"]) == {"text", "vae", "unet", "ops", "post"}
+        assert case["ms_per_image"] > 0 and math.isclose(
+            case["ms_per_call"], case["ms_per_image"] * case["batch"]
+        ), name
+    assert set(results["cases"]["e2e iseg batch 1"]["stages_ms_per_image"]) == {
+        "text",
+        "vae",
+        "unet",
+        "ops",
+        "post",
+    }
     # The eager backend changes nothing: the compiled pipeline gives iseg's outputs exactly.
     assert results["agreement"] == {"heatmap_max_abs_diff": 0.0, "label_agreement": 1.0}
     assert len(results["goals"]) == 3 and all(g["met"] is None for g in results["goals"].values())
@@ -48,16 +66,24 @@ def test_smoke_run_measures_every_case_and_writes_what_it_reports(e2e_check, tmp
         assert by_name[name] == (goal["value"], None, goal["unit"])
     speedup = results["goals"]["goal: iseg-compiled batch 1 ≥ 3× authors"]["value"]
     cases = results["cases"]
-    assert speedup == cases["e2e authors batch 1"]["ms_per_image"] / cases["e2e iseg-compiled batch 1"]["ms_per_image"]
+    assert (
+        speedup
+        == cases["e2e authors batch 1"]["ms_per_image"]
+        / cases["e2e iseg-compiled batch 1"]["ms_per_image"]
+    )
 
 
 def test_a_compiled_case_that_would_overrun_the_budget_is_skipped_and_reported(e2e_check, tmp_path):
     reported = []
     guess = e2e_check.FIRST_COMPILE_GUESS_S
-    check = e2e_check._Check(tmp_path, lambda *args: reported.append(args), smoke=False, budget_s=1.1 * guess)
+    check = e2e_check._Check(
+        tmp_path, lambda *args: reported.append(args), smoke=False, budget_s=1.1 * guess
+    )
     # Before any compile is timed, the guess decides: 1.1 × guess left < 1.2 × guess.
     assert not check.within_budget("e2e iseg-compiled batch 1")
-    assert reported == [("e2e iseg-compiled batch 1 (skipped: compile budget)", None, None, "ms/image")]
+    assert reported == [
+        ("e2e iseg-compiled batch 1 (skipped: compile budget)", None, None, "ms/image")
+    ]
     assert "skipped" in check.results["errors"]["e2e iseg-compiled batch 1"]
     check.last_compile_s = 0.5 * guess  # a compile timed at half the guess fits
     assert check.within_budget("e2e iseg-compiled batch 8")
