@@ -10,6 +10,7 @@ unsupervised task from DiffSeg's segments (:mod:`iseg.diffseg`). METHOD §1 (cap
 
 from __future__ import annotations
 
+import functools
 import numbers
 import os
 import warnings
@@ -221,7 +222,9 @@ class ISegPipeline(DiffusionPipeline):
         self._prompts: dict[tuple, ClassPrompt] = {}
         self._text_cache: dict[tuple, tuple] = {}  # encode_classes' and encode_prompt's results
         self._capture_step = _capture_step
-        self.vae_batch_size = 4  # images per VAE encoder call (see encode_images)
+        self._encode_step = _encode_step
+        self._refine_op = None  # iseg_ops.refine, looked up at each call; compiled by compile()
+        self.vae_batch_size: int | None = None  # images per VAE encoder call (see encode_images)
         self.tagger = None  # a CLIPTagger for vocabulary=... (load_tagger); not a saved component
         self.stage_timer = StageTimer()  # per-stage seconds for benchmarks; off by default
 
@@ -513,20 +516,21 @@ class ISegPipeline(DiffusionPipeline):
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pixels from :func:`iseg.images.to_tensor_batch` ``[B, 3, R, R]`` → VAE latents
-        (``latent_dist.mean``, scaled; no sampling), ``vae_batch_size`` images per encoder call
-        (default 4, so a batch of 8 does not double the VAE's peak memory). Uploaded from pinned memory without
-        blocking the host, then mapped to [-1, 1] on the device."""
-        vae = self._vae_for_encoding()
-        pixels = self._upload(pixels)
-        # In slices: the encoder's activations (not the UNet's) dominate a large batch's memory.
-        # On an H200, slices of 1 halved batch 8's peak (7.5 → 3.6 GB) but doubled the VAE's
-        # time per image (7.4 → 13.8 ms): slices of 4 keep most of both.
-        latents = torch.cat([
-            vae.encode(masks.to_model_range(part, vae.dtype)).latent_dist.mean
-            for part in pixels.split(self.vae_batch_size)
-        ])  # fmt: skip
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        return (latents - shift) * vae.config.scaling_factor
+        (``latent_dist.mean``, scaled; no sampling). Uploaded from pinned memory without
+        blocking the host, then mapped to [-1, 1] on the device (in the compiled encoder after
+        :meth:`compile`, in the VAE's memory format).
+
+        ``vae_batch_size`` images per encoder call: ``None`` (default) encodes the whole batch
+        at once where the device's free memory holds it (CUDA), else in slices (of 4 off
+        CUDA); an int fixes the slice size."""
+        vae, pixels = self._vae_for_encoding(), self._upload(pixels)
+        if _is_channels_last(vae):
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
+        size = self.vae_batch_size or _vae_slice_size(vae.config, vae.dtype, pixels.shape, pixels.device)
+        parts = [self._encode_step(vae, part) for part in pixels.split(size)]
+        if len(parts) == 1 and self._encode_step is _encode_step:
+            return parts[0]
+        return torch.cat(parts)  # a copy: compiled with CUDA graphs, a graph owns its outputs
 
     def _vae_for_encoding(self):
         """The VAE, moved to fp32 once when :func:`vae_encode_dtype` says its fp16 encoder
@@ -899,8 +903,10 @@ class ISegPipeline(DiffusionPipeline):
         """``iseg_ops.refine`` with the recipe's λ, T clamp and iterations (no host sync: the
         outputs are checked once at the end)."""
         kwargs = {} if recipe.t_max is None else {"t_max": recipe.t_max}
+        op = self._refine_op or iseg_ops.refine
         with self.stage_timer("ops", self._execution_device), value_checks(False):
-            return iseg_ops.refine(self_attention, initial, iters=recipe.iters, lam=recipe.lam, **kwargs)
+            refined = op(self_attention, initial, iters=recipe.iters, lam=recipe.lam, **kwargs)
+        return refined if self._refine_op is None else refined.clone()  # a CUDA graph's output
 
     @staticmethod
     def _masks(refined, grid, sizes, num_classes, recipe: Recipe, output_heatmaps: bool, heatmap_size=None):
@@ -926,14 +932,84 @@ class ISegPipeline(DiffusionPipeline):
         ]
         return heat, [masks.labels(h[None], tau)[0] for h in heat]
 
-    def compile(self, **kwargs) -> ISegPipeline:
-        """Compile the capture step (the truncated UNet forward and the capture processors)
-        with ``torch.compile(..., fullgraph=True, **kwargs)``; every later call uses it (text,
-        regions, given masks alike). A graph break is an error, not a silent fallback. On
-        CUDA, ``mode="reduce-overhead"`` (CUDA graphs) suits fixed batch shapes. Returns the
-        pipeline."""
-        self._capture_step = torch.compile(_capture_step, fullgraph=True, **kwargs)
+    def compile(self, mode: str | None = None, **kwargs) -> ISegPipeline:
+        """Compile the pipeline's device steps with ``torch.compile(..., mode=mode, **kwargs)``;
+        every later call uses them (text, regions, given masks alike):
+
+        * the capture step (the truncated UNet forward and the capture processors) and the VAE
+          encoder, each with ``fullgraph=True``: a graph break is an error, not a silent
+          fallback. The VAE's weights (shared with any pipeline that shares the VAE) and its
+          inputs move to ``channels_last``;
+        * :func:`iseg_ops.refine` (the Triton launcher may break the graph).
+
+        cuDNN's autotuner (``torch.backends.cudnn.benchmark``) is on while a compiled step
+        runs and restored after it. On CUDA, ``mode="reduce-overhead"`` replays each step in a
+        CUDA graph (the refine iterations included), which suits fixed batch shapes. Returns
+        the pipeline."""
+        options = dict(kwargs, mode=mode)
+        self.vae.to(memory_format=torch.channels_last)
+        self._encode_step = _cudnn_benchmark(torch.compile(_encode_step, fullgraph=True, **options))
+        self._capture_step = _cudnn_benchmark(torch.compile(_capture_step, fullgraph=True, **options))
+        self._refine_op = torch.compile(iseg_ops.refine, **options)
         return self
+
+
+def _encode_step(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """Pixels (uint8, or float in [0, 1]) → the VAE's scaled latent means. No host
+    synchronisation."""
+    latents = vae.encode(masks.to_model_range(pixels, vae.dtype)).latent_dist.mean
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (latents - shift) * vae.config.scaling_factor
+
+
+def _is_channels_last(vae) -> bool:
+    weight = vae.encoder.conv_in.weight
+    return weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+
+
+# The VAE encoder's peak memory per image, as a multiple of its largest activation (a block's
+# output at its resolution): a resnet block holds its input, the normalised and activated
+# copies, the convolution's output and the residual sum at once; 8 leaves room (an H200 measured
+# ~3 at batch 8). Plus the mid-block attention's scores and probabilities in fp32.
+_VAE_ACTIVATIONS_PER_IMAGE = 8
+_VAE_FALLBACK_SLICE = 4  # images per encoder call where free memory is not known (not CUDA)
+
+
+def _vae_bytes_per_image(config, dtype: torch.dtype, size: tuple[int, int]) -> int:
+    """Estimated peak bytes of one image's encoder activations at ``size`` (H, W)."""
+    h, w = size
+    channels = config.block_out_channels
+    largest = max(c * (h >> i) * (w >> i) for i, c in enumerate(channels))
+    deepest = len(channels) - 1
+    tokens = (h >> deepest) * (w >> deepest)
+    itemsize = torch.finfo(dtype).bits // 8
+    return _VAE_ACTIVATIONS_PER_IMAGE * largest * itemsize + 2 * 4 * tokens**2
+
+
+def _vae_slice_size(config, dtype: torch.dtype, shape: torch.Size, device: torch.device) -> int:
+    """Images per encoder call for pixels of ``shape`` ``[B, 3, H, W]`` on ``device``: on CUDA
+    the whole batch where 90 % of the free memory (the driver's free memory plus the allocator's
+    cached blocks) holds the estimated peak, else as many as it holds (at least 1); elsewhere 4."""
+    if device.type != "cuda":
+        return _VAE_FALLBACK_SLICE
+    free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    per_image = _vae_bytes_per_image(config, dtype, tuple(shape[-2:]))
+    return max(1, min(shape[0], int(0.9 * free) // per_image))
+
+
+def _cudnn_benchmark(step):
+    """``step`` run with ``torch.backends.cudnn.benchmark`` on (the previous value restored)."""
+
+    @functools.wraps(step)
+    def run(*args):
+        previous, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, True
+        try:
+            return step(*args)
+        finally:
+            torch.backends.cudnn.benchmark = previous
+
+    return run
 
 
 def _capture_step(unet, plan: CapturePlan, store, noisy, t, embeds, added=None):
