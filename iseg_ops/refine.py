@@ -135,26 +135,28 @@ def _refine_gemv_kernel(
     cols = tl.arange(0, BLOCK_N)
     if PROLOGUE:
         scale, shift = _affine(x_stats_ptr + pid_b * 2 * KP, ks, flat, KP)
-    t_ptrs = t_ptr + pid_b * stride_tb + rows[:, None].to(tl.int64) * stride_tq
-    t_ptrs += cols[None, :] * stride_tk
-    x_ptrs = x_ptr + pid_b * HW * KP + cols[:, None] * KP + ks[None, :]
+    # Scalar bases that advance and loop-invariant int32 offsets: the addresses of a tile then
+    # cost no per-element arithmetic in the loop.
+    t_base = t_ptr + pid_b * stride_tb + (pid_m * BLOCK_M).to(tl.int64) * stride_tq
+    t_offs = tl.arange(0, BLOCK_M)[:, None] * stride_tq + cols[None, :] * stride_tk
+    x_base = x_ptr + pid_b * HW * KP
+    x_offs = cols[:, None] * KP + ks[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
     for n in range(0, HW, BLOCK_N):
         if EVEN:
-            t = tl.load(t_ptrs)
-            x = tl.load(x_ptrs)
+            t = tl.load(t_base + n * stride_tk + t_offs)
+            x = tl.load(x_base + n * KP + x_offs)
         else:
             col_ok = (cols + n) < HW
-            t = tl.load(t_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-            x = tl.load(x_ptrs, mask=col_ok[:, None], other=0.0)
+            t = tl.load(t_base + n * stride_tk + t_offs, mask=row_ok[:, None] & col_ok[None, :],
+                        other=0.0)
+            x = tl.load(x_base + n * KP + x_offs, mask=col_ok[:, None], other=0.0)
         if PROLOGUE:  # rows of X past HW meet zero columns of T: no mask needed
             x = x * scale[None, :] + shift[None, :]
         if DOT_FP32:
-            acc = tl.dot(t.to(tl.float32), x.to(tl.float32), acc, input_precision="ieee")
+            acc = tl.dot(t.to(tl.float32), x.to(tl.float32), acc, input_precision="tf32x3")
         else:
             acc = tl.dot(t.to(tl.float16), x.to(tl.float16), acc)
-        t_ptrs += BLOCK_N * stride_tk
-        x_ptrs += BLOCK_N * KP
 
     if HAS_W:
         acc *= tl.load(w_ptr + pid_b * HW + rows, mask=row_ok, other=0.0)[:, None]
@@ -221,35 +223,66 @@ GEMV_CONFIGS = (
     (32, 256, 4, 4), (32, 128, 4, 4), (32, 256, 8, 3), (64, 128, 4, 4), (64, 256, 8, 3),
     (16, 256, 4, 4),
 )  # fmt: skip
-DEFAULT_SHARED = 101376  # sm_86 (RTX 3090): the smallest per-block limit of the GPUs we target
+# fp32 operands (3×TF32 products, for fp32's accuracy): smaller tiles keep registers ≤ 128.
+GEMV_CONFIGS_FP32 = ((64, 32, 4, 3), (64, 32, 4, 4), (64, 64, 4, 3), (32, 64, 4, 3))
+SM86_SHARED, SM90_SHARED = 101376, 232448  # shared memory per block (opt-in maximum)
 
 
-def _gemv_shared(config, block_k: int, t_bytes: int, x_bytes: int) -> int:
-    """Estimated shared memory of a product configuration: its pipeline stages of the T and X
-    tiles, plus one fp16 copy of the X tile (a normalised operand is staged for the MMA)."""
+def _gemv_shared(config, block_k: int, t_bytes: int, x_bytes: int, hopper: bool) -> int:
+    """Shared memory of a product configuration as Triton 3.6–3.9 allocate it (checked against
+    compiled sm_86/sm_90 cubins): ``stages - 1`` buffers of the T and X tiles; with a normalised
+    (prologue) operand one fp16 X tile staged for the MMA; on sm_90 (warpgroup MMA reads its
+    operands from shared memory) one more T tile and the staged X tile."""
     block_m, block_n, _, stages = config
-    return stages * block_n * (block_m * t_bytes + block_k * x_bytes) + block_n * block_k * 2
+    prologue = x_bytes == 4
+    shared = (stages - 1) * block_n * (block_m * t_bytes + block_k * x_bytes)
+    if prologue or hopper:
+        shared += block_n * block_k * 2
+    if hopper:
+        shared += block_m * block_n * t_bytes
+    return shared
 
 
-def _gemv_default(batch: int, hw: int, block_k: int, t_bytes: int, x_bytes: int, limit: int):
-    """Rows per program: 64 when that still gives ≥ 2 programs per SM of a 132-SM GPU, else 32;
-    then the largest reduction tile and stage count (3, else 2) that fit ``limit``."""
-    block_m = 64 if batch * triton.cdiv(hw, 64) >= 264 else 32
-    for block_n in (256, 128, 64, 32):
-        for stages in (3, 2):
+def _fits(config, block_k: int, t_bytes: int, x_bytes: int, device: torch.device) -> bool:
+    """Whether ``config`` fits the shared memory of ``device``'s GPU, or, for tensors that are
+    not on a GPU (the interpreter, meta tensors), of every target: sm_86 (101,376 B per block)
+    and sm_90 (232,448 B)."""
+    if device.type == "cuda":
+        hopper = torch.cuda.get_device_capability(device)[0] >= 9
+        limit = shared_memory_limit(device)
+        return _gemv_shared(config, block_k, t_bytes, x_bytes, hopper) <= limit
+    return (_gemv_shared(config, block_k, t_bytes, x_bytes, False) <= SM86_SHARED
+            and _gemv_shared(config, block_k, t_bytes, x_bytes, True) <= SM90_SHARED)
+
+
+def _gemv_default(batch: int, hw: int, dot_fp32: bool, fits) -> tuple[int, int, int, int]:
+    """The untimed configuration (interpreter, graph capture before any timing, the compile
+    checks): 64 rows × 128 columns of T per step with 4 warps (16 B loads, warpgroup MMA on
+    sm_90, KP/64 of an X element normalised per T element; 32 columns for fp32 operands), 32
+    rows when 64 would leave under 64 programs, and the most stages (4, 3, 2) that
+    ``fits(config)``."""
+    block_m = 64 if batch * triton.cdiv(hw, 64) >= 64 else 32
+    for block_n in (32,) if dot_fp32 else (128, 64, 32):
+        for stages in (3, 2) if dot_fp32 else (4, 3, 2):
             config = (block_m, block_n, 4, stages)
-            if _gemv_shared(config, block_k, t_bytes, x_bytes) <= limit - 4096:
+            if fits(config):
                 return config
     return (block_m, 32, 4, 1)
+
+
+def _gemv_block_k(kp: int, dot_fp32: bool) -> int:
+    """Columns of Z per program: ≤ 32 (≤ 16 for fp32 operands). At KP = 64 two programs share
+    each row block of T (adjacent in launch order, so the second read comes from L2), which
+    halves the MMA work and registers per element of T and doubles the programs at batch 1."""
+    return min(kp, 16 if dot_fp32 else 32)
 
 
 def _gemv(t, w, x, x_stats, z, z_stats, kp: int, prologue: bool) -> None:
     """One iteration: ``z = w ⊙ (t · normalise(x))`` and its column stats into ``z_stats``."""
     batch, hw, _ = t.shape
-    block_k = min(kp, 64)
     dot_fp32 = t.dtype == torch.float32
+    block_k = _gemv_block_k(kp, dot_fp32)
     x_bytes = x.element_size()
-    limit = shared_memory_limit(t.device) if t.is_cuda else DEFAULT_SHARED
     args = (t, w if w is not None else z, x, x_stats, z, z_stats, hw, reference.FLAT, *t.stride())
 
     def launch(config, args=args):
@@ -263,11 +296,13 @@ def _gemv(t, w, x, x_stats, z, z_stats, kp: int, prologue: bool) -> None:
     def scratch_launch(config):  # timing writes only copies of the outputs
         launch(config, args[:4] + (torch.empty_like(z), z_stats.clone()) + args[6:])
 
-    fits = [c for c in GEMV_CONFIGS
-            if _gemv_shared(c, block_k, t.element_size(), x_bytes) <= limit]  # fmt: skip
-    default = _gemv_default(batch, hw, block_k, t.element_size(), x_bytes, limit)
+    def fits(config):
+        return _fits(config, block_k, t.element_size(), x_bytes, t.device)
+
+    default = _gemv_default(batch, hw, dot_fp32, fits)
     key = ("refine", hw, kp, batch > 1, prologue, t.dtype)
-    launch(pick_config(key, fits, default, scratch_launch, autotune_enabled(t)))
+    configs = [c for c in (GEMV_CONFIGS_FP32 if dot_fp32 else GEMV_CONFIGS) if fits(c)]
+    launch(pick_config(key, configs, default, scratch_launch, autotune_enabled(t)))
 
 
 def _block_r(kp: int) -> int:
@@ -292,9 +327,9 @@ def _refine_chunk(s, c, out, iters: int, lam: float | None, t_max: float | None)
     # stats[i] holds the per-column (min, max) of iteration i's input; stats[0] is C₀'s.
     stats = torch.empty(iters + 1, batch, 2, kp, device=device, dtype=torch.float32)
     z = [torch.empty(batch, hw, kp, device=device, dtype=torch.float32) for _ in range(2)]
-    block_k = min(kp, 64)
+    block_k = min(kp, 32)
     _refine_init_kernel[(triton.cdiv(kp, block_k), batch)](
-        c, z[0], stats, hw, k, batch, iters, *c.stride(), KP=kp, BLOCK_R=_block_r(block_k),
+        c, z[0], stats, hw, k, batch, iters, *c.stride(), KP=kp, BLOCK_R=1024 // block_k,
         BLOCK_K=block_k, num_warps=4,
     )  # fmt: skip
     prologue = kp <= 16
