@@ -10,12 +10,13 @@ The numerators are stored divided by ``1 + lam`` (``T0 / (1 + lam) + lam / (1 + 
 division folds into the constants, so it costs nothing): they then lie in [0, 1] for any
 ``lam`` and cannot overflow fp16, and the row weights absorb the scale exactly.
 
-Log accuracy: compiled kernels take ``ln T`` as ``ln 2 · lg2.approx(T)`` (MUFU.LG2, absolute
-error ≤ 2^-22.6 ≈ 1.6e-7 in log2, so ≤ 1.1e-7 in ln T, i.e. ≤ lam · 1.1e-7 in a numerator that
-is ≥ … and ≤ 1 + lam). Emulated on CPU with that error at its worst sign
-(``tests/ops/test_ent_self.py::test_fast_log_error_bound``): the change of P against the
-float64 oracle is below 2e-7 relative at lam ≤ 5, far below fp16's rounding (4.9e-4) and
-within fp32's tolerance (1e-4). The interpreter uses the precise log.
+Log accuracy: compiled kernels take ``ln T`` as ``ln 2 · lg2.approx(T)`` (one MUFU.LG2; the PTX
+ISA bounds its absolute error by 2^-22.6 in log2, i.e. 1.1e-7 in ln T), so a numerator moves by
+at most ``lam · 1.1e-7``. Emulated in float64 with that error at its worst signs
+(``tests/ops/test_ent_self.py::test_fast_log_error_bound``): P moves by ≤ 5.5e-8 of its row
+maximum at the recipes' lam (≤ 0.0869) and ≤ 6.3e-7 at lam = 5, and refine's [0, 1] output by
+≤ 2.5e-7, against fp16's rounding of 4.9e-4 and the fp32 tolerance of 1e-5. The interpreter
+(and ROCm) use the precise log.
 """
 
 from __future__ import annotations
