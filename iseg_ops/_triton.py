@@ -55,6 +55,22 @@ else:
         return tl.log2(x)
 
 
+if INTERPRETED:
+
+    def loop_bound(n):
+        """``n`` as a Python int for ``range()`` in an interpreted kernel. Triton 3.6's
+        interpreter passes scalar arguments as 1-element arrays and converts them with
+        ``int(array)``, which NumPy ≥ 2.4 rejects (Triton 3.7 squeezes first)."""
+        return int(n.handle.data.reshape(-1)[0]) if hasattr(n, "handle") else n
+
+else:
+
+    @triton.jit
+    def loop_bound(n):
+        """``n`` unchanged (see the interpreter's version)."""
+        return n
+
+
 # --------------------------------------------------------------------------------------------
 # Autotuning (GPU only)
 
@@ -107,4 +123,7 @@ def pick_config(
     return best
 
 
-__all__ = ["FAST_LOG", "INTERPRETED", "autotune_enabled", "log2", "pick_config", "triton", "tl"]
+__all__ = [
+    "FAST_LOG", "INTERPRETED", "autotune_enabled", "log2", "loop_bound", "pick_config", "triton",
+    "tl",
+]  # fmt: skip

@@ -27,7 +27,7 @@ import torch
 
 from . import reference
 from ._dispatch import check_t_max, use_triton, validate_ent_self
-from ._triton import autotune_enabled, log2, pick_config, tl, triton
+from ._triton import autotune_enabled, log2, loop_bound, pick_config, tl, triton
 
 LAUNCHED_KERNELS = ("_col_max_kernel", "_ent_self_kernel")  # what the launchers here launch
 
@@ -56,7 +56,7 @@ def _col_max_kernel(
     rows = tl.arange(0, BLOCK_M)
     ptrs = s_ptr + pid_b * stride_sb + rows[:, None] * stride_sq + cols[None, :] * stride_sk
     best = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # 0: "no positive entry"
-    for m in range(0, HW, BLOCK_M):
+    for m in range(0, loop_bound(HW), BLOCK_M):
         mask = ((rows[:, None] + m) < HW) & col_ok[None, :]
         best = tl.maximum(best, tl.load(ptrs, mask=mask, other=0.0).to(tl.float32))
         ptrs += BLOCK_M * stride_sq
@@ -140,7 +140,7 @@ def _ent_self_kernel(
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc0 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for n in range(0, HW, BLOCK_N):
+    for n in range(0, loop_bound(HW), BLOCK_N):
         col_ok = (cols + n) < HW
         mask = row_ok[:, None] & col_ok[None, :]
         t, t0 = _numerators(s_start + (cols[None, :] + n) * stride_sk, inv_ptr + col_start + n,
@@ -160,7 +160,7 @@ def _ent_self_kernel(
         row_sum0 = tl.sum(acc0, axis=1)
         use0 = (row_sum <= 0) & (row_sum0 > 0)
         w0 = tl.where(use0, 1.0 / tl.where(use0, row_sum0, 1.0), 0.0)
-        for n in range(0, HW, BLOCK_N):
+        for n in range(0, loop_bound(HW), BLOCK_N):
             col_ok = (cols + n) < HW
             mask = row_ok[:, None] & col_ok[None, :]
             t, t0 = _numerators(s_start + (cols[None, :] + n) * stride_sk, inv_ptr + col_start + n,
@@ -173,7 +173,7 @@ def _ent_self_kernel(
         empty = (row_sum <= 0) & row_ok
         if tl.max(empty.to(tl.int32), axis=0) > 0:  # some row lost every entry to the clamp
             acc0 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for n in range(0, HW, BLOCK_N):
+            for n in range(0, loop_bound(HW), BLOCK_N):
                 col_ok = (cols + n) < HW
                 mask = empty[:, None] & col_ok[None, :]
                 _, t0 = _numerators(s_start + (cols[None, :] + n) * stride_sk,

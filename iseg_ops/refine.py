@@ -29,7 +29,7 @@ import torch
 
 from . import reference
 from ._dispatch import check_t_max, use_triton, validate_refine
-from ._triton import autotune_enabled, pick_config, shared_memory_limit, tl, triton
+from ._triton import autotune_enabled, loop_bound, pick_config, shared_memory_limit, tl, triton
 from .ent_self import transform
 
 LAUNCHED_KERNELS = (
@@ -83,7 +83,7 @@ def _refine_init_kernel(
     z_ptrs = z_ptr + pid_b * HW * KP + rows[:, None] * KP + ks[None, :]
     lo = tl.full([BLOCK_R, BLOCK_K], float("inf"), tl.float32)
     hi = tl.full([BLOCK_R, BLOCK_K], float("-inf"), tl.float32)
-    for r in range(0, HW, BLOCK_R):
+    for r in range(0, loop_bound(HW), BLOCK_R):
         row_ok = (rows + r) < HW
         ok = row_ok[:, None] & k_ok[None, :]
         c = tl.load(c_ptrs, mask=ok, other=0.0).to(tl.float32)
@@ -95,7 +95,7 @@ def _refine_init_kernel(
     stats = stats_ptr + pid_b * 2 * KP + ks
     tl.store(stats, tl.where(k_ok, tl.min(lo, axis=0), 0.0))
     tl.store(stats + KP, tl.where(k_ok, tl.max(hi, axis=0), 0.0))
-    for i in range(1, ITERS + 1):
+    for i in range(1, loop_bound(ITERS) + 1):
         tl.store(stats + i * NB * 2 * KP, tl.full([BLOCK_K], float("inf"), tl.float32))
         tl.store(stats + i * NB * 2 * KP + KP, tl.full([BLOCK_K], float("-inf"), tl.float32))
 
@@ -142,7 +142,7 @@ def _refine_gemv_kernel(
     x_base = x_ptr + pid_b * HW * KP
     x_offs = cols[:, None] * KP + ks[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
-    for n in range(0, HW, BLOCK_N):
+    for n in range(0, loop_bound(HW), BLOCK_N):
         if EVEN:
             t = tl.load(t_base + n * stride_tk + t_offs)
             x = tl.load(x_base + n * KP + x_offs)
