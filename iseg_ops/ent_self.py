@@ -257,6 +257,17 @@ def _ent_self_triton(attn: torch.Tensor, lam: float, t_max: float | None = None)
     return out.reshape(attn.shape)
 
 
+@torch.library.custom_op("iseg_ops::ent_self_triton", mutates_args=())
+def _ent_self_op(attn: torch.Tensor, lam: float, t_max: float | None) -> torch.Tensor:
+    """The Triton launcher as a custom op (one opaque call for ``torch.compile``)."""
+    return _ent_self_triton(attn, lam, t_max)
+
+
+@_ent_self_op.register_fake
+def _(attn, lam, t_max):
+    return torch.empty_like(attn, memory_format=torch.contiguous_format)
+
+
 def ent_self(attn: torch.Tensor, lam: float = 0.01, t_max: float | None = None) -> torch.Tensor:
     """Entropy-reduced self-attention (Ent-Self, iSeg Eq. 5–7; METHOD §2).
 
@@ -283,4 +294,4 @@ def ent_self(attn: torch.Tensor, lam: float = 0.01, t_max: float | None = None) 
     t_max = None if t_max is None else float(t_max)
     if not use_triton("ent_self", attn):
         return reference.ent_self(attn, float(lam), t_max)
-    return _ent_self_triton(attn, float(lam), t_max)
+    return _ent_self_op(attn, float(lam), t_max)

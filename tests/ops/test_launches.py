@@ -188,3 +188,26 @@ def test_autotuning_is_off_for_cpu_and_meta_tensors(monkeypatch):
         monkeypatch.delenv("ISEG_OPS_AUTOTUNE")
         monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
         assert not tuning.autotune_enabled(cuda), "no timing inside CUDA-graph capture"
+
+
+@pytest.mark.parametrize("op", ["refine", "ent_self"])
+def test_ops_trace_whole_under_torch_compile(triton_backend, op):
+    """The launchers are custom ops: ``torch.compile(fullgraph=True)`` traces a caller without a
+    graph break (value checks off, as in the pipeline) and the fake implementation gives the
+    real output's shape, dtype and strides (aot_eager runs it)."""
+    import iseg_ops
+    from iseg_ops._dispatch import value_checks
+
+    attn = softmax_attn((2, 40, 40), seed=12, device=triton_backend.device).mT  # any strides
+    cross = rand_cross((2, 40, 3), device=triton_backend.device)
+
+    def call(attn, cross):
+        if op == "refine":
+            return iseg_ops.refine(attn, cross, iters=2, lam=0.01) * 2
+        return iseg_ops.ent_self(attn, 0.01, t_max=1.0) * 2
+
+    with value_checks(False):
+        expected = call(attn, cross)
+        compiled = torch.compile(call, fullgraph=True, backend="aot_eager")(attn, cross)
+    assert compiled.shape == expected.shape and compiled.stride() == expected.stride()
+    assert torch.equal(compiled, expected)
