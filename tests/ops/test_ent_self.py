@@ -44,8 +44,10 @@ CASES = {
     "strided-slice": lambda dt, dev: strided_attn(1, 72, seed=5, dtype=dt, device=dev),
     # .mT of a contiguous tensor whose columns sum to 1.
     "mT": lambda dt, dev: mT_attn((2, 48, 48), seed=6, dtype=dt, device=dev),
-    # 24×24: HW > 512 rows per column-max program, so two programs fold each column's maximum
-    # with atomic_max (larger than the other interpreter cases for that reason: ~1 s each).
+    # 16×16: HW a multiple of every tile (EVEN: the unmasked loads and stores).
+    "1x256x256": lambda dt, dev: softmax_attn((1, 256, 256), seed=8, dtype=dt, device=dev),
+    # 24×24: the column pass walks 4½ blocks of 128 rows, the transform 4½ tiles of 128 columns
+    # (larger than the other interpreter cases for that reason: ~1 s each).
     "1x576x576": lambda dt, dev: softmax_attn((1, 576, 576), seed=7, dtype=dt, device=dev),
 }
 

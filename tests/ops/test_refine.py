@@ -83,11 +83,17 @@ CASES = {
         lambda dt, dev: rand_cross((2, 48, 3), dtype=dt, device=dev),
         2, None,
     ),
-    # 24×24: HW > 512, so the column maxima come from two programs (atomic_max); N = 1.
+    # 24×24: several row blocks in the column pass and column tiles in the product; N = 1.
     "1x576x576-K2": (
         lambda dt, dev: softmax_attn((1, 576, 576), seed=9, dtype=dt, device=dev),
         lambda dt, dev: rand_cross((1, 576, 2), dtype=dt, device=dev),
         1, 0.01,
+    ),
+    # 16×16: HW a multiple of every tile (EVEN: the unmasked loads and stores), K = 8.
+    "1x256x256-K8": (
+        lambda dt, dev: local_attn(1, 16, dtype=dt, device=dev),
+        lambda dt, dev: rand_cross((1, 256, 8), dtype=dt, device=dev),
+        2, 0.01,
     ),
     # The paper's N = 10 on 12×12 local attention.
     "local-12x12-N10": (
@@ -153,6 +159,19 @@ def test_subnormal_column_maximum(backend):
     # P C = [1/3, 1/3, 0]: min-max [1, 1, 0].
     expected = torch.tensor([[1.0], [1.0], [0.0]], dtype=F64)
     assert_close(iseg_ops.refine(attn, cross, iters=1, lam=0.0), expected, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("lam", [0.5, 5.0])
+def test_clamp_emptied_row_falls_back_in_the_product(backend, lam):
+    # Row 0 of clamp_emptied loses every entry to the clamp: its numerators are rewritten with
+    # T0 and its own row weight (METHOD §2's fallback), here at HW = 128 (unmasked tiles) and
+    # batched with an ordinary matrix, whose rows keep Eq. 7.
+    n = 128
+    emptied = clamp_emptied(n)
+    attn = torch.stack([emptied, softmax_attn((n, n), dtype=F64)]).float().to(backend.device)
+    cross = rand_cross((2, n, 3), device=backend.device)
+    out = iseg_ops.refine(attn, cross, iters=1, lam=lam)
+    assert_close(out, refine64(attn, cross, 1, lam), **tolerance(torch.float32))
 
 
 def test_degenerate_columns_give_zeros(backend):
