@@ -71,25 +71,29 @@ def _col_max_kernel(
 
 
 @triton.jit
-def _numerators(s_ptrs, inv_ptrs, scale_ptrs, mask, col_ok, c0, c1, c2, t_max,
-                SUBNORMAL: tl.constexpr, EVEN: tl.constexpr):
-    """``(T, T0)`` of a tile of S: ``T0 = S / colmax`` and ``T`` = Eq. 7 divided by
-    ``1 + lam`` (``c0 = 1/(1+lam)``, ``c1 = lam/(1+lam)``, ``c2 = lam·ln2/(1+lam)``), clamped
-    to ``[0, t_max / (1 + lam)]``. ``ln(max(T0, FLT_MIN))`` needs no select: for ``T0 ≤ 0`` the
-    clamp at 0 gives 0 as METHOD §2 does (and ``c2 = 0`` when lam = 0)."""
+def _numerators(n, s_start, inv_start, scale_start, cols, row_ok, HW, stride_sk, c0, c1, c2,
+                t_max, SUBNORMAL: tl.constexpr, EVEN: tl.constexpr):
+    """``(T, T0, mask)`` of the tile of S at columns ``n + cols`` of the rows ``s_start`` (with
+    ``row_ok``): ``T0 = S / colmax`` and ``T`` = Eq. 7 divided by ``1 + lam`` (``c0 = 1/(1+lam)``,
+    ``c1 = lam/(1+lam)``, ``c2 = lam·ln2/(1+lam)``), clamped to ``[0, t_max / (1 + lam)]``.
+    ``ln(max(T0, FLT_MIN))`` needs no select: for ``T0 ≤ 0`` the clamp at 0 gives 0 as METHOD §2
+    does (and ``c2 = 0`` when lam = 0). Zeros outside the matrix."""
+    col_ok = (cols + n) < HW
+    mask = row_ok[:, None] & col_ok[None, :]
+    s_ptrs = s_start + (cols[None, :] + n) * stride_sk
     if EVEN:
         s = tl.load(s_ptrs).to(tl.float32)
-        inv = tl.load(inv_ptrs)
+        inv = tl.load(inv_start + n)
         if SUBNORMAL:
-            s = s * tl.load(scale_ptrs)[None, :]
+            s = s * tl.load(scale_start + n)[None, :]
     else:
         s = tl.load(s_ptrs, mask=mask, other=0.0).to(tl.float32)
-        inv = tl.load(inv_ptrs, mask=col_ok, other=0.0)
+        inv = tl.load(inv_start + n, mask=col_ok, other=0.0)
         if SUBNORMAL:
-            s = s * tl.load(scale_ptrs, mask=col_ok, other=1.0)[None, :]
+            s = s * tl.load(scale_start + n, mask=col_ok, other=1.0)[None, :]
     t0 = s * inv[None, :]
     t = t0 * c0 + c1 + c2 * log2(tl.maximum(t0, 1.1754943508222875e-38))  # FLT_MIN: normal
-    return tl.minimum(tl.maximum(t, 0.0), t_max), t0
+    return tl.minimum(tl.maximum(t, 0.0), t_max), t0, mask
 
 
 @triton.jit
@@ -136,16 +140,14 @@ def _ent_self_kernel(
     cols = tl.arange(0, BLOCK_N)
     s_start = s_ptr + pid_b * stride_sb + rows[:, None].to(tl.int64) * stride_sq
     o_start = out_ptr + pid_b * stride_ob + rows[:, None].to(tl.int64) * stride_oq
-    col_start = pid_b * HW + cols
+    inv_start = inv_ptr + pid_b * HW + cols
+    scale_start = scale_ptr + pid_b * HW + cols
+    args = (s_start, inv_start, scale_start, cols, HW, stride_sk, c0, c1, c2, t_max)
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc0 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for n in range(0, loop_bound(HW), BLOCK_N):
-        col_ok = (cols + n) < HW
-        mask = row_ok[:, None] & col_ok[None, :]
-        t, t0 = _numerators(s_start + (cols[None, :] + n) * stride_sk, inv_ptr + col_start + n,
-                            scale_ptr + col_start + n, mask, col_ok, c0, c1, c2, t_max,
-                            SUBNORMAL, EVEN)
+        t, t0, mask = _numerators(n, *args[:4], row_ok, *args[4:], SUBNORMAL, EVEN)
         if WRITE_P:
             acc += t
             acc0 += t0
@@ -161,11 +163,7 @@ def _ent_self_kernel(
         use0 = (row_sum <= 0) & (row_sum0 > 0)
         w0 = tl.where(use0, 1.0 / tl.where(use0, row_sum0, 1.0), 0.0)
         for n in range(0, loop_bound(HW), BLOCK_N):
-            col_ok = (cols + n) < HW
-            mask = row_ok[:, None] & col_ok[None, :]
-            t, t0 = _numerators(s_start + (cols[None, :] + n) * stride_sk, inv_ptr + col_start + n,
-                                scale_ptr + col_start + n, mask, col_ok, c0, c1, c2, t_max,
-                                SUBNORMAL, EVEN)
+            t, t0, mask = _numerators(n, *args[:4], row_ok, *args[4:], SUBNORMAL, EVEN)
             p = t * w[:, None] + t0 * w0[:, None]
             _store(o_start + (cols[None, :] + n) * stride_ok, p.to(out_ptr.dtype.element_ty),
                    mask, EVEN)
@@ -174,14 +172,11 @@ def _ent_self_kernel(
         if tl.max(empty.to(tl.int32), axis=0) > 0:  # some row lost every entry to the clamp
             acc0 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             for n in range(0, loop_bound(HW), BLOCK_N):
-                col_ok = (cols + n) < HW
-                mask = empty[:, None] & col_ok[None, :]
-                _, t0 = _numerators(s_start + (cols[None, :] + n) * stride_sk,
-                                    inv_ptr + col_start + n, scale_ptr + col_start + n,
-                                    mask, col_ok, c0, c1, c2, t_max, SUBNORMAL, False)
+                # masked loads: 0 outside the emptied rows
+                _, t0, mask = _numerators(n, *args[:4], empty, *args[4:], SUBNORMAL, False)
                 t0 = t0.to(out_ptr.dtype.element_ty)
                 tl.store(o_start + (cols[None, :] + n) * stride_ok, t0, mask=mask)
-                acc0 += t0.to(tl.float32)  # 0 outside the emptied rows (masked loads)
+                acc0 += t0.to(tl.float32)
             row_sum0 = tl.sum(acc0, axis=1)
             use0 = empty & (row_sum0 > 0)
             w = tl.where(use0, 1.0 / tl.where(use0, row_sum0, 1.0), w)
