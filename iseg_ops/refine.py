@@ -135,8 +135,8 @@ def _refine_gemv_kernel(
     cols = tl.arange(0, BLOCK_N)
     if PROLOGUE:
         scale, shift = _affine(x_stats_ptr + pid_b * 2 * KP, ks, flat, KP)
-    # Scalar bases that advance and loop-invariant int32 offsets: the addresses of a tile then
-    # cost no per-element arithmetic in the loop.
+    # Scalar bases moved by n and loop-invariant int32 offsets: fewer per-element address
+    # instructions in the loop than a tensor of pointers advanced every step.
     t_base = t_ptr + pid_b * stride_tb + (pid_m * BLOCK_M).to(tl.int64) * stride_tq
     t_offs = tl.arange(0, BLOCK_M)[:, None] * stride_tq + cols[None, :] * stride_tk
     x_base = x_ptr + pid_b * HW * KP
