@@ -211,3 +211,28 @@ def test_ops_trace_whole_under_torch_compile(triton_backend, op):
         compiled = torch.compile(call, fullgraph=True, backend="aot_eager")(attn, cross)
     assert compiled.shape == expected.shape and compiled.stride() == expected.stride()
     assert torch.equal(compiled, expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("k", [8, 43])
+def test_refine_replays_in_a_cuda_graph(k):
+    """No host synchronisation, no autotuning and no allocation outside the graph's pool while
+    capturing: a captured call replays to the eager result (tuned or default tiles alike)."""
+    import iseg_ops
+    from iseg_ops._dispatch import value_checks
+
+    attn = softmax_attn((1, 1024, 1024), seed=13, device="cuda", dtype=torch.float16)
+    cross = rand_cross((1, 1024, k), device="cuda", dtype=torch.float16)
+    with value_checks(False):
+        eager = iseg_ops.refine(attn, cross, iters=10)  # compiles (and tunes) outside capture
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            iseg_ops.refine(attn, cross, iters=10)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = iseg_ops.refine(attn, cross, iters=10)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, eager)
