@@ -53,7 +53,7 @@ CASES = {
         lambda dt, dev: rand_cross((3, 64, 1), dtype=dt, device=dev),
         3, 0.01,
     ),
-    # Unbatched [HW, HW] with K = 20 > 16: BLOCK_K = 32, 12 padded columns.
+    # Unbatched [HW, HW] with K = 20 > 16: KP = 32 (12 padded columns), normalise kernel.
     "100x100-K20": (
         lambda dt, dev: softmax_attn((100, 100), seed=2, dtype=dt, device=dev),
         lambda dt, dev: rand_cross((100, 20), dtype=dt, device=dev),
@@ -233,7 +233,7 @@ def _check_properties(attn64, cross64, iters, lam, dtype, device):
     # Compared on the columns where that is well conditioned (span ≥ 1 % of the magnitude):
     # the min-max output's error grows as the relative span shrinks (up to rel. error / span),
     # so the dtype's atol is widened by 1/√span (at most 10×), which the kernels' fp16 dot
-    # operands (HALF_DOT) and fp16/bf16 output rounding stay well within.
+    # operands (for fp16/bf16 input) and fp16/bf16 output rounding stay well within.
     span = relative_span(attn.cpu(), cross.cpu(), iters, lam)  # [B, K]
     good = span >= 1e-2
     if good.any():
