@@ -114,8 +114,8 @@ def pick_config(
     best, best_ms = default, float("inf")
     for config in configs:
         try:
-            ms = triton.testing.do_bench(lambda: launch(config), warmup=5, rep=20)
-        except Exception:  # OutOfResources and the like: not a candidate on this GPU
+            ms = triton.testing.do_bench(lambda config=config: launch(config), warmup=5, rep=20)
+        except Exception:  # noqa: BLE001 (OutOfResources, a failed compile: not a candidate here)
             continue
         if ms < best_ms:
             best, best_ms = config, ms
@@ -124,6 +124,6 @@ def pick_config(
 
 
 __all__ = [
-    "FAST_LOG", "INTERPRETED", "autotune_enabled", "log2", "loop_bound", "pick_config", "triton",
-    "tl",
+    "FAST_LOG", "INTERPRETED", "autotune_enabled", "log2", "loop_bound", "pick_config", "tl",
+    "triton",
 ]  # fmt: skip
