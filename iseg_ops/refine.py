@@ -1,13 +1,26 @@
-"""Iterative refinement (METHOD §3) with Ent-Self fused into the product, as Triton kernels.
+"""Iterative refinement (METHOD §3) with Ent-Self, as Triton kernels in the shape of
+``shared/docs/KERNELS.md`` §2.
 
-Folding property (METHOD §3): ``P`` is row-stochastic, so the per-iteration shift and positive
-scale of ``C`` commute with ``P`` and ``result = minmax(Pᴺ C₀)``. The kernel therefore
-normalises each iteration's input by its min-max (any positive affine normalisation gives the
-same result) and never writes ``P``: one pass over ``S`` finds the column maxima, then each
-iteration reads ``S`` once, builds ``T`` on the fly, multiplies it by all K columns of ``C``
-and divides by the row sums of ``T`` at the end of the row. The column min/max that the next
-iteration normalises by are folded in with atomics, so no extra pass is needed between
-iterations.
+Folding property (METHOD §3): ``P = diag(w) T`` is row-stochastic, so any positive affine
+normalisation of each iteration's input gives the same result, ``minmax(Pᴺ C₀)``. One call:
+
+1. ``_col_max_kernel`` (one read of S): reciprocal column maxima.
+2. ``_ent_self_kernel`` (one read of S, one write of T): the Eq. 7 numerators ``T`` (fp16 for
+   fp16/bf16 input, fp32 for fp32 input, so fp32 keeps its 1e-5 accuracy) and fp32 row weights
+   ``w`` (a row that the clamp empties falls back to ``T0`` with its own weight).
+3. ``_refine_init_kernel``: ``Z₀ = C₀`` as zero-padded fp32 ``[B, HW, KP]`` (KP = max(16, next
+   power of two of K)), the column (min, max) of ``C₀`` and ±inf for the later iterations' stats.
+4. Per iteration, ``_refine_gemv_kernel``: ``Z = w ⊙ (T · X)`` with ``X`` = the previous ``Z``
+   min-max normalised by its stats as it is loaded (KP ≤ 16) or by ``_refine_normalise_kernel``
+   into an fp16/fp32 ``X`` just before (KP > 16), both operands fed to ``tl.dot``; the epilogue
+   folds each column's min and max into the next stats with atomics (order-independent).
+5. ``_refine_finish_kernel``: the last ``Z`` min-max normalised into ``cross.dtype``.
+
+Launches: N + 4 for K ≤ 16 and 2N + 4 above (with ``lam=None``, two fewer: ``T`` is ``attn``
+as given and there are no row weights). No host synchronisation, no torch ops besides
+allocations, so the op can be captured in a CUDA graph; batches whose ``T`` would exceed
+:data:`CHUNK_BYTES` run in chunks. A column that is constant (within ``reference.FLAT``) at any
+iteration becomes 0, as in the reference.
 """
 
 from __future__ import annotations
@@ -16,115 +29,326 @@ import torch
 
 from . import reference
 from ._dispatch import check_t_max, use_triton, validate_refine
-from ._triton import tl, triton
-from .ent_self import _ent_self_tile, _row_weights, col_max
+from ._triton import autotune_enabled, loop_bound, pick_config, shared_memory_limit, tl, triton
+from .ent_self import transform
 
-_FLAT = tl.constexpr(reference.FLAT)  # see reference.FLAT
+LAUNCHED_KERNELS = (
+    "_refine_init_kernel",
+    "_refine_gemv_kernel",
+    "_refine_normalise_kernel",
+    "_refine_finish_kernel",
+)  # launched here, besides ent_self's two
+
+CHUNK_BYTES = 1 << 30  # T of at most this many bytes at a time (32 MiB per image at HW = 4096)
 
 
-# One program: BLOCK_M rows of Y = P @ normalise(C) for all K columns of one matrix (K padded to
-# BLOCK_K). It reads its BLOCK_M rows of S once and all of C (from L2), writes BLOCK_M rows of Y
-# and folds their per-column min/max into y_stats with atomics.
 @triton.jit
-def _refine_step_kernel(
-    s_ptr,
-    col_max_ptr,
+def _affine(stats_ptr, ks, flat, KP: tl.constexpr):
+    """``(scale, shift)`` with ``x·scale + shift = (x - lo) / (hi - lo)`` for the columns ``ks``
+    whose (lo, hi) sit at ``stats_ptr`` ([2, KP]); ``(0, 0)`` for a column constant within
+    ``flat`` (METHOD §3: it becomes 0)."""
+    lo = tl.load(stats_ptr + ks)
+    hi = tl.load(stats_ptr + KP + ks)
+    span = hi - lo
+    has_span = span > tl.maximum(tl.abs(lo), tl.abs(hi)) * flat
+    scale = tl.where(has_span, 1.0 / tl.where(has_span, span, 1.0), 0.0)
+    return scale, -lo * scale
+
+
+# One program: BLOCK_K columns of C₀ of one matrix, all HW rows (one read of those columns).
+# Writes Z₀ (zero-padded fp32), stats[0] = that block's column (min, max) (0 for padding) and
+# stats[1..ITERS] = (+inf, -inf).
+@triton.jit
+def _refine_init_kernel(
     c_ptr,
-    c_stats_ptr,
-    y_ptr,
-    y_stats_ptr,
+    z_ptr,
+    stats_ptr,
     HW,
     K,
-    lam,
-    t_max,
-    stride_sb,
-    stride_sq,
-    stride_sk,
+    NB,
+    ITERS,
     stride_cb,
     stride_cq,
     stride_ck,
-    APPLY_ENT_SELF: tl.constexpr,
-    HALF_DOT: tl.constexpr,
+    KP: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_k = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_ok = ks < K
+    rows = tl.arange(0, BLOCK_R)
+    c_ptrs = c_ptr + pid_b * stride_cb + rows[:, None] * stride_cq + ks[None, :] * stride_ck
+    z_ptrs = z_ptr + pid_b * HW * KP + rows[:, None] * KP + ks[None, :]
+    lo = tl.full([BLOCK_R, BLOCK_K], float("inf"), tl.float32)
+    hi = tl.full([BLOCK_R, BLOCK_K], float("-inf"), tl.float32)
+    for r in range(0, loop_bound(HW), BLOCK_R):
+        row_ok = (rows + r) < HW
+        ok = row_ok[:, None] & k_ok[None, :]
+        c = tl.load(c_ptrs, mask=ok, other=0.0).to(tl.float32)
+        tl.store(z_ptrs, c, mask=row_ok[:, None])
+        lo = tl.minimum(lo, tl.where(ok, c, float("inf")))
+        hi = tl.maximum(hi, tl.where(ok, c, float("-inf")))
+        c_ptrs += BLOCK_R * stride_cq
+        z_ptrs += BLOCK_R * KP
+    stats = stats_ptr + pid_b * 2 * KP + ks
+    tl.store(stats, tl.where(k_ok, tl.min(lo, axis=0), 0.0))
+    tl.store(stats + KP, tl.where(k_ok, tl.max(hi, axis=0), 0.0))
+    for i in range(1, loop_bound(ITERS) + 1):
+        tl.store(stats + i * NB * 2 * KP, tl.full([BLOCK_K], float("inf"), tl.float32))
+        tl.store(stats + i * NB * 2 * KP + KP, tl.full([BLOCK_K], float("-inf"), tl.float32))
+
+
+# One program: BLOCK_M rows × BLOCK_K columns of Z = w ⊙ (T · X) for one matrix: one read of
+# those rows of T, and X (from L2). PROLOGUE: X is the previous fp32 Z, min-max normalised by
+# its stats as it is loaded; else X is ready (fp16, or fp32 when DOT_FP32). Stores Z (fp32) and
+# folds its column (min, max) into z_stats with atomics.
+@triton.jit
+def _refine_gemv_kernel(
+    t_ptr,
+    w_ptr,
+    x_ptr,
+    x_stats_ptr,
+    z_ptr,
+    z_stats_ptr,
+    HW,
+    flat,
+    stride_tb,
+    stride_tq,
+    stride_tk,
+    HAS_W: tl.constexpr,
+    PROLOGUE: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    EVEN: tl.constexpr,
+    KP: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
+    pid_k = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < HW
-    ks = tl.arange(0, BLOCK_K)
-    k_ok = ks < K
-
-    # This iteration's input is (C - lo) / (hi - lo) per column; a constant column becomes 0.
-    lo = tl.load(c_stats_ptr + pid_b * 2 * K + ks, mask=k_ok, other=0.0)
-    hi = tl.load(c_stats_ptr + pid_b * 2 * K + K + ks, mask=k_ok, other=0.0)
-    span = hi - lo
-    # constant within FLAT (rounding noise) counts as constant, as in the reference
-    has_span = span > _FLAT * tl.maximum(tl.abs(lo), tl.abs(hi))
-    inv_span = tl.where(has_span, 1.0 / tl.where(has_span, span, 1.0), 0.0)
-    shift = -lo * inv_span
-
-    s_rows = s_ptr + pid_b * stride_sb + rows[:, None].to(tl.int64) * stride_sq
-    c_base = c_ptr + pid_b * stride_cb + ks[None, :].to(tl.int64) * stride_ck
-    col_max_row = col_max_ptr + pid_b * HW
-
+    ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    cols = tl.arange(0, BLOCK_N)
+    if PROLOGUE:
+        scale, shift = _affine(x_stats_ptr + pid_b * 2 * KP, ks, flat, KP)
+    # Scalar bases moved by n and loop-invariant int32 offsets: fewer per-element address
+    # instructions in the loop than a tensor of pointers advanced every step.
+    t_base = t_ptr + pid_b * stride_tb + (pid_m * BLOCK_M).to(tl.int64) * stride_tq
+    t_offs = tl.arange(0, BLOCK_M)[:, None] * stride_tq + cols[None, :] * stride_tk
+    x_base = x_ptr + pid_b * HW * KP
+    x_offs = cols[:, None] * KP + ks[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
-    acc0 = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
-    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
-    row_sum0 = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for n in range(0, HW, BLOCK_N):
-        cols = n + tl.arange(0, BLOCK_N)
-        col_ok = cols < HW
-        s = tl.load(
-            s_rows + cols[None, :].to(tl.int64) * stride_sk,
-            mask=row_ok[:, None] & col_ok[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        c_mask = col_ok[:, None] & k_ok[None, :]
-        c = tl.load(c_base + cols[:, None].to(tl.int64) * stride_cq, mask=c_mask, other=0.0)
-        c = tl.where(c_mask, c.to(tl.float32) * inv_span[None, :] + shift[None, :], 0.0)
-        if HALF_DOT:
-            c_dot = c.to(tl.float16)
+    for n in range(0, loop_bound(HW), BLOCK_N):
+        if EVEN:
+            t = tl.load(t_base + n * stride_tk + t_offs)
+            x = tl.load(x_base + n * KP + x_offs)
         else:
-            c_dot = c
-        if APPLY_ENT_SELF:
-            col_max = tl.load(col_max_row + cols, mask=col_ok, other=0.0)
-            t, t0 = _ent_self_tile(s, col_max, lam, t_max)
-            row_sum += tl.sum(t, axis=1)
-            row_sum0 += tl.sum(t0, axis=1)
-            if HALF_DOT:
-                acc = tl.dot(t.to(tl.float16), c_dot, acc)
-                acc0 = tl.dot(t0.to(tl.float16), c_dot, acc0)
-            else:
-                acc = tl.dot(t, c_dot, acc, input_precision="ieee")
-                acc0 = tl.dot(t0, c_dot, acc0, input_precision="ieee")
+            col_ok = (cols + n) < HW
+            t = tl.load(t_base + n * stride_tk + t_offs, mask=row_ok[:, None] & col_ok[None, :],
+                        other=0.0)
+            x = tl.load(x_base + n * KP + x_offs, mask=col_ok[:, None], other=0.0)
+        if PROLOGUE:  # rows of X past HW meet zero columns of T: no mask needed
+            x = x * scale[None, :] + shift[None, :]
+        if DOT_FP32:
+            acc = tl.dot(t.to(tl.float32), x.to(tl.float32), acc, input_precision="tf32x3")
         else:
-            if HALF_DOT:
-                acc = tl.dot(s.to(tl.float16), c_dot, acc)
-            else:
-                acc = tl.dot(s, c_dot, acc, input_precision="ieee")
+            acc = tl.dot(t.to(tl.float16), x.to(tl.float16), acc)
 
-    if APPLY_ENT_SELF:
-        w, w0 = _row_weights(row_sum, row_sum0)
-        y = acc * w[:, None] + acc0 * w0[:, None]
+    if HAS_W:
+        acc *= tl.load(w_ptr + pid_b * HW + rows, mask=row_ok, other=0.0)[:, None]
+    tl.store(z_ptr + pid_b * HW * KP + rows[:, None] * KP + ks[None, :], acc,
+             mask=row_ok[:, None])
+    stats = z_stats_ptr + pid_b * 2 * KP + ks
+    tl.atomic_min(stats, tl.min(tl.where(row_ok[:, None], acc, float("inf")), axis=0))
+    tl.atomic_max(stats + KP, tl.max(tl.where(row_ok[:, None], acc, float("-inf")), axis=0))
+
+
+# One program: BLOCK_R rows of one matrix: X = Z min-max normalised by its stats, in x's dtype.
+@triton.jit
+def _refine_normalise_kernel(
+    z_ptr, stats_ptr, x_ptr, HW, flat, KP: tl.constexpr, BLOCK_R: tl.constexpr
+):
+    pid_r = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    ks = tl.arange(0, KP)
+    scale, shift = _affine(stats_ptr + pid_b * 2 * KP, ks, flat, KP)
+    offs = pid_b * HW * KP + rows[:, None] * KP + ks[None, :]
+    mask = (rows < HW)[:, None]
+    x = tl.load(z_ptr + offs, mask=mask, other=0.0) * scale[None, :] + shift[None, :]
+    tl.store(x_ptr + offs, x.to(x_ptr.dtype.element_ty), mask=mask)
+
+
+# One program: BLOCK_R rows of one matrix: out = (Z - lo) / (hi - lo) in out's dtype (0 for a
+# constant column), the first K of the KP columns.
+@triton.jit
+def _refine_finish_kernel(
+    z_ptr,
+    stats_ptr,
+    out_ptr,
+    HW,
+    K,
+    flat,
+    stride_ob,
+    stride_oq,
+    stride_ok,
+    KP: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    pid_r = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    ks = tl.arange(0, KP)
+    lo = tl.load(stats_ptr + pid_b * 2 * KP + ks)
+    hi = tl.load(stats_ptr + pid_b * 2 * KP + KP + ks)
+    span = hi - lo
+    has_span = span > tl.maximum(tl.abs(lo), tl.abs(hi)) * flat
+    mask = (rows < HW)[:, None] & (ks < K)[None, :]
+    z = tl.load(z_ptr + pid_b * HW * KP + rows[:, None] * KP + ks[None, :], mask=mask, other=0.0)
+    out = tl.where(has_span[None, :], (z - lo[None, :]) / tl.where(has_span, span, 1.0)[None, :],
+                   0.0)
+    out_ptrs = out_ptr + pid_b * stride_ob + rows[:, None] * stride_oq + ks[None, :] * stride_ok
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) of the product: KERNELS.md §2.6, except that
+# (16, 256, 4, 4) is replaced by (64, 64, 4, 4): 16-row tiles need 140 registers with the
+# prologue and 6 SASS instructions per element of T (sm_86 and sm_90 cubins).
+GEMV_CONFIGS = (
+    (32, 256, 4, 4), (32, 128, 4, 4), (32, 256, 8, 3), (64, 128, 4, 4), (64, 256, 8, 3),
+    (64, 64, 4, 4),
+)  # fmt: skip
+# fp32 operands (3×TF32 products, for fp32's accuracy): smaller tiles keep registers ≤ 128.
+GEMV_CONFIGS_FP32 = ((64, 32, 4, 3), (64, 32, 4, 4), (64, 64, 4, 3), (32, 64, 4, 3))
+SM86_SHARED, SM90_SHARED = 101376, 232448  # shared memory per block (opt-in maximum)
+
+
+def _gemv_shared(config, block_k: int, t_bytes: int, x_bytes: int, hopper: bool) -> int:
+    """Shared memory of a product configuration as Triton 3.6–3.9 allocate it (checked against
+    compiled sm_86/sm_90 cubins): ``stages - 1`` buffers of the T and X tiles; with a normalised
+    (prologue) operand one fp16 X tile staged for the MMA; on sm_90 (warpgroup MMA reads its
+    operands from shared memory) one more T tile and the staged X tile."""
+    block_m, block_n, _, stages = config
+    prologue = x_bytes == 4
+    shared = (stages - 1) * block_n * (block_m * t_bytes + block_k * x_bytes)
+    if prologue or hopper:
+        shared += block_n * block_k * 2
+    if hopper:
+        shared += block_m * block_n * t_bytes
+    return shared
+
+
+def _fits(config, block_k: int, t_bytes: int, x_bytes: int, device: torch.device) -> bool:
+    """Whether ``config`` fits the shared memory of ``device``'s GPU, or, for tensors that are
+    not on a GPU (the interpreter, meta tensors), of every target: sm_86 (101,376 B per block)
+    and sm_90 (232,448 B)."""
+    if device.type == "cuda":
+        hopper = torch.cuda.get_device_capability(device)[0] >= 9
+        limit = shared_memory_limit(device)
+        return _gemv_shared(config, block_k, t_bytes, x_bytes, hopper) <= limit
+    return (_gemv_shared(config, block_k, t_bytes, x_bytes, False) <= SM86_SHARED
+            and _gemv_shared(config, block_k, t_bytes, x_bytes, True) <= SM90_SHARED)
+
+
+def _gemv_default(batch: int, hw: int, dot_fp32: bool, fits) -> tuple[int, int, int, int]:
+    """The untimed configuration (interpreter, graph capture before any timing, the compile
+    checks): 64 rows × 128 columns of T per step with 4 warps (16 B loads, warpgroup MMA on
+    sm_90, KP/64 of an X element normalised per T element; 32 columns for fp32 operands), 32
+    rows when 64 would leave under 64 programs, and the most stages (4, 3, 2) that
+    ``fits(config)``."""
+    block_m = 64 if batch * triton.cdiv(hw, 64) >= 64 else 32
+    for block_n in (32,) if dot_fp32 else (128, 64, 32):
+        for stages in (3, 2) if dot_fp32 else (4, 3, 2):
+            config = (block_m, block_n, 4, stages)
+            if fits(config):
+                return config
+    return (block_m, 32, 4, 1)
+
+
+def _gemv_block_k(kp: int, dot_fp32: bool) -> int:
+    """Columns of Z per program: ≤ 32 (≤ 16 for fp32 operands). At KP = 64 two programs share
+    each row block of T (adjacent in launch order, so the second read comes from L2), which
+    halves the MMA work and registers per element of T and doubles the programs at batch 1."""
+    return min(kp, 16 if dot_fp32 else 32)
+
+
+def _gemv(t, w, x, x_stats, z, z_stats, kp: int, prologue: bool) -> None:
+    """One iteration: ``z = w ⊙ (t · normalise(x))`` and its column stats into ``z_stats``."""
+    batch, hw, _ = t.shape
+    dot_fp32 = t.dtype == torch.float32
+    block_k = _gemv_block_k(kp, dot_fp32)
+    x_bytes = x.element_size()
+    args = (t, w if w is not None else z, x, x_stats, z, z_stats, hw, reference.FLAT, *t.stride())
+
+    def launch(config, args=args):
+        block_m, block_n, warps, stages = config
+        _refine_gemv_kernel[(kp // block_k, triton.cdiv(hw, block_m), batch)](
+            *args, HAS_W=w is not None, PROLOGUE=prologue, DOT_FP32=dot_fp32,
+            EVEN=hw % block_m == 0 and hw % block_n == 0, KP=kp,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
+        )  # fmt: skip
+
+    def scratch_launch(config):  # timing writes only copies of the outputs
+        launch(config, args[:4] + (torch.empty_like(z), z_stats.clone()) + args[6:])
+
+    def fits(config):
+        return _fits(config, block_k, t.element_size(), x_bytes, t.device)
+
+    default = _gemv_default(batch, hw, dot_fp32, fits)
+    key = ("refine", hw, kp, batch > 1, prologue, t.dtype)
+    configs = [c for c in (GEMV_CONFIGS_FP32 if dot_fp32 else GEMV_CONFIGS) if fits(c)]
+    launch(pick_config(key, configs, default, scratch_launch, autotune_enabled(t)))
+
+
+def _block_r(kp: int) -> int:
+    """Rows per program of the small row-wise kernels: about 4096 elements per program."""
+    return max(1, min(64, 4096 // kp))
+
+
+def _refine_chunk(s, c, out, iters: int, lam: float | None, t_max: float | None) -> None:
+    """The whole refinement of one chunk of matrices ``s`` [B, HW, HW], ``c`` [B, HW, K] into
+    ``out`` [B, HW, K]."""
+    batch, hw, k = c.shape
+    device = s.device
+    kp = max(16, triton.next_power_of_2(k))
+    dot_fp32 = s.dtype == torch.float32
+    if lam is None:
+        t, w = s, None
     else:
-        y = acc
-    out_ok = row_ok[:, None] & k_ok[None, :]
-    tl.store(y_ptr + pid_b * HW * K + rows[:, None].to(tl.int64) * K + ks[None, :], y, mask=out_ok)
-    y_lo = tl.min(tl.where(out_ok, y, float("inf")), axis=0)
-    y_hi = tl.max(tl.where(out_ok, y, float("-inf")), axis=0)
-    tl.atomic_min(y_stats_ptr + pid_b * 2 * K + ks, y_lo, mask=k_ok)
-    tl.atomic_max(y_stats_ptr + pid_b * 2 * K + K + ks, y_hi, mask=k_ok)
+        t = torch.empty(batch, hw, hw, device=device, dtype=s.dtype if dot_fp32 else torch.float16)
+        w = torch.empty(batch, hw, device=device, dtype=torch.float32)
+        transform(s, lam, t_max, t, w)
 
-
-def _block_m(batch: int, hw: int) -> int:
-    """Rows per program: the largest of 64/32/16 that still gives ≥ 2 programs per SM on a
-    132-SM GPU (the product is memory-bound: every SM must be streaming S)."""
-    for block_m in (64, 32):
-        if batch * triton.cdiv(hw, block_m) >= 264:
-            return block_m
-    return 16
+    # stats[i] holds the per-column (min, max) of iteration i's input; stats[0] is C₀'s.
+    stats = torch.empty(iters + 1, batch, 2, kp, device=device, dtype=torch.float32)
+    z = [torch.empty(batch, hw, kp, device=device, dtype=torch.float32) for _ in range(2)]
+    block_k = min(kp, 32)
+    _refine_init_kernel[(triton.cdiv(kp, block_k), batch)](
+        c, z[0], stats, hw, k, batch, iters, *c.stride(), KP=kp, BLOCK_R=1024 // block_k,
+        BLOCK_K=block_k, num_warps=4,
+    )  # fmt: skip
+    prologue = kp <= 16
+    if not prologue:
+        x = torch.empty(batch, hw, kp, device=device, dtype=t.dtype if dot_fp32 else torch.float16)
+    rows = (triton.cdiv(hw, _block_r(kp)), batch)
+    for i in range(iters):
+        src, dst = z[i % 2], z[(i + 1) % 2]
+        if not prologue:
+            _refine_normalise_kernel[rows](
+                src, stats[i], x, hw, reference.FLAT, KP=kp, BLOCK_R=_block_r(kp), num_warps=4
+            )
+        _gemv(t, w, src if prologue else x, stats[i], dst, stats[i + 1], kp, prologue)
+    _refine_finish_kernel[rows](
+        z[iters % 2], stats[iters], out, hw, k, reference.FLAT, *out.stride(), KP=kp,
+        BLOCK_R=_block_r(kp), num_warps=4,
+    )  # fmt: skip
 
 
 def _refine_triton(
@@ -138,51 +362,28 @@ def _refine_triton(
     s = attn.reshape(-1, hw, hw)
     c = cross.reshape(-1, hw, k)
     batch = s.shape[0]
-    device = s.device
+    out = torch.empty(batch, hw, k, device=s.device, dtype=cross.dtype)
+    t_bytes = hw * hw * (4 if s.dtype == torch.float32 else 2)
+    chunk = batch if lam is None else max(1, CHUNK_BYTES // t_bytes)
+    for start in range(0, batch, chunk):
+        part = slice(start, start + chunk)
+        _refine_chunk(s[part], c[part], out[part], iters, lam, t_max)
+    return out.reshape(cross.shape)
 
-    # stats[i] holds the per-column (min, max) of iteration i's input; stats[0] is C₀'s.
-    stats = torch.empty(iters + 1, batch, 2, k, device=device, dtype=torch.float32)
-    stats[0, :, 0] = c.amin(dim=1).float()
-    stats[0, :, 1] = c.amax(dim=1).float()
-    stats[1:, :, 0] = float("inf")
-    stats[1:, :, 1] = float("-inf")
-    col_maxima = col_max(s) if lam is not None else stats  # unused without Ent-Self
-    buffers = [torch.empty(batch, hw, k, device=device, dtype=torch.float32) for _ in range(2)]
 
-    block_k = max(16, triton.next_power_of_2(k))
-    block_m = _block_m(batch, hw)
-    block_n = 128 if block_k <= 32 else 64
-    half_dot = s.dtype in (torch.float16, torch.bfloat16)
-    grid = (triton.cdiv(hw, block_m), batch)
-    src = c
-    for i in range(iters):
-        y = buffers[i % 2]
-        _refine_step_kernel[grid](
-            s,
-            col_maxima,
-            src,
-            stats[i],
-            y,
-            stats[i + 1],
-            hw,
-            k,
-            0.0 if lam is None else lam,
-            float("inf") if t_max is None else t_max,
-            *s.stride(),
-            *src.stride(),
-            APPLY_ENT_SELF=lam is not None,
-            HALF_DOT=half_dot,
-            BLOCK_M=block_m,
-            BLOCK_N=block_n,
-            BLOCK_K=block_k,
-            num_stages=3 if half_dot else 2,  # fp32 tiles: 2 stages fit sm_86's shared memory
-        )
-        src = y
-    lo, hi = stats[iters, :, 0, None, :], stats[iters, :, 1, None, :]
-    span = hi - lo
-    has_span = (span > 0) & ~reference.is_flat(lo, hi)
-    out = torch.where(has_span, (src - lo) / torch.where(has_span, span, 1.0), 0.0)
-    return out.to(cross.dtype).reshape(cross.shape)
+@torch.library.custom_op("iseg_ops::refine_triton", mutates_args=())
+def _refine_op(
+    attn: torch.Tensor, cross: torch.Tensor, iters: int, lam: float | None, t_max: float | None
+) -> torch.Tensor:
+    """The Triton launcher as a custom op: ``torch.compile`` treats it as one opaque call (no
+    graph break, no tracing of the launch code), and its launches can be replayed in a CUDA
+    graph (no host synchronisation, no autotuning during capture)."""
+    return _refine_triton(attn, cross, iters, lam, t_max)
+
+
+@_refine_op.register_fake
+def _(attn, cross, iters, lam, t_max):
+    return torch.empty_like(cross, memory_format=torch.contiguous_format)
 
 
 def refine(
@@ -198,16 +399,17 @@ def refine(
         attn (Tensor): ``[..., HW, HW]`` self-attention whose rows sum to 1 (any strides).
         cross (Tensor): ``[..., HW, K]`` initial maps ``C₀`` (e.g. fused cross-attention).
         iters (int): refinement iterations N (default 10; 0 returns the min-max of ``cross``).
-        lam (float | None): Ent-Self strength, applied to ``attn`` inside the fused product
-            (``P`` is never written). ``None`` uses ``attn`` as given (naive iteration, or a
-            precomputed :func:`ent_self` output).
+        lam (float | None): Ent-Self strength, applied to ``attn`` once per call (``P`` itself
+            is never written, only its numerators). ``None`` uses ``attn`` as given (naive
+            iteration, or a precomputed :func:`ent_self` output).
         t_max (float | None): upper clamp of Ent-Self's ``T`` (finite, > 0; see
             :func:`iseg_ops.ent_self`): ``T`` clamped to ``[0, t_max]``, 1 in the interactive
             recipe. Needs ``lam``; ``None`` (default) clamps only at 0.
 
     Returns:
         Tensor: ``[..., HW, K]`` in ``cross.dtype``, each column min-max normalised to [0, 1]
-        (``minmax(Pᴺ C₀)``); a constant column gives zeros. fp32 accumulation throughout.
+        (``minmax(Pᴺ C₀)``); a constant column gives zeros. fp32 accumulation throughout (the
+        product's operands are fp16 for fp16/bf16 ``attn``, fp32 for fp32).
 
     Example:
         >>> attn = torch.softmax(torch.randn(144, 144), -1)
@@ -222,4 +424,4 @@ def refine(
         return reference.minmax(cross.float()).to(cross.dtype)
     if not use_triton("refine", attn, cross):
         return reference.refine(attn, cross, iters, lam, t_max)
-    return _refine_triton(attn, cross, iters, lam, t_max)
+    return _refine_op(attn, cross, iters, lam, t_max)

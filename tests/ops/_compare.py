@@ -7,9 +7,9 @@ import torch
 # One tolerance table per storage dtype: (atol, rtol) for a result compared, in float64, with
 # an fp32/float64 computation from the same input. Every op accumulates in fp32, so the error
 # is dominated by the final rounding to the storage dtype (fp16: 2^-11 relative, bf16: 2^-8)
-# plus, on the Triton path, the fp16 operands of tl.dot (HALF_DOT) in refine and
-# head_mean_attention; refine's min-max output in [0, 1] then carries that error as an
-# absolute one.
+# plus, on the Triton path, the fp16 operands of tl.dot in head_mean_attention and refine
+# (fp16 numerators T and normalised maps X for fp16/bf16 input; fp32 input keeps fp32
+# operands); refine's min-max output in [0, 1] then carries that error as an absolute one.
 TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
     torch.float32: (1e-5, 1e-4),
     torch.float16: (2e-3, 4e-3),  # unit roundoff 2^-11 ≈ 4.9e-4

@@ -53,7 +53,7 @@ CASES = {
         lambda dt, dev: rand_cross((3, 64, 1), dtype=dt, device=dev),
         3, 0.01,
     ),
-    # Unbatched [HW, HW] with K = 20 > 16: BLOCK_K = 32, 12 padded columns.
+    # Unbatched [HW, HW] with K = 20 > 16: KP = 32 (12 padded columns), normalise kernel.
     "100x100-K20": (
         lambda dt, dev: softmax_attn((100, 100), seed=2, dtype=dt, device=dev),
         lambda dt, dev: rand_cross((100, 20), dtype=dt, device=dev),
@@ -83,11 +83,17 @@ CASES = {
         lambda dt, dev: rand_cross((2, 48, 3), dtype=dt, device=dev),
         2, None,
     ),
-    # 24×24: HW > 512, so the column maxima come from two programs (atomic_max); N = 1.
+    # 24×24: several row blocks in the column pass and column tiles in the product; N = 1.
     "1x576x576-K2": (
         lambda dt, dev: softmax_attn((1, 576, 576), seed=9, dtype=dt, device=dev),
         lambda dt, dev: rand_cross((1, 576, 2), dtype=dt, device=dev),
         1, 0.01,
+    ),
+    # 16×16: HW a multiple of every tile (EVEN: the unmasked loads and stores), K = 8.
+    "1x256x256-K8": (
+        lambda dt, dev: local_attn(1, 16, dtype=dt, device=dev),
+        lambda dt, dev: rand_cross((1, 256, 8), dtype=dt, device=dev),
+        2, 0.01,
     ),
     # The paper's N = 10 on 12×12 local attention.
     "local-12x12-N10": (
@@ -129,13 +135,15 @@ def test_fused_ent_self_equals_precomputed(backend, dtype):
 @pytest.mark.parametrize(
     ("batch", "hw", "block_m"),
     [
-        (132, 40, 32),  # 132 × ⌈40/32⌉ = 264 programs: BLOCK_M 32
-        (264, 16, 64),  # 264 × ⌈16/64⌉ = 264 programs: BLOCK_M 64 (48 of 64 rows masked)
+        (2, 40, 32),  # 2 × ⌈40/64⌉ = 2 programs of 64 rows would be too few: BLOCK_M 32
+        (64, 16, 64),  # 64 × ⌈16/64⌉ = 64 programs: BLOCK_M 64 (48 of 64 rows masked)
     ],
 )
 def test_large_batches_use_larger_row_blocks(backend, batch, hw, block_m):
-    # The launcher picks BLOCK_M from the number of programs; the small cases above all get 16.
-    assert importlib.import_module("iseg_ops.refine")._block_m(batch, hw) == block_m, (
+    # The launcher picks BLOCK_M from the number of programs; the small cases above all get 32.
+    refine_module = importlib.import_module("iseg_ops.refine")
+    config = refine_module._gemv_default(batch, hw, False, lambda config: True)
+    assert config[0] == block_m, (
         "the launcher's BLOCK_M rule changed: update this case so it still covers the block"
     )
     attn = softmax_attn((batch, hw, hw), seed=10, device=backend.device)
@@ -151,6 +159,19 @@ def test_subnormal_column_maximum(backend):
     # P C = [1/3, 1/3, 0]: min-max [1, 1, 0].
     expected = torch.tensor([[1.0], [1.0], [0.0]], dtype=F64)
     assert_close(iseg_ops.refine(attn, cross, iters=1, lam=0.0), expected, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("lam", [0.5, 5.0])
+def test_clamp_emptied_row_falls_back_in_the_product(backend, lam):
+    # Row 0 of clamp_emptied loses every entry to the clamp: its numerators are rewritten with
+    # T0 and its own row weight (METHOD §2's fallback), here at HW = 128 (unmasked tiles) and
+    # batched with an ordinary matrix, whose rows keep Eq. 7.
+    n = 128
+    emptied = clamp_emptied(n)
+    attn = torch.stack([emptied, softmax_attn((n, n), dtype=F64)]).float().to(backend.device)
+    cross = rand_cross((2, n, 3), device=backend.device)
+    out = iseg_ops.refine(attn, cross, iters=1, lam=lam)
+    assert_close(out, refine64(attn, cross, 1, lam), **tolerance(torch.float32))
 
 
 def test_degenerate_columns_give_zeros(backend):
@@ -212,7 +233,7 @@ def _check_properties(attn64, cross64, iters, lam, dtype, device):
     # Compared on the columns where that is well conditioned (span ≥ 1 % of the magnitude):
     # the min-max output's error grows as the relative span shrinks (up to rel. error / span),
     # so the dtype's atol is widened by 1/√span (at most 10×), which the kernels' fp16 dot
-    # operands (HALF_DOT) and fp16/bf16 output rounding stay well within.
+    # operands (for fp16/bf16 input) and fp16/bf16 output rounding stay well within.
     span = relative_span(attn.cpu(), cross.cpu(), iters, lam)  # [B, K]
     good = span >= 1e-2
     if good.any():

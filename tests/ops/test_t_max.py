@@ -89,7 +89,7 @@ REFINE_CASES = {
     # The interactive recipe on 12×12 local attention, one one-hot column and two random ones.
     "local-12x12-N4-t1": (lambda dt, dev: local_attn(1, 12, dtype=dt, device=dev), 3, 4,
                           0.0434294, 1.0),
-    # batch 2, K = 20 (BLOCK_K 32), a low clamp.
+    # batch 2, K = 20 (KP = 32: the normalise kernel between products), a low clamp.
     "2x64x64-K20-t0.5": (lambda dt, dev: softmax_attn((2, 64, 64), seed=5, dtype=dt, device=dev),
                          20, 2, 0.1, 0.5),
 }
