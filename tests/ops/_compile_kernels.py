@@ -33,6 +33,7 @@ from types import SimpleNamespace
 import torch
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+NAMES = {**{dtype: name for name, dtype in DTYPES.items()}, torch.int32: "int32", torch.int64: "int64"}
 # What triton.runtime.driver.active.utils.get_device_properties reports on each target.
 DEVICE_PROPERTIES = {
     90: {"max_shared_mem": 232448, "multiprocessor_count": 132, "max_num_regs": 65536,
@@ -102,14 +103,14 @@ def kernel_slots() -> list[tuple[object, str, object]]:
     included; they are never launched, so they record nothing."""
     from triton.runtime.jit import KernelInterface
 
+    return [(module, name, value) for module in _modules()
+            for name, value in vars(module).items() if isinstance(value, KernelInterface)]
+
+
+def _modules() -> list:
     package = importlib.import_module("iseg_ops")
-    slots = []
-    for info in pkgutil.iter_modules(package.__path__):
-        module = importlib.import_module(f"iseg_ops.{info.name}")
-        for name, value in vars(module).items():
-            if isinstance(value, KernelInterface):
-                slots.append((module, name, value))
-    return slots
+    return [importlib.import_module(f"iseg_ops.{info.name}")
+            for info in pkgutil.iter_modules(package.__path__)]
 
 
 def _call_launcher(workload: dict) -> None:
@@ -131,25 +132,52 @@ def _call_launcher(workload: dict) -> None:
         raise ValueError(f"unknown op {op!r}")
 
 
+def _every_config(pick_config):
+    """Stands in for the launchers' GPU autotuner (``iseg_ops._triton.pick_config(key, configs,
+    default, launch, enabled)``): launches every candidate config (so each gets recorded and
+    compiled, as on a GPU any of them may be chosen), then returns the default as the
+    untimed path does."""
+
+    def pick_every(key, configs, default, launch, enabled):
+        for config in configs:
+            launch(config)
+        return default
+
+    pick_every.original = pick_config
+    return pick_every
+
+
+def _patch(replacements: dict[int, object]) -> list[tuple[object, str, object]]:
+    """Replace every ``iseg_ops`` module attribute whose value is a key of ``replacements`` (by
+    identity); returns what to restore."""
+    patched = []
+    for module in _modules():
+        for name, value in list(vars(module).items()):
+            if id(value) in replacements:
+                patched.append((module, name, value))
+                setattr(module, name, replacements[id(value)])
+    return patched
+
+
 def record(workload: dict) -> list[tuple[str, object, object, tuple, dict]]:
     """The kernel launches that the op's launcher makes for ``workload`` (on meta tensors), as
-    (kernel name, kernel, grid, args, kwargs) in launch order."""
-    slots = kernel_slots()
+    (kernel name, kernel, grid, args, kwargs), grouped by kernel, every autotune candidate
+    included."""
     recorders: dict[int, Recorder] = {}
-    for _, name, kernel in slots:
+    for _, name, kernel in kernel_slots():
         recorders.setdefault(id(kernel), Recorder(name, kernel))
-    log: list[Recorder] = []
+    replacements: dict[int, object] = dict(recorders)
+    tuner = getattr(importlib.import_module("iseg_ops._triton"), "pick_config", None)
+    if tuner is not None:
+        replacements[id(tuner)] = _every_config(tuner)
+    patched = _patch(replacements)
     try:
-        for module, _, kernel in slots:
-            setattr(module, _, recorders[id(kernel)])
-        for rec in recorders.values():
-            rec.launches.clear()
         _call_launcher(workload)
     finally:
-        for module, name, kernel in slots:
-            setattr(module, name, kernel)
-    log = [rec for rec in recorders.values() if rec.launches]
-    return [(rec.name, rec.kernel, g, a, kw) for rec in log for g, a, kw in rec.launches]
+        for module, name, value in patched:
+            setattr(module, name, value)
+    return [(rec.name, rec.kernel, g, a, kw) for rec in recorders.values()
+            for g, a, kw in rec.launches]
 
 
 def hottest_loop(sass: str) -> int:
@@ -271,7 +299,8 @@ def main(arch: int, workloads: list[dict]) -> dict:
             key = repr((name, _describe(args, kwargs, grid)))
             if key not in seen:
                 seen[key] = compile_launch(kernel, args, kwargs, grid, tools)
-            entries += [{"kernel": name, **entry} for entry in seen[key]]
+            dtype = next((NAMES[a.dtype] for a in args if torch.is_tensor(a)), "-")
+            entries += [{"kernel": name, "dtype": dtype, **entry} for entry in seen[key]]
         results[workload["id"]] = {"error": None, "launches": entries}
     kernels = sorted({name for _, name, _ in kernel_slots()})
     return {"triton": triton.__version__, "kernels": kernels, "results": results}
