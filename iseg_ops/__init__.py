@@ -9,9 +9,9 @@ from ._triton_compat import patch_interpreter
 
 patch_interpreter()  # before any kernel runs under Triton's interpreter
 
-from .ent_self import ent_self  # noqa: E402
-from .head_mean_attention import head_mean_attention  # noqa: E402
-from .kl import kl_cluster, symmetric_kl  # noqa: E402
-from .refine import refine  # noqa: E402
+from .ent_self import ent_self
+from .head_mean_attention import head_mean_attention
+from .kl import kl_cluster, symmetric_kl
+from .refine import refine
 
-__all__ = ["ent_self", "refine", "head_mean_attention", "symmetric_kl", "kl_cluster"]
+__all__ = ["ent_self", "head_mean_attention", "kl_cluster", "refine", "symmetric_kl"]

@@ -128,7 +128,7 @@ def _head_mean_kernel(
     ds = tl.arange(0, BLOCK_D)
     d_ok = ds < D
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for h in range(0, H):
+    for h in range(H):
         q_ptrs = (
             q_ptr
             + b * stride_qb
@@ -162,8 +162,8 @@ def _tiling(half_dot: bool) -> tuple[int, int, dict]:
     dot runs on FMA units with both operands in registers: 64×64 spilled at 255) and 2 pipeline
     stages (D ≤ 128 within sm_86's shared memory)."""
     if half_dot:
-        return 64, 64, dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=3)
-    return 32, 32, dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
+        return 64, 64, {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
+    return 32, 32, {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
 
 
 def _head_mean_attention_triton(query: torch.Tensor, key: torch.Tensor, scale: float):

@@ -33,7 +33,7 @@ from types import SimpleNamespace
 import torch
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-NAMES = {**{dtype: name for name, dtype in DTYPES.items()}, torch.int32: "int32", torch.int64: "int64"}
+NAMES = {dtype: name for name, dtype in DTYPES.items()} | {torch.int32: "int32", torch.int64: "int64"}
 # What triton.runtime.driver.active.utils.get_device_properties reports on each target.
 DEVICE_PROPERTIES = {
     90: {"max_shared_mem": 232448, "multiprocessor_count": 132, "max_num_regs": 65536,

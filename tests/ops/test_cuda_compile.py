@@ -20,8 +20,8 @@ import math
 import os
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pytest
@@ -72,10 +72,10 @@ BUDGETS = {
 # and on their way out: name → (which launches are the old kernel, why). Their failures are
 # reported as expected failures, only while such a kernel still exists.
 LEGACY = {
-    "_refine_step_kernel": (_always, "the old refine step kernel (180-255 registers, Ent-Self "
-                            "recomputed every iteration: KERNELS.md §1)"),
-    "_ent_self_kernel": (lambda c: "WRITE_P" not in c, "the old two-pass Ent-Self kernel "
-                         "(recomputes the transform in its second pass)"),
+    "_refine_step_kernel": (_always, ("the old refine step kernel (180-255 registers, Ent-Self "
+                                      "recomputed every iteration: KERNELS.md §1)")),
+    "_ent_self_kernel": (lambda c: "WRITE_P" not in c, ("the old two-pass Ent-Self kernel "
+                         "(recomputes the transform in its second pass)")),
 }
 
 
@@ -306,8 +306,9 @@ def test_main_loop_sass_per_element(compiled, arch, kernel):
         sass = sass_per_element(entry)
         assert sass is not None, f"{kernel} {entry['constexprs']}: no loop found in its SASS"
         if sass > budget.sass_per_element:
-            over.append((entry, f"{entry['loop_instructions']} instructions per trip = "
-                                f"{sass:.2f} per element of {budget.operand}"))
+            trip = entry["loop_instructions"]
+            text = f"{trip} instructions per trip = {sass:.2f} per element of {budget.operand}"
+            over.append((entry, text))
     _report(over, f"over the budget of {budget.sass_per_element} SASS per element on "
                   f"{ARCHS[arch]}")
 
