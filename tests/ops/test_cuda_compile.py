@@ -126,6 +126,10 @@ WORKLOADS = [
     # SD 1.x at 32×32: 8 heads, D = 80 (BLOCK_D 128).
     *(_head_mean(dt, 1, 8, 1024, 80) for dt in ("fp16", "fp32")),
 ]
+# The budgets (registers, local memory, SASS per element) hold at SD's HW = 4096 (issue 17);
+# every workload must compile and fit in shared memory.
+BUDGET_WORKLOADS = [w for w in WORKLOADS if w.hw == HW]
+BUDGETED = {w.id for w in BUDGET_WORKLOADS}
 # What each kernel's launches must cover (checked for the kernels and constexprs this tree
 # has): if a launcher's choices change, the workload list must follow.
 COVERAGE = {
@@ -184,7 +188,9 @@ def budget_table(compiled: dict[int, dict]) -> list[str]:
     shared memory, local memory and SASS per element, with the budget where there is one."""
     worst: dict[tuple[str, int, str], dict] = {}
     for arch, result in compiled.items():
-        for workload in result.get("results", {}).values():
+        for workload_id, workload in result.get("results", {}).items():
+            if workload_id not in BUDGETED:
+                continue
             for entry in workload["launches"]:
                 if entry["error"]:
                     continue
@@ -238,9 +244,9 @@ def _launches(compiled, arch: int, workload: Workload) -> list[dict]:
     return result["launches"]
 
 
-def _params():
+def _params(workloads=WORKLOADS):
     for arch in ARCHS:
-        for w in WORKLOADS:
+        for w in workloads:
             yield pytest.param(arch, w, id=f"sm{arch}-{w.id}")
 
 
@@ -274,7 +280,7 @@ def _report(over: list[tuple[dict, str]], what: str) -> None:
 
 @needs_triton
 @pytest.mark.slow
-@pytest.mark.parametrize(("arch", "workload"), list(_params()))
+@pytest.mark.parametrize(("arch", "workload"), list(_params(BUDGET_WORKLOADS)))
 def test_registers_and_no_local_memory(compiled, arch, workload):
     over = [
         (e, f"{e['registers']} registers, {e['stack'] + e['local']} B of local memory")
@@ -299,7 +305,8 @@ def test_main_loop_sass_per_element(compiled, arch, kernel):
     if kernel not in compiled[arch]["kernels"]:
         pytest.skip(f"{kernel} is not in this tree")
     budget = BUDGETS[kernel]
-    entries = [e for w in WORKLOADS for e in _launches(compiled, arch, w) if e["kernel"] == kernel]
+    entries = [e for w in BUDGET_WORKLOADS for e in _launches(compiled, arch, w)
+               if e["kernel"] == kernel]
     assert entries, f"{kernel} exists but no workload launches it"
     over = []
     for entry in filter(lambda e: budget.applies(e["constexprs"]), entries):
