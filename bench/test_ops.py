@@ -1,9 +1,9 @@
 """Speed of the fused ops against their PyTorch references, side by side in one run.
 
 On a GPU: ``ent_self`` and ``refine`` (N = 10) on one 64×64-latent attention (HW = 4096), K ∈
-{1, 8, 32} maps, fp16 and fp32, providers ``reference`` (``iseg_ops.reference`` on CUDA tensors:
-what a plain PyTorch port does) and ``triton`` (``iseg_ops`` with ``ISEG_OPS_BACKEND=triton``,
-argument validation included). Record with
+{1, 8, 43} maps (43: a regions call), fp16, bf16 and fp32, providers ``reference``
+(``iseg_ops.reference`` on CUDA tensors: what a plain PyTorch port does) and ``triton``
+(``iseg_ops`` with ``ISEG_OPS_BACKEND=triton``, argument validation included). Record with
 
     pytest bench/test_ops.py --benchmark-json bench/results/<gpu-name>-ops.json
 
@@ -31,24 +31,20 @@ CUDA = torch.cuda.is_available()
 TRITON = importlib.util.find_spec("triton") is not None
 ITERS = 10
 LAM = 0.01
-DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 NO_CUDA = pytest.mark.skip(reason="CUDA case: no GPU here (the CPU run benchmarks the reference)")
 
 
 def _kernels_interpreted() -> bool:
-    if not TRITON:
-        return False
-    from triton.runtime.interpreter import InterpretedFunction
-
-    kernel = importlib.import_module("iseg_ops.ent_self")._ent_self_kernel
-    return isinstance(kernel, InterpretedFunction)
+    """Whether the kernels were defined for Triton's CPU interpreter (whatever they are named)."""
+    return TRITON and importlib.import_module("iseg_ops._dispatch").interpreting()
 
 
 def _cases():
     """(op, provider, dtype, hw, k) with the marks that skip what this machine cannot run."""
     for op in ("ent_self", "refine"):
         for dtype in DTYPES:
-            for k in (1, 8, 32) if op == "refine" else (None,):
+            for k in (1, 8, 43) if op == "refine" else (None,):
                 for provider in ("reference", "triton"):
                     name = f"{op}-{provider}-{dtype}-hw4096" + (f"-k{k}" if k else "")
                     yield pytest.param(op, provider, dtype, 4096, k, id=name,

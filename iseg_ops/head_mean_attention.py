@@ -128,7 +128,7 @@ def _head_mean_kernel(
     ds = tl.arange(0, BLOCK_D)
     d_ok = ds < D
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for h in range(0, H):
+    for h in range(H):
         q_ptrs = (
             q_ptr
             + b * stride_qb
@@ -155,6 +155,17 @@ def _head_mean_kernel(
     )
 
 
+def _tiling(half_dot: bool) -> tuple[int, int, dict]:
+    """(BLOCK_M, BLOCK_N, launch options) that keep both kernels within 128 registers and
+    without local memory on sm_86 and sm_90 (tests/ops/test_cuda_compile.py): fp16/bf16
+    64×64 tiles over 8 warps (4 warps need 142 registers); fp32 32×32 tiles over 4 warps (its
+    dot runs on FMA units with both operands in registers: 64×64 spilled at 255) and 2 pipeline
+    stages (D ≤ 128 within sm_86's shared memory)."""
+    if half_dot:
+        return 64, 64, {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
+    return 32, 32, {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+
+
 def _head_mean_attention_triton(query: torch.Tensor, key: torch.Tensor, scale: float):
     heads, lq, d = query.shape[-3:]
     lk = key.shape[-2]
@@ -163,21 +174,19 @@ def _head_mean_attention_triton(query: torch.Tensor, key: torch.Tensor, scale: f
     batch = q.shape[0]
     lse = torch.empty(batch * heads, lq, device=q.device, dtype=torch.float32)
     out = torch.empty(batch, lq, lk, device=q.device, dtype=q.dtype)
-    block_d = max(16, triton.next_power_of_2(d))
     # Triton's CPU interpreter multiplies bf16 tiles wrongly (numpy has no bf16), so there
     # bf16 is multiplied in fp32; on a GPU bf16 goes to the tensor cores like fp16.
     half_dot = q.dtype == torch.float16 or (q.dtype == torch.bfloat16 and not interpreting())
-    # fp32 tiles: 2 pipeline stages keep D ≤ 128 within sm_86's shared memory.
-    common = dict(HALF_DOT=half_dot, BLOCK_D=block_d, num_stages=3 if half_dot else 2)
+    bm, bn, tiling = _tiling(half_dot)
+    common = dict(HALF_DOT=half_dot, BLOCK_D=max(16, triton.next_power_of_2(d)), **tiling)
     qk_scale = scale * _LOG2E
-    _row_lse_kernel[(triton.cdiv(lq, 64), batch * heads)](
-        q, k, lse, heads, lq, lk, d, qk_scale, *q.stride(), *k.stride(),
-        BLOCK_M=64, BLOCK_N=64, **common,
+    _row_lse_kernel[(triton.cdiv(lq, bm), batch * heads)](
+        q, k, lse, heads, lq, lk, d, qk_scale, *q.stride(), *k.stride(), **common,
     )  # fmt: skip
-    grid = (triton.cdiv(lk, 64), triton.cdiv(lq, 64), batch)
+    grid = (triton.cdiv(lk, bn), triton.cdiv(lq, bm), batch)
     _head_mean_kernel[grid](
         q, k, lse, out, heads, lq, lk, d, qk_scale, *q.stride(), *k.stride(), *out.stride(),
-        BLOCK_M=64, BLOCK_N=64, **common,
+        **common,
     )  # fmt: skip
     return out.reshape(*query.shape[:-3], lq, lk)
 

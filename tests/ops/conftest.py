@@ -53,3 +53,12 @@ def backend(request, monkeypatch) -> Backend:
 @pytest.fixture
 def triton_backend(monkeypatch) -> Backend:
     return _triton_backend(monkeypatch)
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """The static kernel budget (tests/ops/test_cuda_compile.py), when those tests ran."""
+    lines = getattr(config, "iseg_kernel_budget", None)
+    if lines:
+        terminalreporter.section("kernel budget (worst launch per kernel and target)")
+        for line in lines:
+            terminalreporter.write_line(line)
