@@ -28,6 +28,7 @@ from iseg_ops._dispatch import value_checks
 
 from . import masks
 from .capture import (
+    AttentionStore,
     CapturePlan,
     capture_processors,
     class_maps,
@@ -577,14 +578,15 @@ class ISegPipeline(DiffusionPipeline):
             if embeds.shape[0] != batch:
                 embeds = embeds.expand(batch, -1, -1)
             added = self.added_conditioning(pooled, batch, pixels.shape[-1])
-            store, processors = capture_processors(self.unet, plan)
-            with installed(processors), value_checks(False):
+            store = AttentionStore()  # this call's own: never shared with another call
+            with installed(self.unet, capture_processors(self.unet, plan), store), value_checks(False):
                 if self._capture_step is not _capture_step:  # compiled: a new CUDA-graph step
                     torch.compiler.cudagraph_mark_step_begin()
                 self_attention, cross = self._capture_step(self.unet, plan, store, noisy, t, embeds, added)
-            if self._capture_step is not _capture_step:
-                # CUDA graphs own their outputs until the next replay: keep copies.
-                self_attention, cross = self_attention.clone(), tuple(c.clone() for c in cross)
+                if self._capture_step is not _capture_step:
+                    # CUDA graphs own their outputs until the next replay (another thread's
+                    # too, once the lock is released): keep copies.
+                    self_attention, cross = self_attention.clone(), tuple(c.clone() for c in cross)
         sums = dict(zip((f for f, _ in plan.weights), cross))
         return self_attention, sums, tuple(latents.shape[-2:])
 
