@@ -36,11 +36,7 @@ from diffusers.models.attention_processor import Attention
 
 from iseg_ops import head_mean_attention
 
-from .recipes import DEFAULT_SELF_ATTENTION_LAYER, SDXL_SELF_ATTENTION_LAYER, is_sdxl
-
-# Cross-attention weights by the layer's downsampling factor w.r.t. the latent: 16×16 and
-# 32×32 for a 64×64 latent (METHOD §1); 8×8 and 64×64 have weight 0.
-DEFAULT_CROSS_ATTENTION_WEIGHTS: Mapping[int, float] = {4: 0.7, 2: 0.3}
+from .recipes import DEFAULT_CROSS_ATTENTION_WEIGHTS, DEFAULT_SELF_ATTENTION_LAYER, SDXL_SELF_ATTENTION_LAYER, is_sdxl
 
 _LAYER = re.compile(
     r"^(?:(down_blocks|up_blocks)\.(\d+)|(mid_block))\.attentions\.(\d+)"
@@ -148,16 +144,18 @@ def make_plan(
     unet,
     self_layer: str = DEFAULT_SELF_ATTENTION_LAYER,
     self_heads: Sequence[int] | None = None,
-    cross_weights: Mapping[int, float] | None = DEFAULT_CROSS_ATTENTION_WEIGHTS,
+    cross_weights: Mapping[int, float] | Sequence[tuple[int, float]] | None = DEFAULT_CROSS_ATTENTION_WEIGHTS,
     cross_layers: Sequence[tuple[str, Sequence[int] | None]] | None = None,
 ) -> CapturePlan:
     """The validated :class:`CapturePlan` (cached per UNet and arguments).
 
-    ``cross_weights=None`` captures no cross-attention (text-free). ``cross_layers=None`` takes
+    ``cross_weights`` (``{factor: weight}`` or ``((factor, weight), ...)``; default 0.7 at
+    16×16 and 0.3 at 32×32 of a 64×64 latent, METHOD §1); ``None`` captures no
+    cross-attention (text-free). ``cross_layers=None`` takes
     every ``attn2`` at a factor with a non-zero weight, all heads; otherwise the named layers
     with their head subsets (each must sit at a weighted factor).
     """
-    weights = None if cross_weights is None else tuple(sorted((int(f), float(w)) for f, w in cross_weights.items()))
+    weights = None if cross_weights is None else tuple(sorted((int(f), float(w)) for f, w in dict(cross_weights).items()))
     layers = None if cross_layers is None else tuple(
         (name, None if heads is None else tuple(heads)) for name, heads in cross_layers
     )

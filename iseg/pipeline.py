@@ -10,26 +10,27 @@ unsupervised task from DiffSeg's segments (:mod:`iseg.diffseg`). METHOD §1 (cap
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 import os
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DiffusionPipeline
-from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
 
 import iseg_ops
 from iseg_ops._dispatch import value_checks
 
-from . import masks
+from . import diffseg, masks, seeds
 from .capture import (
     AttentionStore,
     CapturePlan,
+    attention_factors,
     capture_processors,
     class_maps,
     fuse_token_maps,
@@ -38,8 +39,17 @@ from .capture import (
     run_unet,
 )
 from .images import to_tensor_batch
+from .outputs import CaptureOutput, ISegPipelineOutput, RegionsOutput, UnsupervisedOutput
 from .prompts import ClassPrompt, build_prompt, check_classes, recipe_classes
-from .recipes import Recipe, default_recipe_for, get_recipe, is_sdxl
+from .recipes import (
+    DEFAULT_TAGGER_MODEL,
+    DiffSegSettings,
+    Recipe,
+    default_recipe_for,
+    get_diffseg_settings,
+    get_recipe,
+    is_sdxl,
+)
 from .timing import StageTimer
 
 _TEXT_CACHE_SIZE = 256
@@ -52,63 +62,6 @@ _RECIPE_KEYWORDS = (
     "prompt_template", "prompt_suffix", "background_words", "background_threshold", "threshold",
     "antialias", "seed",
 )  # fmt: skip
-
-
-@dataclass
-class ISegPipelineOutput(BaseOutput):
-    """Output of :class:`ISegPipeline` (text segmentation and :meth:`~ISegPipeline.refine_masks`).
-
-    Args:
-        heatmaps: ``[B, K, H, W]`` float in [0, 1] at the input images' size, or at
-            ``heatmap_size`` (a list of ``[K_i, H_i, W_i]`` when the sizes or class counts
-            differ); ``None`` with ``output_heatmaps=False`` and no ``heatmap_size``.
-        labels: ``[B, H, W]`` int64, 0 = background, k = ``classes[k-1]`` (a list of ``[H_i, W_i]``
-            likewise).
-        self_attention: ``[B, HW, HW]`` raw head-mean self-attention, before Ent-Self; only
-            with ``output_attentions=True``.
-        cross_attention: ``[B, HW, K]`` initial maps of the classes, before refinement (K = the
-            largest class count, zero columns pad the others); only with ``output_attentions=True``.
-    """
-
-    heatmaps: torch.Tensor | list[torch.Tensor] | None
-    labels: torch.Tensor | list[torch.Tensor]
-    self_attention: torch.Tensor | None = None
-    cross_attention: torch.Tensor | None = None
-
-
-@dataclass
-class CaptureOutput(BaseOutput):
-    """What one UNet call captured (:meth:`ISegPipeline.capture`).
-
-    Args:
-        self_attention: ``[B, HW, HW]`` head-mean self-attention of the captured layer.
-        cross_attention: ``[B, HW, K]`` fused class cross-attention (the initial maps of text
-            segmentation), or ``None`` for a text-free capture.
-        grid: ``(h, w)`` of the self-attention (HW = h·w).
-        sizes: each input image's ``(H, W)``.
-    """
-
-    self_attention: torch.Tensor
-    cross_attention: torch.Tensor | None
-    grid: tuple[int, int]
-    sizes: list[tuple[int, int]]
-
-
-@dataclass
-class RegionsOutput(BaseOutput):
-    """Output of :meth:`ISegPipeline.segment_regions`.
-
-    Args:
-        heatmaps: ``[B, R, H, W]`` float in [0, 1], one per region, at the image's size.
-        masks: ``[B, R, H, W]`` bool: ``heatmap > threshold`` (a tie is not in the mask).
-        labels: ``[B, H, W]`` int64: 0 = no region, r = region r (the highest heat among the
-            regions over the threshold).
-        (Lists of per-image tensors when the images' sizes or region counts differ.)
-    """
-
-    heatmaps: torch.Tensor | list[torch.Tensor]
-    masks: torch.Tensor | list[torch.Tensor]
-    labels: torch.Tensor | list[torch.Tensor]
 
 
 def _bounded_put(cache: dict, key, value) -> None:
@@ -781,8 +734,6 @@ class ISegPipeline(DiffusionPipeline):
         A region list costs one capture and one ``refine`` call with every cell map as a
         column (a 40-cell line and 3 boxes: one call with 43 columns).
         """
-        from . import seeds
-
         # 1. Check inputs and build the initial maps (before any model runs)
         recipe = self._recipe(recipe, text=False) if recipe is None else recipe
         recipe, pixels, sizes, grid = self.check_inputs(image, recipe, resolution, generator, False, **options)
@@ -835,8 +786,6 @@ class ISegPipeline(DiffusionPipeline):
             ascending id order) and ``labels [1, H, W]`` with the same ids as ``label_map``
             (0 = background, 255 pixels stay 255; soft maps: k = map k, 1-based).
         """
-        from . import seeds
-
         # 1. Check inputs and build the initial maps (before any model runs)
         recipe = self._recipe(recipe, text=False) if recipe is None else recipe
         recipe, pixels, sizes, grid = self.check_inputs(image, recipe, resolution, generator, False, **options)
@@ -869,7 +818,7 @@ class ISegPipeline(DiffusionPipeline):
         a hub id or a folder) onto the pipeline's device, fp32 as the authors; kept as
         ``pipe.tagger`` (loaded once). Raises ``iseg.tagger.TaggerModelNotFoundError`` saying
         how to get the weights when they are missing."""
-        from .tagger import DEFAULT_TAGGER_MODEL, CLIPTagger
+        from .tagger import CLIPTagger  # scipy and the tagger's tables: only for open-vocabulary runs
 
         self.tagger = CLIPTagger.from_pretrained(model or DEFAULT_TAGGER_MODEL, **kwargs)
         self.tagger.to(self._execution_device)
@@ -877,7 +826,7 @@ class ISegPipeline(DiffusionPipeline):
 
     def tag(self, image, vocabulary: str | Sequence[str], **settings) -> list[list[str]]:
         """The classes the tagger finds in each image (see :func:`iseg.tagger.tag_classes`)."""
-        from .tagger import tag_classes
+        from .tagger import tag_classes  # scipy and the tagger's tables: only for open-vocabulary runs
 
         tagger = self.tagger if self.tagger is not None else self.load_tagger()
         if tagger.device != self._execution_device:
@@ -888,12 +837,142 @@ class ISegPipeline(DiffusionPipeline):
         images = image if isinstance(image, (list, tuple)) else [image]
         return tag_classes(tagger, list(images), vocabulary, **settings)
 
-    def segment_unsupervised(self, image, **kwargs):
-        """Unsupervised segmentation: DiffSeg's segments refined by Ent-Self (the paper's
-        Table 3); see :func:`iseg.diffseg.segment_unsupervised` for the arguments."""
-        from .diffseg import segment_unsupervised
+    @torch.no_grad()
+    def segment_unsupervised(
+        self,
+        image,
+        kl_threshold=_UNSET,
+        iters=_UNSET,
+        lam=_UNSET,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        *,
+        settings: str | DiffSegSettings | None = None,
+        resolution: int | None = None,
+        output_attentions: bool = False,
+        return_dict: bool = True,
+        **options,
+    ) -> UnsupervisedOutput | tuple:
+        r"""Segment ``image`` without classes: DiffSeg's segments refined by iSeg's Ent-Self
+        (the paper's Table 3; ``shared/docs/UNSUPERVISED.md``).
 
-        return segment_unsupervised(self, image, **kwargs)
+        Args:
+            image: a PIL image, a list of them, or a float tensor ``[B, 3, H, W]`` in [0, 1]. The
+                whole image is used, resized to the working resolution (bilinear, no antialias).
+            kl_threshold: DiffSeg's merging threshold τ (1.1 for COCO-Stuff-27, 0.9 for
+                Cityscapes); > 0.
+            iters: refinement iterations N; ``None`` switches iSeg off and returns DiffSeg's
+                labels exactly (default 10).
+            lam: Ent-Self λ (natural log; ``None``: refine with ``A`` as it is; default 0.01).
+            generator: draws the noise when ``add_noise=True`` (unused otherwise: DiffSeg adds none).
+            settings: a :class:`~iseg.recipes.DiffSegSettings` or a benchmark's name
+                (``"cocostuff27"``, ``"cityscapes"``; default ``DiffSegSettings()``); every
+                keyword given explicitly overrides its field.
+            resolution: working resolution (default: the UNet's sample size × the VAE factor).
+            output_attentions: also return the aggregated self-attention ``A``.
+            options: any other field of :class:`~iseg.recipes.DiffSegSettings`: ``init``
+                (``"maps"``/``"onehot"``), ``refine_attention`` (``"all"``/``"full-resolution"``),
+                ``anchor_grid`` (16), ``first_pass`` (``"fp32"``/``"fp16"``, Google's
+                arithmetic; the anchors it drops are in ``dropped_anchors``), ``timestep``
+                (300), ``add_noise`` (False).
+
+        Returns:
+            :class:`~iseg.outputs.UnsupervisedOutput` (``labels``, ``merged_maps``,
+            ``attention``, ``dropped_anchors``), or that tuple.
+
+        Example:
+            >>> out = pipe.segment_unsupervised(Image.open("street.jpg"), kl_threshold=0.9)
+            >>> out.labels.shape, len(out.merged_maps[0])  # ([1, H, W], M)
+        """
+        # 1. Check inputs (before any model runs)
+        options.update(kl_threshold=kl_threshold, iters=iters, lam=lam)
+        settings, pixels, sizes, grid = self.check_unsupervised_inputs(image, settings, resolution, generator, **options)
+        # 2. Encode: the empty prompt and the clean latents (noised only with add_noise)
+        context, added, latents = self._encode_unsupervised(pixels, settings, generator)
+        # 3. One UNet call aggregating every attn1 layer into A (and the finest layers' mean)
+        attention, propagate = self._aggregate_attention(latents, context, added, settings)
+        # 4. DiffSeg's merging, 5. iSeg's refinement, 6. labels at each image's size
+        merged, labels, dropped = [], [], []
+        for b, size in enumerate(sizes):
+            maps, lost = self._merge_segments(attention[b], grid, settings)
+            dropped.append(lost)
+            merged.append(maps.reshape(-1, *grid))
+            if settings.iters is not None:
+                maps = self._refine_segments(propagate[b : b + 1], maps, settings)
+            with self.stage_timer("post", self._execution_device):
+                labels.append(diffseg.label_maps(maps, grid, size))
+        if len(set(sizes)) == 1:
+            labels = torch.stack(labels)
+        self.maybe_free_model_hooks()
+        out = (labels, merged, attention if output_attentions else None, dropped)
+        return UnsupervisedOutput(*out) if return_dict else out
+
+    def check_unsupervised_inputs(self, image, settings, resolution, generator, **options):
+        """Step 1 of :meth:`segment_unsupervised`, before any model runs: the settings with
+        the explicit keywords applied, the timestep, the resolution, the anchors against the
+        attention grid, the images as pixels (no antialias, as DiffSeg), the generator and the
+        memory ``A`` needs. Returns ``(settings, pixels, sizes, grid)``."""
+        settings = get_diffseg_settings(settings)
+        changes = {k: _plain(v) for k, v in options.items() if v is not _UNSET}
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(DiffSegSettings)})
+        if unknown:
+            raise TypeError(f"unexpected keyword argument {unknown[0]!r}")
+        settings = settings.replace(**changes) if changes else settings
+        steps = self.scheduler.config.num_train_timesteps
+        if settings.timestep >= steps:
+            raise ValueError(f"timestep must be < {steps}, got {settings.timestep}")
+        resolution = self._check_resolution(resolution)
+        side = resolution // self.vae_scale_factor // attention_factors(self.unet)[0]  # SDXL: half the latent
+        if settings.anchor_grid > side:
+            raise ValueError(f"anchor_grid must be ≤ the latent grid side {side}, got {settings.anchor_grid}")
+        pixels, sizes = to_tensor_batch(image, resolution, antialias=False)
+        _check_generator(generator, len(sizes))
+        self.check_memory((side, side), len(sizes))
+        return settings, pixels, sizes, (side, side)
+
+    def _encode_unsupervised(self, pixels, settings: DiffSegSettings, generator):
+        """DiffSeg's inputs: the empty prompt's embeddings ``[B, L, D]`` (SDXL: and its added
+        conditioning) and the VAE latents, noised at the timestep only with ``add_noise``."""
+        device, batch = self._execution_device, pixels.shape[0]
+        with self.stage_timer("text", device):
+            context, pooled = self.encode_prompt("")
+            added = self.added_conditioning(pooled, batch, pixels.shape[-1])  # SDXL; None on SD
+        with self.stage_timer("vae", device):
+            latents = self.encode_images(pixels).to(self.unet.dtype)
+            if settings.add_noise:
+                noise = self.make_noise(tuple(latents.shape), generator)
+                t = torch.full((batch,), settings.timestep, device=device, dtype=torch.long)
+                latents = self.add_noise(latents, noise, t)
+        return context.expand(batch, -1, -1), added, latents
+
+    def _aggregate_attention(self, latents, context, added, settings: DiffSegSettings):
+        """``(A, the attention the refinement propagates with)`` from one UNet call (the ops'
+        per-call NaN checks, each a host synchronisation, are off inside; ``A`` is checked once
+        after)."""
+        full_only = settings.iters is not None and settings.refine_attention == "full-resolution"
+        with self.stage_timer("unet", self._execution_device), value_checks(False):
+            attention = diffseg.aggregate_self_attention(
+                self.unet, latents, settings.timestep, context, full_only, added
+            )
+        attention, propagate = attention if full_only else (attention, attention)
+        if not bool(torch.isfinite(attention.sum())):
+            raise RuntimeError(
+                "diffseg: the aggregated self-attention holds NaN or Inf (the UNet overflowed; "
+                "try fp32 or bf16)"
+            )
+        return attention, propagate
+
+    def _merge_segments(self, attention, grid, settings: DiffSegSettings):
+        """DiffSeg's merging of one image: ``(merged maps [M, HW], anchors dropped)``."""
+        with self.stage_timer("ops", self._execution_device):
+            return diffseg._merge(attention, grid, settings.kl_threshold, settings.anchor_grid, settings.first_pass)
+
+    def _refine_segments(self, attention, maps, settings: DiffSegSettings) -> torch.Tensor:
+        """iSeg's refinement of one image's merged maps ``[M, HW]`` with ``attention``
+        ``[1, HW, HW]`` (finite: checked after the UNet call); returns ``[M, HW]``."""
+        with self.stage_timer("ops", self._execution_device), value_checks(False):
+            initial = diffseg.initial_maps(maps, settings.init)
+            refined = iseg_ops.refine(attention, initial[None], iters=settings.iters, lam=settings.lam)
+        return refined[0].T
 
     # --- steps -------------------------------------------------------------------------------
 
@@ -965,8 +1044,6 @@ def _region_lists(regions, batch: int) -> list[list]:
 def _label_map_tensor(label_map, size: tuple[int, int]) -> torch.Tensor:
     """``label_map`` (tensor, NumPy array or PIL image) as a tensor ``[H, W]`` (ints) or
     ``[K, H, W]`` (float) at the image's ``size``."""
-    from PIL import Image
-
     if isinstance(label_map, Image.Image):
         label_map = np.array(label_map)
     if isinstance(label_map, np.ndarray):
