@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import numbers
 import os
+import threading
 import warnings
 from collections.abc import Mapping, Sequence
 
@@ -54,6 +55,7 @@ from .timing import StageTimer
 
 _TEXT_CACHE_SIZE = 256
 _UNSET = object()  # a keyword not given: the recipe's value applies
+_CACHE_LOCK = threading.Lock()  # guards the pipelines' bounded caches (_bounded_put)
 
 # Keywords that override a recipe field of the same name.
 _RECIPE_KEYWORDS = (
@@ -64,11 +66,15 @@ _RECIPE_KEYWORDS = (
 )  # fmt: skip
 
 
-def _bounded_put(cache: dict, key, value) -> None:
-    """Insert into a cache of at most ``_TEXT_CACHE_SIZE`` entries, dropping the oldest."""
-    if len(cache) >= _TEXT_CACHE_SIZE:
-        cache.pop(next(iter(cache)))
-    cache[key] = value
+def _bounded_put(cache: dict, key, value):
+    """Insert into a cache of at most ``_TEXT_CACHE_SIZE`` entries, dropping the oldest;
+    returns ``value``. Under a lock: threads sharing a pipeline share its caches (a lookup is
+    one ``dict.get``, safe without it)."""
+    with _CACHE_LOCK:
+        if len(cache) >= _TEXT_CACHE_SIZE:
+            cache.pop(next(iter(cache)))
+        cache[key] = value
+    return value
 
 
 def _plain(value):
@@ -349,7 +355,8 @@ class ISegPipeline(DiffusionPipeline):
         recipe = self._recipe(recipe)
         names, offsets, order = recipe_classes(recipe, check_classes(classes))
         key = (names, offsets, order, recipe.prompt_template, recipe.prompt_suffix, recipe.background_words)
-        if key not in self._prompts:
+        cached = self._prompts.get(key)
+        if cached is None:
             prompt = build_prompt(
                 self.tokenizer, [names[i] for i in order], recipe.prompt_template,
                 recipe.background_words, recipe.prompt_suffix, [offsets[i] for i in order],
@@ -359,8 +366,8 @@ class ISegPipeline(DiffusionPipeline):
             for slot, i in enumerate(order):
                 positions[i] = prompt.class_positions[slot]
             prompt = ClassPrompt(prompt.text, prompt.input_ids, tuple(positions))
-            _bounded_put(self._prompts, key, prompt)
-        return self._prompts[key]
+            cached = _bounded_put(self._prompts, key, prompt)
+        return cached
 
     def _encode_ids(self, ids: Sequence[int], scaled: Sequence[Sequence[int]], gamma: float):
         """``(embeds [1, L, D], pooled [1, P] | None)`` of the token ids, the rows at the
@@ -406,27 +413,29 @@ class ISegPipeline(DiffusionPipeline):
         recipe = self._recipe(recipe)
         device = self._execution_device
         key = ("classes", tuple(classes), recipe, device, self.unet.dtype)
-        if key not in self._text_cache:
+        cached = self._text_cache.get(key)
+        if cached is None:
             prompt = self.prompt(classes, recipe)
             embeds, pooled = self._encode_ids(prompt.input_ids, prompt.class_positions, recipe.gamma)
             tokens = torch.zeros(len(classes), len(prompt.input_ids), device=device)
             for k, positions in enumerate(prompt.class_positions):
                 tokens[k, list(positions)] = 1.0 / len(positions)
-            _bounded_put(self._text_cache, key, (embeds, tokens, pooled))
-        return self._text_cache[key]
+            cached = _bounded_put(self._text_cache, key, (embeds, tokens, pooled))
+        return cached
 
     def encode_prompt(self, text: str, bos_gamma: float = 1.0):
         """``(embeds [1, L, D], pooled [1, P] | None)`` of a plain prompt padded to the
         tokenizer's length, BOS × ``bos_gamma`` (cached). ``" "`` with γ is the text-free
         prompt of regions and given masks (METHOD §5), ``""`` DiffSeg's unconditional one."""
         key = ("prompt", text, bos_gamma, self._execution_device, self.unet.dtype)
-        if key not in self._text_cache:
+        cached = self._text_cache.get(key)
+        if cached is None:
             ids = self.tokenizer(
                 text, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True
             ).input_ids
             scaled = [(0,)] if bos_gamma != 1.0 else []
-            _bounded_put(self._text_cache, key, self._encode_ids(ids, scaled, bos_gamma))
-        return self._text_cache[key]
+            cached = _bounded_put(self._text_cache, key, self._encode_ids(ids, scaled, bos_gamma))
+        return cached
 
     def encode_text_free(self, gamma: float):
         """``(embeds [1, L, D], pooled [1, P] | None)`` of the prompt ``" "`` with BOS × γ (the
@@ -443,10 +452,10 @@ class ISegPipeline(DiffusionPipeline):
             return None
         device, dtype = self._execution_device, self.unet.dtype
         key = ("time_ids", resolution, device, dtype)
-        if key not in self._text_cache:
+        time_ids = self._text_cache.get(key)
+        if time_ids is None:
             ids = (resolution, resolution, 0, 0, resolution, resolution)
-            _bounded_put(self._text_cache, key, torch.tensor([ids], device=device, dtype=dtype))
-        time_ids = self._text_cache[key]
+            time_ids = _bounded_put(self._text_cache, key, torch.tensor([ids], device=device, dtype=dtype))
         return {"text_embeds": pooled.expand(batch, -1), "time_ids": time_ids.expand(batch, -1)}
 
     def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
