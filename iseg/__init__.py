@@ -5,8 +5,8 @@ kernels live in :mod:`iseg_ops`.
 """
 
 __all__ = [
-    "ISegPipeline", "ISegPipelineOutput", "CaptureOutput", "RegionsOutput",
-    "Point", "Box", "Line", "Mask", "Recipe", "RECIPES", "get_recipe",
+    "ISegPipeline", "ISegPipelineOutput", "CaptureOutput", "RegionsOutput", "UnsupervisedOutput",
+    "Point", "Box", "Line", "Mask", "Recipe", "RECIPES", "get_recipe", "DiffSegSettings",
 ]  # fmt: skip
 __version__ = "0.1.0"
 _SEEDS = ("Point", "Box", "Line", "Mask")  # regions for ISegPipeline.segment_regions
@@ -18,10 +18,14 @@ def __getattr__(name: str):
         from . import seeds
 
         return getattr(seeds, name)
-    if name in ("Recipe", "RECIPES", "get_recipe"):
+    if name in ("Recipe", "RECIPES", "get_recipe", "DiffSegSettings"):
         from . import recipes
 
         return getattr(recipes, name)
+    if name.endswith("Output"):
+        from . import outputs
+
+        return getattr(outputs, name)
     if name in __all__:
         from . import pipeline
 

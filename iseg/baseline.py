@@ -23,12 +23,14 @@ from diffusers.utils.torch_utils import randn_tensor
 from iseg_ops import reference
 
 from . import masks
+from .images import to_tensor_batch
 from .prompts import DEFAULT_TEMPLATE, build_prompt, check_classes
+from .recipes import DEFAULT_CROSS_ATTENTION_WEIGHTS, DEFAULT_GAMMA, DEFAULT_ITERS, DEFAULT_LAM, DEFAULT_TIMESTEP
 from .timing import StageTimer
 
 SELF_ATTENTION_LAYER = "up_blocks.3.attentions.1.transformer_blocks.0.attn1"
 # Cross-attention weight by the layer's side relative to the latent side (METHOD §1).
-CROSS_WEIGHTS = {4: 0.7, 2: 0.3}
+CROSS_WEIGHTS = dict(DEFAULT_CROSS_ATTENTION_WEIGHTS)
 
 
 class _ClassicKeepProbs:
@@ -74,11 +76,11 @@ class AuthorsBaseline:
                     self.cross_layers.append(name)
 
     @torch.no_grad()
-    def __call__(self, image, classes, iters=10, lam=0.01, gamma=1.6, timestep=100,
-                 generator=None, self_attention_heads=None):  # fmt: skip
+    def __call__(self, image, classes, iters=DEFAULT_ITERS, lam=DEFAULT_LAM, gamma=DEFAULT_GAMMA,
+                 timestep=DEFAULT_TIMESTEP, generator=None, self_attention_heads=None):  # fmt: skip
         pipe, unet, stage = self.pipe, self.pipe.unet, self.stage_timer
         device = pipe._execution_device
-        pixels, sizes = masks.to_tensor_batch(image, pipe.default_resolution)
+        pixels, sizes = to_tensor_batch(image, pipe.default_resolution)
         if len(set(sizes)) != 1:
             raise ValueError("AuthorsBaseline: the images of one call must share their size")
         classes = check_classes(classes)

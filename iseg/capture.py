@@ -3,7 +3,9 @@
 A :class:`CapturePlan` says which layers one call captures: the self-attention layer (with a
 head subset) and, for text, the ``attn2`` layers (each with a head subset) and the weight of
 each resolution. :func:`capture_processors` builds the attention processors of a plan once
-per UNet; :func:`installed` swaps them in for one call and always puts the previous ones back.
+per UNet (cached: they hold no per-call state); :func:`installed` swaps them in for one call
+with that call's own :class:`AttentionStore`, holding the UNet's lock, and always puts the
+previous ones back, so two threads sharing a pipeline never see each other's attention.
 :func:`run_unet` runs the UNet's blocks explicitly up to the last captured layer and returns:
 no exception ends the forward, no host synchronisation happens inside, so a compiler can hold
 the whole step in one graph (:meth:`iseg.ISegPipeline.compile`).
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import threading
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -33,11 +36,7 @@ from diffusers.models.attention_processor import Attention
 
 from iseg_ops import head_mean_attention
 
-from .recipes import DEFAULT_SELF_ATTENTION_LAYER, SDXL_SELF_ATTENTION_LAYER, is_sdxl
-
-# Cross-attention weights by the layer's downsampling factor w.r.t. the latent: 16×16 and
-# 32×32 for a 64×64 latent (METHOD §1); 8×8 and 64×64 have weight 0.
-DEFAULT_CROSS_ATTENTION_WEIGHTS: Mapping[int, float] = {4: 0.7, 2: 0.3}
+from .recipes import DEFAULT_CROSS_ATTENTION_WEIGHTS, DEFAULT_SELF_ATTENTION_LAYER, SDXL_SELF_ATTENTION_LAYER, is_sdxl
 
 _LAYER = re.compile(
     r"^(?:(down_blocks|up_blocks)\.(\d+)|(mid_block))\.attentions\.(\d+)"
@@ -145,16 +144,18 @@ def make_plan(
     unet,
     self_layer: str = DEFAULT_SELF_ATTENTION_LAYER,
     self_heads: Sequence[int] | None = None,
-    cross_weights: Mapping[int, float] | None = DEFAULT_CROSS_ATTENTION_WEIGHTS,
+    cross_weights: Mapping[int, float] | Sequence[tuple[int, float]] | None = DEFAULT_CROSS_ATTENTION_WEIGHTS,
     cross_layers: Sequence[tuple[str, Sequence[int] | None]] | None = None,
 ) -> CapturePlan:
     """The validated :class:`CapturePlan` (cached per UNet and arguments).
 
-    ``cross_weights=None`` captures no cross-attention (text-free). ``cross_layers=None`` takes
+    ``cross_weights`` (``{factor: weight}`` or ``((factor, weight), ...)``; default 0.7 at
+    16×16 and 0.3 at 32×32 of a 64×64 latent, METHOD §1); ``None`` captures no
+    cross-attention (text-free). ``cross_layers=None`` takes
     every ``attn2`` at a factor with a non-zero weight, all heads; otherwise the named layers
     with their head subsets (each must sit at a weighted factor).
     """
-    weights = None if cross_weights is None else tuple(sorted((int(f), float(w)) for f, w in cross_weights.items()))
+    weights = None if cross_weights is None else tuple(sorted((int(f), float(w)) for f, w in dict(cross_weights).items()))
     layers = None if cross_layers is None else tuple(
         (name, None if heads is None else tuple(heads)) for name, heads in cross_layers
     )
@@ -249,11 +250,13 @@ class AttentionStore:
 
 
 class SelfAttentionCapture:
-    """Processor recording the head-mean self-attention probabilities ``[B, HW, HW]``. As the
-    last layer of a truncated forward (``last=True``) it skips the layer's output."""
+    """Processor recording the head-mean self-attention probabilities ``[B, HW, HW]`` into the
+    ``store`` that :func:`installed` binds for one call. As the last layer of a truncated
+    forward (``last=True``) it skips the layer's output."""
 
-    def __init__(self, store: AttentionStore, heads: tuple[int, ...] | None, last: bool):
-        self.store, self.heads, self.last = store, heads, last
+    def __init__(self, heads: tuple[int, ...] | None, last: bool):
+        self.store: AttentionStore | None = None
+        self.heads, self.last = heads, last
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  temb=None, **kwargs):  # fmt: skip
@@ -268,10 +271,11 @@ class SelfAttentionCapture:
 
 class CrossAttentionCapture:
     """Processor adding the sum over its selected heads of the probabilities over the text
-    tokens to ``store.cross_sums[factor]``."""
+    tokens to ``store.cross_sums[factor]`` (the ``store`` :func:`installed` binds for one call)."""
 
-    def __init__(self, store: AttentionStore, factor: int, heads: tuple[int, ...] | None, last: bool):
-        self.store, self.factor, self.heads, self.last = store, factor, heads, last
+    def __init__(self, factor: int, heads: tuple[int, ...] | None, last: bool):
+        self.store: AttentionStore | None = None
+        self.factor, self.heads, self.last = factor, heads, last
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  temb=None, **kwargs):  # fmt: skip
@@ -284,41 +288,59 @@ class CrossAttentionCapture:
         return hidden_states if self.last else attend(attn, q, k, v)
 
 
-# (unet, plan) → (store, {module: processor}): built once per UNet and plan, so a compiled
-# capture step sees the same processor objects on every call.
+# (unet, plan) → {module: processor}: built once per UNet and plan, so a compiled capture
+# step sees the same processor objects on every call. They hold no per-call state: each call
+# binds its own AttentionStore (installed).
 _PROCESSORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def capture_processors(unet, plan: CapturePlan) -> tuple[AttentionStore, dict[Attention, object]]:
-    """The store and the capture processors of ``plan`` on ``unet`` (built once, cached)."""
+def capture_processors(unet, plan: CapturePlan) -> dict[Attention, object]:
+    """The capture processors of ``plan`` on ``unet`` (built once, cached); :func:`installed`
+    binds a store to them for one call."""
     per_unet = _PROCESSORS.setdefault(unet, {})
     if plan not in per_unet:
-        store = AttentionStore()
         processors = {
-            unet.get_submodule(plan.self_layer): SelfAttentionCapture(
-                store, plan.self_heads, plan.last_layer == plan.self_layer
-            )
+            unet.get_submodule(plan.self_layer): SelfAttentionCapture(plan.self_heads, plan.last_layer == plan.self_layer)
         }
         for c in plan.cross:
-            processors[unet.get_submodule(c.name)] = CrossAttentionCapture(
-                store, c.factor, c.heads, plan.last_layer == c.name
-            )
-        per_unet[plan] = (store, processors)
+            processors[unet.get_submodule(c.name)] = CrossAttentionCapture(c.factor, c.heads, plan.last_layer == c.name)
+        per_unet[plan] = processors
     return per_unet[plan]
 
 
+# unet → its lock: one call at a time swaps processors on a UNet and runs it.
+_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def unet_lock(unet) -> threading.RLock:
+    """The lock held while processors are swapped on ``unet`` and it runs with them."""
+    with _LOCKS_GUARD:
+        return _LOCKS.setdefault(unet, threading.RLock())
+
+
 @contextlib.contextmanager
-def installed(processors: Mapping[Attention, object]) -> Iterator[None]:
-    """Install ``processors`` on their layers for the ``with`` block; always restore the
-    previous ones (only these layers change)."""
-    previous = {m: m.processor for m in processors}
-    try:
-        for m, processor in processors.items():
-            m.set_processor(processor)
-        yield
-    finally:
-        for m, processor in previous.items():
-            m.set_processor(processor)
+def installed(
+    unet, processors: Mapping[Attention, object], store: AttentionStore | None = None
+) -> Iterator[None]:
+    """Install ``processors`` on their layers of ``unet`` for the ``with`` block, each bound to
+    this call's ``store`` (when given); always restore the previous ones (only these layers
+    change) and unbind the store. Holds the UNet's lock (:func:`unet_lock`) throughout, so
+    another thread's call neither swaps these layers nor writes into this store meanwhile."""
+    with unet_lock(unet):
+        previous = {m: m.processor for m in processors}
+        try:
+            for m, processor in processors.items():
+                if store is not None:
+                    processor.store = store
+                m.set_processor(processor)
+            yield
+        finally:
+            for m, processor in previous.items():
+                m.set_processor(processor)
+            if store is not None:
+                for processor in processors.values():
+                    processor.store = None
 
 
 def _check_sd_layout(unet, added_cond_kwargs) -> None:

@@ -1,7 +1,10 @@
 """Unsupervised segmentation: DiffSeg (Tian et al., CVPR 2024) in PyTorch, refined by iSeg.
 
 DiffSeg as ``shared/docs/UNSUPERVISED.md`` §1 states it from its official code, and iSeg on top
-(§3, the paper's Table 3; our design, since the authors released none):
+(§3, the paper's Table 3; our design, since the authors released none). The steps are pure
+functions of tensors (and the UNet, for the one aggregating call);
+:meth:`iseg.ISegPipeline.segment_unsupervised` runs them in this order, with the settings of
+:class:`iseg.recipes.DiffSegSettings`:
 
 1. The full image, resized to the working resolution without antialias, → VAE → latent mean ×
    scaling factor; **no noise**; one UNet call at **t = 300** with the empty prompt.
@@ -25,53 +28,21 @@ DiffSeg as ``shared/docs/UNSUPERVISED.md`` §1 states it from its official code,
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
-from diffusers.utils import BaseOutput
 
 import iseg_ops
-from iseg_ops._dispatch import value_checks
+from iseg_ops.kl import fp16_distances
 
-from .capture import attend, attention_factors, project_heads
-from .images import to_tensor_batch
-
-DIFFSEG_TIMESTEP = 300
-KL_THRESHOLDS = {"coco-stuff-27": 1.1, "cityscapes": 0.9}  # DiffSeg's τ per benchmark
-DEFAULT_ANCHOR_GRID = 16
-DEFAULT_ITERS = 10
-DEFAULT_LAM = 0.01
-INITS = ("maps", "onehot")
-REFINE_ATTENTIONS = ("all", "full-resolution")
+from .capture import attend, attention_factors, installed, project_heads
+from .recipes import DiffSegSettings
 
 # Elements of upsampled fp32 maps held at once when labelling (64 MiB; bounds the memory for
 # large images).
 _LABEL_CHUNK_ELEMENTS = 1 << 24
-
-
-@dataclass
-class UnsupervisedOutput(BaseOutput):
-    """Output of :func:`segment_unsupervised`.
-
-    Args:
-        labels: ``[B, H, W]`` int64 segment ids at the input images' size (a list of
-            ``[H_i, W_i]`` when the sizes differ); id ``m`` = ``merged_maps[b][m]``.
-        merged_maps: per image ``[M_b, g, g]`` float32 DiffSeg merged maps on the latent grid,
-            each summing to 1 (a distribution over the ``g × g`` keys).
-        attention: ``[B, HW, HW]`` float32 aggregated self-attention ``A`` (row-stochastic);
-            only with ``output_attentions=True``.
-        dropped_anchors: per image, the anchors Google's fp16 first pass dropped because they
-            matched nothing (a value underflowed to 0); all 0 with ``first_pass="fp32"``.
-    """
-
-    labels: torch.Tensor | list[torch.Tensor]
-    merged_maps: list[torch.Tensor]
-    attention: torch.Tensor | None = None
-    dropped_anchors: list[int] | None = None
 
 
 # --------------------------------------------------------------------------- 1. aggregation
@@ -183,16 +154,10 @@ def aggregate_self_attention(
     ``attn1`` layers for this call only and the previous ones always restored."""
     finest = attention_factors(unet)[0]
     aggregate = SelfAttentionAggregate(tuple(side // finest for side in latents.shape[-2:]))
-    layers = self_attention_layers(unet)
-    previous = {m: m.processor for m in layers.values()}
-    try:
-        for name, module in layers.items():
-            module.set_processor(SelfAttentionAggregation(aggregate, name))
+    processors = {module: SelfAttentionAggregation(aggregate, name) for name, module in self_attention_layers(unet).items()}
+    with installed(unet, processors):
         t = torch.full((latents.shape[0],), timestep, device=latents.device, dtype=torch.long)
         unet(latents, t, encoder_hidden_states=context, added_cond_kwargs=added_cond_kwargs, return_dict=False)
-    finally:
-        for module, processor in previous.items():
-            module.set_processor(processor)
     return aggregate.result(keep_full_resolution)
 
 
@@ -230,7 +195,6 @@ def greedy_groups(close: np.ndarray) -> list[np.ndarray]:
     return groups
 
 
-FIRST_PASSES = ("fp32", "fp16")
 # fp16's smallest subnormal is 2**-24 ≈ 5.96e-8: anything below half of it rounds to 0.
 FP16_UNDERFLOW = 2.0**-25
 
@@ -241,8 +205,6 @@ def _close_fp16(anchors: torch.Tensor, attention: torch.Tensor, kl_threshold: fl
     the products and sums as :mod:`iseg_ops.kl`'s fp16 distance (fp16 products, fp32-accumulated
     sums rounded to fp16, halves combined in fp16), compared with τ rounded to fp16. A zero on
     either side makes the distance NaN, and ``NaN < τ`` is false: such pairs never match."""
-    from iseg_ops.kl import fp16_distances
-
     x, y = anchors.to(torch.float16), attention.to(torch.float16)
     d = fp16_distances(x[None], y[None], torch.log(y)[None])[0]  # [n², HW] fp16
     return d < torch.tensor(kl_threshold, dtype=torch.float16)
@@ -286,8 +248,8 @@ def merge_maps(
     attention: torch.Tensor,
     grid: tuple[int, int],
     kl_threshold: float,
-    anchor_grid: int = DEFAULT_ANCHOR_GRID,
-    first_pass: str = "fp32",
+    anchor_grid: int = DiffSegSettings.anchor_grid,
+    first_pass: str = DiffSegSettings.first_pass,
 ) -> torch.Tensor:
     """DiffSeg's three KL merging passes for one image (UNSUPERVISED §1).
 
@@ -330,171 +292,18 @@ def label_maps(maps: torch.Tensor, grid: tuple[int, int], size: tuple[int, int])
     return labels.long()
 
 
-# --------------------------------------------------------------------------- 4. the call
+# --------------------------------------------------------------------------- 4. refinement
 
 
-def empty_prompt_embeddings(pipe) -> torch.Tensor:
-    """The text encoder's output ``[1, 77, D]`` for the empty prompt ``""`` padded to the
-    tokenizer's length (DiffSeg's unconditional context; on SDXL both encoders' penultimate
-    states concatenated); cached by the pipeline."""
-    return pipe.encode_prompt("")[0]
+def initial_maps(maps: torch.Tensor, init: str) -> torch.Tensor:
+    """iSeg's ``C₀`` ``[HW, M]`` from the merged maps ``[M, HW]``: the maps as columns
+    (``init="maps"``) or their one-hot argmax on the grid (``"onehot"``)."""
+    if init == "onehot":
+        return F.one_hot(maps.argmax(0), maps.shape[0]).float()
+    return maps.T
 
 
-def _number(name: str, value: object, low: float, inclusive: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    ok = value >= low if inclusive else value > low
-    if not ok or value != value or value == math.inf:
-        raise ValueError(f"{name} must be a finite number {'≥' if inclusive else '>'} {low}, got {value}")
-    return float(value)
-
-
-def _int(name: str, value: object, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"{name} must be ≥ {low}, got {value}")
-    return value
-
-
-@torch.no_grad()
-def segment_unsupervised(
-    pipe,
-    image,
-    kl_threshold: float = 1.1,
-    iters: int | None = DEFAULT_ITERS,
-    lam: float | None = DEFAULT_LAM,
-    generator: torch.Generator | Sequence[torch.Generator] | None = None,
-    *,
-    init: str = "maps",
-    refine_attention: str = "all",
-    anchor_grid: int = DEFAULT_ANCHOR_GRID,
-    first_pass: str = "fp32",
-    timestep: int = DIFFSEG_TIMESTEP,
-    add_noise: bool = False,
-    resolution: int | None = None,
-    output_attentions: bool = False,
-    return_dict: bool = True,
-) -> UnsupervisedOutput | tuple:
-    r"""Segment ``image`` without classes: DiffSeg's segments, refined by iSeg's Ent-Self.
-
-    Args:
-        pipe: an :class:`iseg.ISegPipeline` (any SD 1.x/2.x components; DiffSeg used SD 1.4).
-        image: a PIL image, a list of them, or a float tensor ``[B, 3, H, W]`` in [0, 1]. The
-            whole image is used, resized to the working resolution (bilinear, no antialias).
-        kl_threshold: DiffSeg's merging threshold τ (1.1 for COCO-Stuff-27, 0.9 for
-            Cityscapes); > 0.
-        iters: refinement iterations N; ``None`` switches iSeg off and returns DiffSeg's labels
-            exactly. Default 10, the paper's default (Table 5a): the paper gives no setting for
-            its Table 3, and its text experiments show the refinement saturating by ~10.
-        lam: Ent-Self λ (natural log; ``None``: refine with ``A`` as it is). Default 0.01, the
-            paper's best λ in Table 5 and the text pipeline's default. ``A`` averages every
-            resolution, so it is already smoother than the single 64×64 layer iSeg was tuned
-            on; λ sharpens it, which is what the entropy term is for.
-        generator: draws the noise when ``add_noise=True`` (unused otherwise: DiffSeg adds none).
-        init: ``"maps"`` (default): ``C₀`` = the merged maps, each a distribution over the grid;
-            ``"onehot"``: their one-hot argmax on the latent grid.
-        refine_attention: the attention the refinement propagates with: ``"all"`` (default)
-            DiffSeg's aggregate ``A``; ``"full-resolution"`` the mean of the latent-resolution
-            layers only (64×64 at 512 px; closer to the single layer iSeg uses for text; keeps
-            a second ``HW × HW`` matrix, +64 MiB per image at 512 px).
-        anchor_grid: anchors per side (16: 256 anchors).
-        first_pass: the arithmetic of DiffSeg's first merging pass: ``"fp32"`` (default; exact
-            zeros handled by their limits) or ``"fp16"``, exactly as Google's TensorFlow code
-            computes it (fp16 anchors, attention and τ; an attention value below 2.98e-8
-            underflows to 0, its distance is NaN and never close, and an anchor that matches
-            nothing is dropped). The number dropped is in ``dropped_anchors``.
-        timestep: the UNet's timestep (DiffSeg: 300).
-        add_noise: noise the latent at ``timestep`` as iSeg's capture does (DiffSeg: no).
-        resolution: working resolution (default: the UNet's sample size × the VAE factor).
-        output_attentions: also return the aggregated self-attention ``A``.
-
-    Returns:
-        :class:`UnsupervisedOutput` (``labels``, ``merged_maps``, ``attention``,
-        ``dropped_anchors``), or that tuple.
-
-    Example:
-        >>> out = segment_unsupervised(pipe, Image.open("street.jpg"), kl_threshold=0.9)
-        >>> out.labels.shape, len(out.merged_maps[0])  # ([1, H, W], M)
-    """
-    # 1. check inputs (no model runs before all of them pass)
-    kl_threshold = _number("kl_threshold", kl_threshold, 0.0, inclusive=False)
-    if iters is not None:
-        iters = _int("iters", iters, 0)
-    if lam is not None:
-        lam = _number("lam", lam, 0.0, inclusive=True)
-    if init not in INITS:
-        raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
-    if refine_attention not in REFINE_ATTENTIONS:
-        raise ValueError(
-            f"refine_attention must be one of {', '.join(REFINE_ATTENTIONS)}, got {refine_attention!r}"
-        )
-    anchor_grid = _int("anchor_grid", anchor_grid, 1)
-    if first_pass not in FIRST_PASSES:
-        raise ValueError(f"first_pass must be one of {', '.join(FIRST_PASSES)}, got {first_pass!r}")
-    train_steps = pipe.scheduler.config.num_train_timesteps
-    timestep = _int("timestep", timestep, 0)
-    if timestep >= train_steps:
-        raise ValueError(f"timestep must be < {train_steps}, got {timestep}")
-    factor = pipe.vae_scale_factor
-    resolution = pipe.unet.config.sample_size * factor if resolution is None else resolution
-    resolution = _int("resolution", resolution, 1)
-    if resolution % (factor * 8):
-        raise ValueError(f"resolution must be a multiple of {factor * 8}, got {resolution}")
-    pipe.warn_if_not_native(resolution)
-    side = resolution // factor // attention_factors(pipe.unet)[0]  # SDXL: half the latent
-    grid = (side, side)
-    if anchor_grid > min(grid):
-        raise ValueError(f"anchor_grid must be ≤ the latent grid side {min(grid)}, got {anchor_grid}")
-    pixels, sizes = to_tensor_batch(image, resolution, antialias=False)
-    batch = len(sizes)
-    if isinstance(generator, list) and len(generator) != batch:
-        raise ValueError(f"generator: got {len(generator)} generators for {batch} images")
-
-    # 2. encode: empty prompt, clean latent (optionally noised)
-    device, stage = pipe._execution_device, pipe.stage_timer
-    with stage("text", device):
-        context, pooled = pipe.encode_prompt("")
-        context = context.expand(batch, -1, -1)
-        added = pipe.added_conditioning(pooled, batch, resolution)  # SDXL; None on SD
-    with stage("vae", device):
-        latents = pipe.encode_images(pixels).to(pipe.unet.dtype)
-        if add_noise:
-            noise = pipe.make_noise(tuple(latents.shape), generator)
-            t = torch.full((batch,), timestep, device=device, dtype=torch.long)
-            latents = pipe.add_noise(latents, noise, t)
-
-    # 3. one UNet call, aggregating every attn1 layer (the ops' per-call NaN checks, each a
-    # host synchronisation, are off inside; A is checked once after)
-    full_only = iters is not None and refine_attention == "full-resolution"
-    with stage("unet", device), value_checks(False):
-        attention = aggregate_self_attention(pipe.unet, latents, timestep, context, full_only, added)
-    attention, propagate = attention if full_only else (attention, attention)
-    if not bool(torch.isfinite(attention.sum())):
-        raise RuntimeError(
-            "diffseg: the aggregated self-attention holds NaN or Inf (the UNet overflowed; "
-            "try fp32 or bf16)"
-        )
-
-    # 4. DiffSeg's merging, per image; 5. iSeg's refinement; 6. labels
-    merged, labels, dropped = [], [], []
-    for b in range(batch):
-        with stage("ops", device):  # DiffSeg merging
-            maps, lost = _merge(attention[b], grid, kl_threshold, anchor_grid, first_pass)  # [M, HW]
-        dropped.append(lost)
-        merged.append(maps.reshape(-1, *grid))
-        if iters is not None:
-            with stage("ops", device):
-                initial = maps.T  # [HW, M]
-                if init == "onehot":
-                    initial = F.one_hot(maps.argmax(0), maps.shape[0]).float()
-                with value_checks(False):  # A and the maps are finite (checked above)
-                    refined = iseg_ops.refine(propagate[b : b + 1], initial[None], iters=iters, lam=lam)
-                maps = refined[0].T
-        with stage("post", device):
-            labels.append(label_maps(maps, grid, sizes[b]))
-    if len(set(sizes)) == 1:
-        labels = torch.stack(labels)
-    pipe.maybe_free_model_hooks()
-    out = (labels, merged, attention if output_attentions else None, dropped)
-    return UnsupervisedOutput(*out) if return_dict else out
+def segment_unsupervised(pipe, image, *args, **kwargs):
+    """:meth:`iseg.ISegPipeline.segment_unsupervised` (the pipeline owns the task). Kept only
+    while the ``unsupervised`` command and ``bench/test_unsupervised.py`` call it here."""
+    return pipe.segment_unsupervised(image, *args, **kwargs)

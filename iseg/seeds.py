@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 __all__ = [
     "Point",
@@ -202,13 +203,8 @@ def _pairs(points: Any, where: str, what: str) -> tuple:
 
 def _mask_array(mask: Any, where: str, size: tuple[int, int]) -> np.ndarray:
     """A Mask's array as bool ``[H, W]`` NumPy."""
-    try:
-        from PIL import Image
-
-        if isinstance(mask, Image.Image):
-            mask = np.asarray(mask)
-    except ImportError:  # pragma: no cover - pillow is a dependency
-        pass
+    if isinstance(mask, Image.Image):
+        mask = np.asarray(mask)
     if isinstance(mask, torch.Tensor):
         mask = mask.detach().cpu().numpy()
     if not isinstance(mask, np.ndarray):

@@ -40,6 +40,7 @@ from scipy import ndimage
 from .data import data_path
 from .hub import download_command, hub_offline
 from .images import to_rgb
+from .recipes import DEFAULT_TAGGER_MODEL
 
 __all__ = [
     "BACKGROUND",
@@ -65,7 +66,6 @@ __all__ = [
     "vote_mask",
 ]
 
-DEFAULT_TAGGER_MODEL = "openai/clip-vit-base-patch16"
 
 PIXEL_MEAN = (0.48145466, 0.4578275, 0.40821073)
 PIXEL_STD = (0.26862954, 0.26130258, 0.27577711)

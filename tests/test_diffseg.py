@@ -65,7 +65,7 @@ def _reference_backend(monkeypatch):
 
 
 def run(pipe, image=None, **kwargs):
-    return diffseg.segment_unsupervised(pipe, make_image(0) if image is None else image, **kwargs)
+    return pipe.segment_unsupervised(make_image(0) if image is None else image, **kwargs)
 
 
 # ------------------------------------------------------------------ direct implementations
@@ -450,7 +450,7 @@ def test_memory_only_the_aggregate_and_one_head_mean(sharp, monkeypatch):
     monkeypatch.setenv("ISEG_OPS_BACKEND", "triton")
     pixels = torch.rand(1, 3, 128, 128)
     latents = sharp.encode_images(pixels)
-    context = diffseg.empty_prompt_embeddings(sharp)
+    context = sharp.encode_prompt("")[0]
     with LiveBigTensors(HW * HW) as mode:
         a = diffseg.aggregate_self_attention(sharp.unet, latents, 300, context)
     assert mode.peak == 2, f"{mode.peak} HW×HW tensors alive at once: {mode.at_peak}"
@@ -500,7 +500,7 @@ def test_cli_round_trip_and_resume(saved_sharp, tmp_path, capsys):
         with Image.open(out / f"{path.stem}_labels.png") as png:
             assert png.mode == "P" and png.size == image.size
             labels = torch.from_numpy(np.asarray(png).astype(np.int64))
-        direct = diffseg.segment_unsupervised(loaded, image, kl_threshold=TAU, iters=None).labels[0]
+        direct = loaded.segment_unsupervised(image, kl_threshold=TAU, iters=None).labels[0]
         assert torch.equal(labels, direct) and labels.unique().numel() >= 2
         with Image.open(out / f"{path.stem}_overlay.png") as overlay:
             assert (overlay.mode, overlay.size) == ("RGB", image.size)
@@ -621,3 +621,52 @@ def test_cli_first_pass_reaches_the_call_and_reports_dropped_anchors(saved_sharp
     assert seen == ["fp16"]
     assert "a: 5 anchor(s) dropped (fp16 underflow in the first pass)" in capsys.readouterr().err
     assert cli([path], folder, tmp_path / "out2", "--iters", "none") == 0 and seen[-1] == "fp32"
+
+
+# ------------------------------------------------------------------ settings (a Recipe sibling)
+
+
+def test_settings_presets_hold_diffsegs_tau_and_keywords_override_them(sharp, monkeypatch):
+    """``settings="cityscapes"`` merges with τ = 0.9 (DiffSeg's Cityscapes value), the
+    default with 1.1 (COCO-Stuff-27); an explicit keyword wins over the preset's field."""
+    from iseg.recipes import DIFFSEG_SETTINGS, DiffSegSettings
+
+    assert DIFFSEG_SETTINGS["cityscapes"].kl_threshold == 0.9
+    assert DIFFSEG_SETTINGS["cocostuff27"].kl_threshold == DiffSegSettings().kl_threshold == 1.1
+    seen = []
+    original = diffseg._merge
+    monkeypatch.setattr(diffseg, "_merge", lambda a, g, tau, *rest: seen.append(tau) or original(a, g, tau, *rest))
+    run(sharp, iters=None, settings="cityscapes")
+    run(sharp, iters=None)
+    run(sharp, iters=None, settings="cityscapes", kl_threshold=TAU)
+    assert seen == [0.9, 1.1, TAU]
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"settings": "voc"}, ValueError, "unknown DiffSeg settings 'voc'; known: cocostuff27, cityscapes"),
+        ({"settings": 3}, TypeError, "settings must be a name or a DiffSegSettings"),
+        ({"gamma": 1.6}, TypeError, "unexpected keyword argument 'gamma'"),
+    ],
+)
+def test_bad_settings_fail_before_the_model(sharp, kwargs, error, match):
+    calls = []
+    handle = sharp.unet.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(error, match=match):
+            run(sharp, **kwargs)
+    finally:
+        handle.remove()
+    assert not calls
+
+
+def test_settings_are_frozen_and_checked_on_replace():
+    from dataclasses import FrozenInstanceError
+
+    from iseg.recipes import DiffSegSettings
+
+    with pytest.raises(FrozenInstanceError):
+        DiffSegSettings().kl_threshold = 2.0
+    with pytest.raises(ValueError, match="anchor_grid must be ≥ 1"):
+        DiffSegSettings().replace(anchor_grid=0)

@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from iseg import masks
 from iseg.images import load_image, to_rgb, to_tensor_batch
 
 
@@ -151,10 +150,6 @@ def test_antialias_false_is_the_authors_resize():
     # A tensor input with antialias=False: the same interpolation.
     tensor = torch.from_numpy(array).permute(2, 0, 1).float() / 255.0
     assert torch.equal(to_tensor_batch(tensor, 32, antialias=False)[0], expected)
-
-
-def test_masks_reexports_to_tensor_batch():
-    assert masks.to_tensor_batch is to_tensor_batch
 
 
 @pytest.mark.parametrize(

@@ -7,24 +7,25 @@ import torch
 from PIL import Image
 
 from iseg import masks
+from iseg.images import to_tensor_batch
 
 
 def test_pil_and_tensor_inputs_map_to_the_same_model_range():
     rgb = torch.tensor([0, 255, 51], dtype=torch.uint8)
     pil = Image.new("RGB", (8, 8), tuple(rgb.tolist()))
-    pixels, sizes = masks.to_tensor_batch(pil, 8)  # no resize: R equals the size
+    pixels, sizes = to_tensor_batch(pil, 8)  # no resize: R equals the size
     assert pixels.dtype == torch.uint8 and sizes == [(8, 8)]
     expected = torch.tensor([-1.0, 1.0, 51 / 127.5 - 1.0])[None, :, None, None].expand(1, 3, 8, 8)
     torch.testing.assert_close(masks.to_model_range(pixels, torch.float32), expected)
     tensor = (rgb.float() / 255)[None, :, None, None].expand(1, 3, 8, 8)
-    from_tensor, tensor_sizes = masks.to_tensor_batch(tensor, 8)
+    from_tensor, tensor_sizes = to_tensor_batch(tensor, 8)
     assert tensor_sizes == [(8, 8)]
     torch.testing.assert_close(masks.to_model_range(from_tensor, torch.float32), expected)
 
 
 def test_any_pil_mode_is_converted_to_rgb():
     for mode in ("RGBA", "L", "P", "1", "CMYK"):
-        pixels, sizes = masks.to_tensor_batch(Image.new(mode, (5, 3)), 16)
+        pixels, sizes = to_tensor_batch(Image.new(mode, (5, 3)), 16)
         assert pixels.shape == (1, 3, 16, 16) and sizes == [(3, 5)]
 
 

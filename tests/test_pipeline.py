@@ -405,3 +405,14 @@ def test_vocabulary_tags_then_segments(pipe, monkeypatch):
     # A preset picks its open-vocabulary recipe: the tags are VOC's names ("tvmonitor" →
     # the authors' "tv monitor" through the recipe's class table).
     assert pipe.resolve_recipe("voc-ovs").dataset == "voc"
+
+
+def test_outputs_live_in_one_module_and_keep_their_old_import_paths():
+    import iseg
+    from iseg import outputs, pipeline
+
+    for name in ("ISegPipelineOutput", "CaptureOutput", "RegionsOutput", "UnsupervisedOutput"):
+        cls = getattr(outputs, name)
+        assert getattr(iseg, name) is cls and cls.__module__ == "iseg.outputs"
+    for name in ("ISegPipelineOutput", "CaptureOutput", "RegionsOutput"):
+        assert getattr(pipeline, name) is getattr(outputs, name)
