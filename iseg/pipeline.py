@@ -39,6 +39,7 @@ from .capture import (
     installed,
     make_plan,
     run_unet,
+    unet_lock,
 )
 from .images import to_tensor_batch
 from .outputs import CaptureOutput, ISegPipelineOutput, RegionsOutput, UnsupervisedOutput
@@ -993,10 +994,13 @@ class ISegPipeline(DiffusionPipeline):
         """``iseg_ops.refine`` with the recipe's λ, T clamp and iterations (no host sync: the
         outputs are checked once at the end)."""
         kwargs = {} if recipe.t_max is None else {"t_max": recipe.t_max}
-        op = self._refine_op or iseg_ops.refine
-        with self.stage_timer("ops", self._execution_device), value_checks(False):
-            refined = op(self_attention, initial, iters=recipe.iters, lam=recipe.lam, **kwargs)
-        return refined if self._refine_op is None else refined.clone()  # a CUDA graph's output
+        if self._refine_op is None:
+            with self.stage_timer("ops", self._execution_device), value_checks(False):
+                return iseg_ops.refine(self_attention, initial, iters=recipe.iters, lam=recipe.lam, **kwargs)
+        # compiled: a CUDA graph owns its output until the next replay, so the replay and the
+        # copy happen under the UNet's lock (another thread's call would overwrite it)
+        with unet_lock(self.unet), self.stage_timer("ops", self._execution_device), value_checks(False):
+            return self._refine_op(self_attention, initial, iters=recipe.iters, lam=recipe.lam, **kwargs).clone()
 
     @staticmethod
     def _masks(refined, grid, sizes, num_classes, recipe: Recipe, output_heatmaps: bool, heatmap_size=None):
