@@ -56,7 +56,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from . import masks
-from .commands._common import SEED_MAX, first_line
+from .commands._common import SEED_MAX
+from .errors import first_line
 
 logger = logging.getLogger(__name__)
 

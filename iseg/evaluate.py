@@ -24,11 +24,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import secrets
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from .files import HOST, remove_stale_temps, write_atomic
 
 __all__ = [
     "SegmentationScores",
@@ -619,35 +622,10 @@ def _collate_scores(batch):
 
 
 def _write_atomic(path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``:
-    readers see the old file or the whole new one, never a part."""
-    import os
-    import secrets
-
-    path.parent.mkdir(parents=True, exist_ok=True)  # ids may hold a folder (Cityscapes' city/)
-    tmp = path.with_name(f".{path.name}.{_HOST}-{os.getpid()}-{secrets.token_hex(4)}.iseg-tmp")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        if isinstance(exc, OSError) and exc.errno is not None:  # the error names the file, not the temp
-            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
-        raise
-
-
-def _host() -> str:
-    import re
-    import socket
-
-    return re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())[:40] or "host"
-
-
-_HOST = _host()  # in temporary names: shards on other machines sharing --out keep their temps
+    """Write ``data`` to ``path`` with :func:`iseg.files.write_atomic`, creating its folder (ids
+    may hold one: Cityscapes' ``city/``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, lambda f: f.write(data))
 
 
 def _png_bytes(pred: np.ndarray) -> bytes:
@@ -663,29 +641,6 @@ def _png_bytes(pred: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     img.save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def _remove_stale_temps(folder) -> None:
-    """Remove temporary files left by killed writers: written on this machine by a process that
-    no longer runs (another machine's shard may be writing its own)."""
-    import os
-    import re
-
-    pattern = re.compile(r"^\..+\.([A-Za-z0-9_]+)-(\d+)-[0-9a-f]{8}\.iseg-tmp$")
-    for path in folder.rglob("*.iseg-tmp"):
-        match = pattern.match(path.name)
-        if not match or match.group(1) != _HOST:
-            continue
-        pid = int(match.group(2))
-        try:
-            os.kill(pid, 0)
-            alive = pid != os.getpid()
-        except ProcessLookupError:
-            alive = False
-        except PermissionError:
-            alive = True
-        if not alive:
-            path.unlink(missing_ok=True)
 
 
 def _sha(text: str) -> str:
@@ -1029,7 +984,7 @@ def _claim(out, manifest: dict, overwrite: bool) -> None:
         changed = {k: (old.get(k), v) for k, v in manifest.items() if old.get(k) != v}
         if not changed and not overwrite:
             if pred_dir.is_dir():
-                _remove_stale_temps(pred_dir)
+                remove_stale_temps(pred_dir, recursive=True)
             return
         if changed and has_predictions and not overwrite:
             what = ", ".join(f"{k}: {a!r} → {b!r}" for k, (a, b) in changed.items())
@@ -1096,13 +1051,11 @@ class _Records:
         return known
 
     def add(self, image_id: str, data: bytes, dropped: int = 0) -> None:
-        import secrets
-
         line = json.dumps({"id": image_id, "sha": _digest(data), "dropped": dropped}) + "\n"
         with self.lock:
             if self.path is None:
                 self.folder.mkdir(parents=True, exist_ok=True)
-                self.path = self.folder / f"{_HOST}-{os.getpid()}-{secrets.token_hex(4)}.jsonl"
+                self.path = self.folder / f"{HOST}-{os.getpid()}-{secrets.token_hex(4)}.jsonl"
             with open(self.path, "a") as f:
                 f.write(line)
 

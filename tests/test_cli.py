@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 import warnings
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from iseg.cli import main
 from iseg.commands import _common, segment
 from iseg.commands._common import DEFAULT_MODEL, CommandError
 from iseg.commands.segment import parse_classes
+from iseg.files import HOST
 from iseg.images import load_image
 from iseg.runner import MANIFEST, output_names
 from iseg.testing import tiny_components
@@ -609,7 +609,7 @@ def test_sigterm_stops_cleanly_and_stale_temp_files_are_removed(saved, rgb_image
     assert "Traceback" not in err
     assert sorted(os.listdir(out)) == ["first_labels.png", "first_overlay.png", MANIFEST]
 
-    stale = out / f".second_labels.png.{2**22 + 12345}.0123abcd.iseg-tmp"  # no such pid
+    stale = out / f".second_labels.png.{HOST}-{2**22 + 12345}-0123abcd.iseg-tmp"  # no such pid
     stale.write_bytes(b"half a PNG")
     assert main(command(rgb_images, saved[1], out)) == 0
     assert not stale.exists()

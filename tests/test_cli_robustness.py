@@ -24,6 +24,8 @@ from iseg import ISegPipeline
 from iseg.cli import main
 from iseg.commands import _common
 from iseg.commands._common import CommandError
+from iseg.errors import MAX_LINE, RunError
+from iseg.files import TEMP_SUFFIX
 from iseg.runner import MANIFEST, Runner
 from iseg.testing import tiny_clip_components, tiny_components
 
@@ -83,7 +85,7 @@ def forbid_loading(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def temp_files(folder: Path) -> list[str]:
-    return [n for n in os.listdir(folder) if n.endswith(_common.TEMP_SUFFIX)] if folder.exists() else []
+    return [n for n in os.listdir(folder) if n.endswith(TEMP_SUFFIX)] if folder.exists() else []
 
 
 # --- 2. a full disk ---------------------------------------------------------------------------
@@ -208,7 +210,7 @@ def test_save_atomic_turns_enospc_into_one_line(tmp_path):
         f.write(b"half")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    with pytest.raises(CommandError, match="no space left on device; the finished outputs are kept"):
+    with pytest.raises(RunError, match="no space left on device; the finished outputs are kept"):
         iseg.runner.save_atomic(full, tmp_path / "x.png")
     assert os.listdir(tmp_path) == []
 
@@ -317,7 +319,7 @@ def test_runner_a_run_that_finished_nothing_locks_nothing(tmp_path):
     # Once something is finished, other settings are refused again.
     second.run(second.plan(inputs, lambda n: [f"{n}.out"]), Path.read_text,
                lambda items, loaded: [{f"{items[0].name}.out": lambda f: f.write(b"ok")}])  # fmt: skip
-    with pytest.raises(CommandError, match="other settings"):
+    with pytest.raises(RunError, match="other settings"):
         Runner(tmp_path / "out", "t", {"k": 3}).plan(inputs, lambda n: [f"{n}.out"])
 
 
@@ -406,7 +408,7 @@ def test_a_manifest_of_the_wrong_shape_is_one_line(text, images, tmp_path, capsy
     assert main(segment(images, tmp_path / "model", out)) == 1
     line = one_error_line(capsys.readouterr().err)
     assert "iseg-manifest.json" in line and ("not an iseg manifest" in line or "cannot read" in line)
-    assert len(line) <= _common.MAX_LINE
+    assert len(line) <= MAX_LINE
 
 
 @pytest.mark.parametrize("manifest", ["[]", '{"command": "tag", "settings": []}', '{"command": 1}', "\udcff"])
@@ -765,7 +767,7 @@ def test_error_lines_are_short(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(recipes, "run", fail)
     assert main(["recipes"]) == 1
     line = one_error_line(capsys.readouterr().err)
-    assert len(line) <= _common.MAX_LINE
+    assert len(line) <= MAX_LINE
     assert line.startswith("iseg: error: cannot do it: xxx") and line.endswith("do this instead")
     assert " … " in line
 
@@ -780,4 +782,4 @@ def test_runner_failure_lines_are_short(tmp_path, capsys):
 
     runner.run(runner.plan([path], lambda n: [f"{n}.out"]), Path.read_text, fail)
     line = one_error_line(capsys.readouterr().err)
-    assert len(line) <= _common.MAX_LINE
+    assert len(line) <= MAX_LINE

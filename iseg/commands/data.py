@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..errors import first_line
 from . import _common
-from ._common import CommandError, first_line
+from ._common import CommandError
 
 
 def add_parser(subparsers) -> None:

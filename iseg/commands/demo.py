@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from ..errors import first_line
 from . import _common
 from ._common import CommandError
 
@@ -74,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         launch(app, host=args.host, port=args.port, share=args.share)
     except OSError as exc:  # taken meanwhile, or no free port from 7860 on
         where = f"{args.host}:{args.port}" if args.port else f"{args.host} (ports 7860 and up)"
-        raise CommandError(f"cannot serve on {where}: {_common.first_line(exc).split('. ')[0]}; "
+        raise CommandError(f"cannot serve on {where}: {first_line(exc).split('. ')[0]}; "
                            "give a free one with --port N") from None  # fmt: skip
     return 0
 
@@ -87,7 +88,7 @@ def _check_port(host: str, port: int) -> None:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except OSError as exc:
-        raise CommandError(f"--host {host}: {_common.first_line(exc)}", code=2) from None
+        raise CommandError(f"--host {host}: {first_line(exc)}", code=2) from None
     family, kind, proto, _, address = infos[0]
     with socket.socket(family, kind, proto) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will
@@ -95,5 +96,5 @@ def _check_port(host: str, port: int) -> None:
             probe.bind(address)
         except OSError as exc:
             raise CommandError(
-                f"cannot serve on {host}:{port}: {_common.first_line(exc)}; give a free one with --port N"
+                f"cannot serve on {host}:{port}: {first_line(exc)}; give a free one with --port N"
             ) from None

@@ -24,8 +24,9 @@ import argparse
 import os
 import sys
 
+from ..errors import first_line, report_error
 from . import _common
-from ._common import CommandError, first_line
+from ._common import CommandError
 
 TASK_NAMES = ("voc-wsss", "coco-wsss", "voc-ovs", "context-ovs", "coco-ovs", "cityscapes", "cocostuff27")
 
@@ -163,11 +164,11 @@ def run(args: argparse.Namespace) -> int:
         failures.update(result.metrics["failures"])
     # Each one is predicted again by the next run (a missing, unreadable or changed prediction).
     for message in list(failures.values())[:20]:
-        _common.report_error(message)
+        report_error(message)
     if len(failures) > 20:
-        _common.report_error(f"… and {len(failures) - 20} more (see metrics.json)")
+        report_error(f"… and {len(failures) - 20} more (see metrics.json)")
     if failures:
-        _common.report_error(
+        report_error(
             f"{len(failures)} image(s) not scored; fix the files named above (the next run "
             "predicts again every prediction that is missing, unreadable or changed) and rerun"
         )

@@ -30,8 +30,9 @@ import hashlib
 import math
 from pathlib import Path
 
+from ..errors import first_line
 from . import _common
-from ._common import CommandError, first_line
+from ._common import CommandError
 
 REGIONS, REFINE = "regions", "refine-masks"
 REGION_MASK_SUFFIX = "_mask.png"  # <name>_region<r>_mask.png

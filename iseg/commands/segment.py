@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import first_line
 from ..recipes import default_recipe_for
 from . import _common
-from ._common import CommandError, first_line
+from ._common import CommandError
 
 NAME = "segment"
 
@@ -210,9 +211,9 @@ def run(args: argparse.Namespace) -> int:
         if vocabulary is None:
             _check_classes_fit(pipe, args.classes, args.recipe)
         else:  # fp32 whatever the SD dtype, as the authors (bf16 flips tags)
-            from .tag import check_vocabulary_fits, load_tagger
-
             import torch
+
+            from .tag import check_vocabulary_fits, load_tagger
 
             pipe.tagger = load_tagger(args.tagger_model, device, torch.float32, quiet=args.quiet)
             check_vocabulary_fits(pipe.tagger, vocabulary)

@@ -21,8 +21,9 @@ import sys
 import time
 from pathlib import Path
 
+from ..errors import PROG, first_line, report_error
 from . import _common
-from ._common import CommandError, first_line
+from ._common import CommandError
 
 NAME = "tag"
 DEFAULT_TAGGER_MODEL = "openai/clip-vit-base-patch16"
@@ -244,7 +245,7 @@ def run(args: argparse.Namespace) -> int:
     skipped = len(ids) - len(todo)
     if not todo:
         if not args.quiet:
-            print(f"{_common.PROG}: all {len(ids)} images already tagged in '{out}'", file=sys.stderr)
+            print(f"{PROG}: all {len(ids)} images already tagged in '{out}'", file=sys.stderr)
         return 0
 
     # 2. Load the tagger; write the kept lines (none after --overwrite), then the settings
@@ -262,7 +263,7 @@ def run(args: argparse.Namespace) -> int:
     failed = _tag_all(tagger, todo, preset, overrides, lines, out, quiet=args.quiet)
     if not args.quiet:
         print(
-            f"{_common.PROG}: tagged {len(todo) - failed} image(s) into '{out}'"
+            f"{PROG}: tagged {len(todo) - failed} image(s) into '{out}'"
             + (f", {skipped} already there" if skipped else "")
             + (f", {failed} failed" if failed else ""),
             file=sys.stderr,
@@ -293,7 +294,7 @@ def _tag_all(tagger, todo, preset, overrides: dict, lines: dict, out: Path, quie
             try:
                 image = load_image(path)
             except Exception as exc:
-                _common.report_error(f"cannot read image '{path}': {first_line(exc)}")
+                report_error(f"cannot read image '{path}': {first_line(exc)}")
                 failed += 1
                 continue
             try:
@@ -301,7 +302,7 @@ def _tag_all(tagger, todo, preset, overrides: dict, lines: dict, out: Path, quie
             except (KeyboardInterrupt, MemoryError):
                 raise
             except Exception as exc:  # this image failed inside the model; the others go on
-                _common.report_error(f"'{path}': {first_line(exc)}")
+                report_error(f"'{path}': {first_line(exc)}")
                 failed += 1
                 continue
             lines[stem] = " ".join([stem, *map(str, result.indices)])
