@@ -33,7 +33,8 @@ COMMANDS = [
     "tag",
     "demo",
     "unsupervised",
-    "regions",  # regions and refine-masks
+    "regions",
+    "refine_masks",
 ]
 
 

@@ -56,7 +56,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from . import masks
-from .commands._common import SEED_MAX
+from .choices import SEED_MAX, parse_classes
 from .errors import first_line
 
 logger = logging.getLogger(__name__)
@@ -325,8 +325,6 @@ def parse_class_names(text: str | None) -> tuple[str, ...]:
     Raises:
         DemoError: no names, an empty name or a name given twice.
     """
-    from .commands.segment import parse_classes
-
     try:
         return parse_classes(text or "")
     except ValueError as exc:

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .files import HOST, remove_stale_temps, write_atomic
+from .recipes import get_recipe
 
 __all__ = [
     "SegmentationScores",
@@ -669,24 +670,11 @@ class EvalResult:
 
 
 def _recipe_info(recipe: str | None, task: Task):
-    """``(name, seed, applied)``: the recipe to ask the pipeline for, its noise seed, and whether
-    ``iseg.recipes`` exists (else the pipeline's defaults run)."""
+    """``(name, seed, applied)``: the recipe to ask the pipeline for, its noise seed, and that it
+    applies."""
     name = recipe or task.name
-    try:
-        from .recipes import get_recipe
-    except ImportError:
-        return name, 1101, False
     seed = get_recipe(name).seed  # ValueError on an unknown name
     return name, 1101 if seed is None else seed, True
-
-
-def _accepts(pipe, keyword: str) -> bool:
-    import inspect
-
-    try:
-        return keyword in inspect.signature(pipe.__call__).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def _segment(pipe, samples: list[_Sample], names: Sequence[str], recipe: str | None, seed: int, device):
@@ -697,9 +685,8 @@ def _segment(pipe, samples: list[_Sample], names: Sequence[str], recipe: str | N
     groups: dict[tuple, list[_Sample]] = {}
     for s in samples:
         groups.setdefault(tuple(s.image.shape), []).append(s)
-    kwargs = {"recipe": recipe} if recipe is not None and _accepts(pipe, "recipe") else {}
-    if _accepts(pipe, "output_heatmaps"):
-        kwargs["output_heatmaps"] = False  # labels only
+    kwargs = {"recipe": recipe} if recipe is not None else {}
+    kwargs["output_heatmaps"] = False  # labels only
     results = {}
     for group in groups.values():
         pixels = torch.stack([s.image for s in group]).to(device, non_blocking=True).float().div_(255)

@@ -24,11 +24,12 @@ from PIL import Image
 
 import iseg.cli
 from iseg import ISegPipeline
+from iseg.choices import noise_seeds, parse_classes
 from iseg.cli import main
 from iseg.commands import _common, segment
 from iseg.commands._common import DEFAULT_MODEL, CommandError
-from iseg.commands.segment import parse_classes
 from iseg.files import HOST
+from iseg.hub import dtype_keyword
 from iseg.images import load_image
 from iseg.runner import MANIFEST, output_names
 from iseg.testing import tiny_components
@@ -71,7 +72,7 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[ISegPipeline, Path]
 @pytest.fixture(scope="module")
 def loaded(saved) -> ISegPipeline:
     """The saved pipeline loaded back, as the CLI loads it (fp32, CPU)."""
-    pipe = ISegPipeline.from_pretrained(saved[1], **{_common.dtype_keyword(): torch.float32})
+    pipe = ISegPipeline.from_pretrained(saved[1], **{dtype_keyword(): torch.float32})
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -714,10 +715,10 @@ def test_readme_main_command_offline_names_the_way_out(tmp_path):
 
 
 def test_noise_seeds():
-    assert segment.noise_seeds(7, None, [0, 2]) == [7, 9]
-    assert segment.noise_seeds(7, 1101, [0, 2]) == [7, 9]  # --seed beats the recipe's
-    assert segment.noise_seeds(None, None, [0, 2]) == [0, 2]
-    assert segment.noise_seeds(None, 1101, [0, 2]) is None  # the pipeline seeds with 1101
+    assert noise_seeds(7, None, [0, 2]) == [7, 9]
+    assert noise_seeds(7, 1101, [0, 2]) == [7, 9]  # --seed beats the recipe's
+    assert noise_seeds(None, None, [0, 2]) == [0, 2]
+    assert noise_seeds(None, 1101, [0, 2]) is None  # the pipeline seeds with 1101
 
 
 def test_default_model_is_the_mirror():
@@ -837,7 +838,7 @@ def test_bad_ops_backend_is_one_line(rgb_images, tmp_path, capsys, monkeypatch):
 def test_dtype_keyword_loads_without_future_warning(saved):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        pipe = ISegPipeline.from_pretrained(saved[1], **{_common.dtype_keyword(): torch.float16})
+        pipe = ISegPipeline.from_pretrained(saved[1], **{dtype_keyword(): torch.float16})
     assert pipe.unet.dtype == torch.float16
     assert [w for w in caught if issubclass(w.category, FutureWarning)] == []
 

@@ -19,6 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
+import iseg.files
 import iseg.runner
 from iseg import ISegPipeline
 from iseg.cli import main
@@ -123,7 +124,7 @@ def full_disk_after(monkeypatch: pytest.MonkeyPatch, writes: int) -> None:
                     return Full(f)
         return f
 
-    monkeypatch.setattr(iseg.runner, "open", fake_open, raising=False)
+    monkeypatch.setattr(iseg.files, "open", fake_open, raising=False)  # the one atomic writer
 
 
 def _full_disk_commands(tmp_path: Path, images, models):

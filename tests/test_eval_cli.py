@@ -123,7 +123,7 @@ class FakePipe:
         self.drop = set(drop)
         self.calls: list[list[str]] = []
 
-    def __call__(self, image, classes, generator=None):
+    def __call__(self, image, classes, generator=None, recipe=None, output_heatmaps=True):
         labels = []
         for b, names in enumerate(classes):
             self.calls.append(list(names))

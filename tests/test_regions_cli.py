@@ -14,7 +14,7 @@ from PIL import Image
 
 from iseg import Box, ISegPipeline, Line, Mask, Point
 from iseg.cli import main
-from iseg.commands import _common
+from iseg.hub import dtype_keyword
 from iseg.images import load_image
 from iseg.runner import MANIFEST
 from iseg.testing import tiny_components
@@ -37,7 +37,7 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def loaded(model: Path) -> ISegPipeline:
     """The saved pipeline loaded back as the CLI loads it (fp32, CPU)."""
-    pipe = ISegPipeline.from_pretrained(model, **{_common.dtype_keyword(): torch.float32})
+    pipe = ISegPipeline.from_pretrained(model, **{dtype_keyword(): torch.float32})
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -13,6 +13,7 @@ from PIL import Image
 from iseg import ISegPipeline
 from iseg.cli import main
 from iseg.commands import _common
+from iseg.hub import dtype_keyword
 from iseg.tagger import CLIPTagger, tag_classes
 from iseg.testing import tiny_clip_components, tiny_components
 
@@ -54,7 +55,7 @@ def test_vocabulary_labels_are_vocabulary_ids(folders, tmp_path):
     # Independently: the same tagger and pipeline, classes = the tags, label k → vocabulary id.
     vocabulary = ["cat", "dog", "person", "sky"]
     clip = CLIPTagger.from_pretrained(root / "clip")
-    pipe = ISegPipeline.from_pretrained(root / "model", **{_common.dtype_keyword(): torch.float32})
+    pipe = ISegPipeline.from_pretrained(root / "model", **{dtype_keyword(): torch.float32})
     pipe.set_progress_bar_config(disable=True)
     for i, path in enumerate(images):
         image = Image.open(path).convert("RGB")

