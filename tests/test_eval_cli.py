@@ -193,7 +193,7 @@ def test_ovs_builtin_tagger_hook(tmp_path, monkeypatch):
 
         return tag
 
-    monkeypatch.setattr("iseg.evaluate.builtin_tagger", fake_tagger)
+    monkeypatch.setattr("iseg.evaluate.running.builtin_tagger", fake_tagger)
     pipe = FakePipe("voc_context")
     run = run_eval("context-ovs", tmp_path / "ctx", tmp_path / "out", pipe=pipe, limit=2, workers=0, progress=False)
     names = class_names("voc_context")
@@ -406,7 +406,7 @@ def test_unsupervised_crops_raise_no_torch_warning(tmp_path):
         "import numpy as np, warnings\n"
         "from PIL import Image\n"
         "from iseg.data.datasets import center_crop_resize\n"
-        "from iseg.evaluate import _read_gt\n"
+        "from iseg.evaluate.samples import _read_gt\n"
         "image = np.asarray(Image.new('RGB', (8, 12)))\n"  # 12×8: the crop keeps the full width
         "label = np.asarray(Image.new('L', (8, 12)))\n"
         "assert not image.flags.writeable\n"
@@ -422,7 +422,7 @@ def test_unsupervised_crops_raise_no_torch_warning(tmp_path):
 
 
 def test_stale_temporary_files_of_dead_local_writers_are_removed(tmp_path):
-    from iseg.evaluate import _write_atomic
+    from iseg.evaluate.running import _write_atomic
     from iseg.files import HOST, remove_stale_temps
 
     _write_atomic(tmp_path / "city" / "frame.png", b"png")  # folders in ids are created
@@ -494,7 +494,8 @@ def test_manifest_records_root_and_checksums_repredicts_what_changed(voc, tmp_pa
     assert again.metrics["miou"] == first.metrics["miou"] and not again.metrics["failures"]
     # a prediction changed between predicting and scoring is refused, not scored
     from iseg.data.datasets import open_dataset
-    from iseg.evaluate import _Records, get_task, score
+    from iseg.evaluate import get_task, score
+    from iseg.evaluate.running import _Records
 
     Image.fromarray(np.zeros_like(np.asarray(Image.open(png)))).save(png)
     m = score(get_task("voc-wsss"), open_dataset("voc", root), VOC_IDS[:6], out, workers=0,

@@ -113,6 +113,7 @@ def shards_from(args: argparse.Namespace, environ=os.environ) -> tuple[int, int,
 
 
 def run(args: argparse.Namespace) -> int:
+    # Imported here, not at the top: they import torch, and `iseg --help` must stay fast.
     from ..data.datasets import DatasetError
     from ..evaluate import EvalError, format_table, run_eval
 
