@@ -21,7 +21,6 @@ from PIL import Image
 import iseg
 from iseg import ISegPipeline, demo, masks
 from iseg.demo import DemoError
-from iseg.testing import tiny_components
 
 from .conftest import make_image
 
@@ -33,17 +32,12 @@ def reference_backend(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[ISegPipeline, Path]:
+def saved(saved_model: Path) -> tuple[ISegPipeline, Path]:
     """The tiny pipeline as loaded back from the folder it was saved to (so the CLI, which
     loads the folder, runs the same weights)."""
-    root = tmp_path_factory.mktemp("demo-model")
-    (root / "tokenizer-src").mkdir()
-    ISegPipeline(**tiny_components(seed=0, tokenizer_dir=root / "tokenizer-src")).save_pretrained(
-        root / "model"
-    )
-    pipe = ISegPipeline.from_pretrained(root / "model")
+    pipe = ISegPipeline.from_pretrained(saved_model)
     pipe.set_progress_bar_config(disable=True)
-    return pipe, root / "model"
+    return pipe, saved_model
 
 
 class NoModel:

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -17,14 +18,12 @@ import pytest
 import torch
 from PIL import Image
 
-from iseg import ISegPipeline
 from iseg.cli import main
 from iseg.data.datasets import class_names, split_ids
 from iseg.evaluate import EvalError, run_eval
-from iseg.testing import tiny_components
 
-from .test_datasets import label_image, make_context, make_voc, voc_label
-from .test_evaluate import loop_confusion
+from ..data.test_datasets import label_image, make_context, make_voc, voc_label
+from .test_metrics import loop_confusion
 
 VOC_IDS = split_ids("voc", "train")[:8]
 BACKGROUND_ONLY = 2  # the third image has no object: WSSS skips it
@@ -44,17 +43,22 @@ def reference_backend(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("model")
-    (root / "tok").mkdir()
-    ISegPipeline(**tiny_components(seed=0, tokenizer_dir=root / "tok")).save_pretrained(root / "model")
-    return root / "model"
+def model(saved_model) -> Path:
+    return saved_model
 
 
 @pytest.fixture(scope="module")
 def voc(tmp_path_factory) -> tuple[Path, dict]:
     root = tmp_path_factory.mktemp("voc")
     return root, make_voc(root, VOC_IDS, label_fn=wsss_label, image_fn=label_image)
+
+
+def wait_for(condition, proc, timeout: float = 120.0) -> None:
+    """Poll ``condition()`` until it holds (fails after ``timeout`` s or if ``proc`` ends)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None and time.monotonic() < deadline, "the condition never held"
+        time.sleep(0.01)
 
 
 def cli(task, root, model, out, *extra) -> list[str]:
@@ -221,19 +225,36 @@ def test_kill_and_resume_gives_the_same_metrics(voc, model, tmp_path):
     root, _ = voc
     clean, resumed = tmp_path / "clean", tmp_path / "resumed"
     args = cli("voc-wsss", root, model, resumed, "--limit", len(VOC_IDS))
+    # The run blocks in its third model call (one image per call) and says so; it is killed
+    # once the first two predictions are on disk: deterministic, whatever the machine's speed.
+    script = textwrap.dedent(
+        f"""
+        import threading
+        from iseg import ISegPipeline
+        from iseg.cli import main
+        original, calls = ISegPipeline.__call__, []
+        def blocking(self, *args, **kwargs):
+            calls.append(1)
+            if len(calls) == 3:
+                print("third", flush=True)
+                threading.Event().wait()
+            return original(self, *args, **kwargs)
+        ISegPipeline.__call__ = blocking
+        raise SystemExit(main({args!r}))
+        """
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ISEG_OPS_BACKEND": "torch"}
-    proc = subprocess.Popen([sys.executable, "-m", "iseg", *args], env=env, stderr=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if len(list((resumed / "pred").glob("*.png"))) >= 2:
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stderr=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert proc.stdout.readline().strip() == "third", "the run ended before its third image"
+        wait_for(lambda: len(list((resumed / "pred").glob("*.png"))) == 2, proc)
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
     done = len(list((resumed / "pred").glob("*.png")))
-    assert 2 <= done < len(VOC_IDS) - 1 and not (resumed / "metrics.json").exists()
+    assert done == 2 and not (resumed / "metrics.json").exists()
     assert main(args) == 0  # resumes: the rest only
     assert main(cli("voc-wsss", root, model, clean, "--limit", len(VOC_IDS))) == 0
     assert (resumed / "metrics.json").read_text() == (clean / "metrics.json").read_text()
@@ -415,7 +436,7 @@ def test_unsupervised_crops_raise_no_torch_warning(tmp_path):
         "    def read_label(self, i): return label\n"
         "_read_gt(Ds(), 'x', 'unsupervised')\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "not writable" not in done.stderr
@@ -466,7 +487,7 @@ def test_untagged_images_are_counted_and_published_coverage_reported(tmp_path):
     assert m["tags_cover"] == f"tags.txt tags cover 2 of the {len(split_ids('voc', 'val'))} split images"
     assert any("2 of the 4 images have no tags" in line for line in logged)
     assert "2 image(s) of this run had no tags" in (tmp_path / "o" / "metrics.md").read_text()
-    published = [w.split()[0] for w in (Path(__file__).parents[1] / "iseg/data/ovs_labels/voc_context_val_tagclip.txt")
+    published = [w.split()[0] for w in (Path(__file__).parents[2] / "iseg/data/ovs_labels/voc_context_val_tagclip.txt")
                  .read_text().splitlines() if w.strip()]  # fmt: skip
     ctx = split_ids("voc_context", "val")[:2]
     make_context(tmp_path / "ctx", ctx, image_fn=label_image)
@@ -648,7 +669,7 @@ def test_context59_column_ignores_background(tmp_path):
     make_context(tmp_path / "ctx", ids, image_fn=label_image)
     tags = tmp_path / "tags.txt"
     lines = []
-    for line in (Path(__file__).parents[1] / "iseg/data/voc_context/val_cls.txt").read_text().splitlines():
+    for line in (Path(__file__).parents[2] / "iseg/data/voc_context/val_cls.txt").read_text().splitlines():
         words = line.split()
         if words and words[0] in ids:
             lines.append(line)

@@ -32,10 +32,11 @@ from iseg.files import HOST
 from iseg.hub import dtype_keyword
 from iseg.images import load_image
 from iseg.runner import MANIFEST, output_names
-from iseg.testing import tiny_components
+
+from ._cli import forbid_loading, one_error_line
 
 CLASSES = ["cat", "potted plant"]  # "potted plant" is two tokens in the tiny tokenizer
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)
@@ -59,14 +60,11 @@ def random_image(mode: str, size: tuple[int, int], seed: int) -> Image.Image:
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[ISegPipeline, Path]:
-    """The in-memory tiny pipeline and the folder it was saved to."""
-    root = tmp_path_factory.mktemp("model")
-    (root / "tokenizer-src").mkdir()
-    pipe = ISegPipeline(**tiny_components(seed=0, tokenizer_dir=root / "tokenizer-src"))
+def saved(saved_model: Path) -> tuple[ISegPipeline, Path]:
+    """The tiny pipeline as loaded back from its saved folder, and that folder."""
+    pipe = ISegPipeline.from_pretrained(saved_model)
     pipe.set_progress_bar_config(disable=True)
-    pipe.save_pretrained(root / "model")
-    return pipe, root / "model"
+    return pipe, saved_model
 
 
 @pytest.fixture(scope="module")
@@ -115,20 +113,6 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
 
     monkeypatch.setattr(ISegPipeline, "__call__", spy)
     return seen
-
-
-def forbid_loading(monkeypatch: pytest.MonkeyPatch) -> None:
-    def fail(*args, **kwargs):
-        raise AssertionError("the model must not be loaded")
-
-    monkeypatch.setattr(ISegPipeline, "from_pretrained", fail)
-
-
-def one_error_line(err: str) -> str:
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("iseg: error: "), err
-    assert "Traceback" not in err
-    return lines[0]
 
 
 def run_iseg(*args: str, env: dict | None = None, timeout: float = 120, **kwargs):

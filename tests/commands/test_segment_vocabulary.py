@@ -15,9 +15,8 @@ from iseg.cli import main
 from iseg.commands import _common
 from iseg.hub import dtype_keyword
 from iseg.tagger import CLIPTagger, tag_classes
-from iseg.testing import tiny_clip_components, tiny_components
 
-from .conftest import make_image
+from ..conftest import make_image
 
 
 @pytest.fixture(autouse=True)
@@ -26,14 +25,12 @@ def reference_backend(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
+def folders(tmp_path_factory, saved_model, saved_tagger):
+    """A folder with two images and a vocabulary file, ``model`` (the tiny pipeline) and ``clip``
+    (the tiny tagger) linked in."""
     root = tmp_path_factory.mktemp("vocab")
-    (root / "tok").mkdir()
-    pipe = ISegPipeline(**tiny_components(seed=0, tokenizer_dir=root / "tok"))
-    pipe.save_pretrained(root / "model")
-    clip = tiny_clip_components(seed=0, tokenizer_dir=root / "tok")
-    clip["model"].save_pretrained(root / "clip")
-    clip["tokenizer"].save_pretrained(root / "clip")
+    (root / "model").symlink_to(saved_model, target_is_directory=True)
+    (root / "clip").symlink_to(saved_tagger, target_is_directory=True)
     images = []
     for i in range(2):
         path = root / f"img{i}.png"

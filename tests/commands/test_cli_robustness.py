@@ -28,7 +28,8 @@ from iseg.commands._common import CommandError
 from iseg.errors import MAX_LINE, RunError
 from iseg.files import TEMP_SUFFIX
 from iseg.runner import MANIFEST, Runner
-from iseg.testing import tiny_clip_components, tiny_components
+
+from ._cli import forbid_loading
 
 CLASSES = "cat,potted plant"
 
@@ -39,15 +40,9 @@ def reference_backend(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def models(saved_model: Path, saved_tagger: Path) -> tuple[Path, Path]:
     """A tiny saved SD pipeline and a tiny saved CLIP (the tagger)."""
-    root = tmp_path_factory.mktemp("models")
-    (root / "tok").mkdir()
-    ISegPipeline(**tiny_components(seed=0, tokenizer_dir=root / "tok")).save_pretrained(root / "sd")
-    clip = tiny_clip_components(seed=0, tokenizer_dir=root / "tok")
-    clip["model"].save_pretrained(root / "clip")
-    clip["tokenizer"].save_pretrained(root / "clip")
-    return root / "sd", root / "clip"
+    return saved_model, saved_tagger
 
 
 def noise_image(seed: int, size=(40, 48)) -> Image.Image:
@@ -72,17 +67,11 @@ def segment(images, model, out, *extra, classes=CLASSES) -> list[str]:
 
 
 def one_error_line(err: str) -> str:
+    """As :func:`._cli.one_error_line`, blank lines aside."""
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("iseg: error: "), err
     assert "Traceback" not in err
     return lines[0]
-
-
-def forbid_loading(monkeypatch: pytest.MonkeyPatch) -> None:
-    def fail(*args, **kwargs):
-        raise AssertionError("the model must not be loaded")
-
-    monkeypatch.setattr(ISegPipeline, "from_pretrained", fail)
 
 
 def temp_files(folder: Path) -> list[str]:
@@ -372,7 +361,8 @@ def test_model_folder_is_recorded_as_its_resolved_path(models, images, tmp_path,
     recorded = json.loads((out / MANIFEST).read_text())["commands"]["segment"]["settings"]["model"]
     assert recorded == str(sd.resolve())
     monkeypatch.chdir(sd.parent)
-    for spelling in ("./sd", "sd", "sd/", f"../{sd.parent.name}/sd", str(link)):
+    name = sd.name
+    for spelling in (f"./{name}", name, f"{name}/", f"../{sd.parent.name}/{name}", str(link)):
         with monkeypatch.context() as patch:
             forbid_loading(patch)
             assert main(segment(images[:1], spelling, out)) == 0, spelling
