@@ -12,7 +12,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import importlib.util
 import os
 
@@ -36,6 +35,8 @@ def hub_offline() -> bool:
 def dtype_keyword() -> str:
     """The dtype keyword of the installed diffusers' ``from_pretrained``: ``"dtype"`` from
     diffusers 0.40 (``torch_dtype`` then warns that it is deprecated), else ``"torch_dtype"``."""
+    import importlib.metadata  # here, not at the top: ~20 ms (email, zipfile) of `iseg --help`
+
     try:
         major, minor = (int(part) for part in importlib.metadata.version("diffusers").split(".")[:2])
     except (importlib.metadata.PackageNotFoundError, ValueError):

@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from ..errors import first_line
+from ..runner import os_error_line
 from . import _common
 from ._common import CommandError
 
@@ -43,8 +44,6 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..data.convert import coco_labels, context_labels
-    from ..runner import os_error_line
-
     def log(message: str) -> None:
         if not args.quiet:
             print(f"iseg: {message}", file=sys.stderr)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 
 from ..errors import first_line
 from . import _common
@@ -83,8 +84,6 @@ def run(args: argparse.Namespace) -> int:
 def _check_port(host: str, port: int) -> None:
     """A one-line error where ``host:port`` cannot be listened on (taken, or not an address of
     this machine)."""
-    import socket
-
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except OSError as exc:

@@ -25,6 +25,7 @@ import os
 import sys
 
 from ..errors import first_line, report_error
+from ..runner import os_error_line
 from . import _common
 from ._common import CommandError
 
@@ -154,8 +155,6 @@ def run(args: argparse.Namespace) -> int:
     except (EvalError, DatasetError) as exc:
         raise CommandError(first_line(exc)) from None
     except OSError as exc:  # a full disk, an unwritable --out: the predictions written stay
-        from ..runner import os_error_line
-
         raise CommandError(f"{os_error_line(exc)} (the predictions already written are kept; rerun to resume)") from None
     if result.metrics is not None:
         print(format_table(result.metrics))

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ..choices import SEED_MAX
 from ..errors import first_line
+from ..runner import Runner
 from . import _common, _text_free
 from ._common import CommandError
 
@@ -96,8 +97,6 @@ def _run(args: argparse.Namespace) -> int:
     _common.check_recipe_name(args.recipe)
     options = _text_free.check_options(args)
     device, dtype = _common.resolve_device(args.device, args.dtype)
-
-    from ..runner import Runner
 
     settings = {
         **_text_free.settings(args, dtype),

@@ -19,9 +19,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import math
+import re
 from pathlib import Path
 
 from ..errors import first_line
+from ..runner import Runner
 from . import _common, _text_free
 from ._common import CommandError
 
@@ -155,8 +157,6 @@ def _read_region_mask(path: str):
 def _regions(specs: list, size: tuple[int, int]) -> list:
     """The option values → Point/Box/Line/Mask, validated against the image ``size`` (H, W);
     a bad one is a usage error naming the option."""
-    import re
-
     from .. import seeds
 
     regions = []
@@ -203,8 +203,6 @@ def _run(args: argparse.Namespace) -> int:
     _common.check_recipe_name(args.recipe)
     options = _text_free.check_options(args)
     device, dtype = _common.resolve_device(args.device, args.dtype)
-
-    from ..runner import Runner
 
     described = []
     for kind, text, value in args.regions:

@@ -18,8 +18,17 @@ import argparse
 from ..choices import SEED_MAX, noise_seeds, parse_classes, vocabulary_ids
 from ..errors import first_line
 from ..recipes import default_recipe_for, get_recipe
+from ..runner import Runner
 from . import _common
 from ._common import CommandError
+from .tag import (
+    add_tagger_options,
+    check_tagger_model,
+    check_vocabulary_fits,
+    load_tagger,
+    resolve_tagger_vocabulary,
+    tagger_settings,
+)
 
 NAME = "segment"
 
@@ -81,8 +90,6 @@ def add_parser(subparsers) -> None:
         help="noise seed in [0, 2**64); the i-th IMAGE uses seed + i (default: the recipe's "
              "seed for every image, e.g. the authors' 1101, or 0 + i if it has none)")
 
-    from .tag import add_tagger_options
-
     add_tagger_options(parser)
     _common.add_output_options(parser)
     _common.add_overlay_options(parser)
@@ -124,8 +131,6 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError("give --classes NAMES or --vocabulary voc|context|coco|FILE (one of them)", code=2)
     vocabulary = None
     if args.vocabulary is not None:
-        from .tag import check_tagger_model, resolve_tagger_vocabulary
-
         vocabulary = resolve_tagger_vocabulary(args.vocabulary)
         check_tagger_model(args.tagger_model)
     if args.recipe is not None:
@@ -134,8 +139,6 @@ def run(args: argparse.Namespace) -> int:
     options.pop("recipe", None)
     _common.check_recipe_options(args.recipe or "paper", options)
     device, dtype = _common.resolve_device(args.device, args.dtype)
-
-    from ..runner import Runner
 
     settings = {
         "model": _common.model_setting(args.model),
@@ -150,8 +153,6 @@ def run(args: argparse.Namespace) -> int:
         "seed": args.seed,
     }
     if vocabulary is not None:
-        from .tag import tagger_settings
-
         settings["tagger"] = {"model": _common.model_setting(args.tagger_model), **tagger_settings(args)}
     runner = Runner(args.out, NAME, settings, overwrite=args.overwrite, quiet=args.quiet)
     todo = runner.plan(paths, _common.label_outputs(args))
@@ -165,8 +166,6 @@ def run(args: argparse.Namespace) -> int:
             _check_classes_fit(pipe, args.classes, args.recipe)
         else:  # fp32 whatever the SD dtype, as the authors (bf16 flips tags)
             import torch
-
-            from .tag import check_vocabulary_fits, load_tagger
 
             pipe.tagger = load_tagger(args.tagger_model, device, torch.float32, quiet=args.quiet)
             check_vocabulary_fits(pipe.tagger, vocabulary)
@@ -202,8 +201,6 @@ def _processor(pipe, args: argparse.Namespace, device: str, dtype):
     classes = None if args.classes is None else list(args.classes)
     outputs = _common.label_outputs(args)
     if args.vocabulary is not None:
-        from .tag import resolve_tagger_vocabulary, tagger_settings
-
         names = list(resolve_tagger_vocabulary(args.vocabulary).vocabulary)
         settings = tagger_settings(args)
 

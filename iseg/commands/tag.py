@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from ..errors import PROG, first_line, report_error
+from ..runner import describe_changes, save_atomic
 from . import _common
 from ._common import CommandError
 
@@ -174,8 +175,6 @@ def _read_lines(out: Path) -> dict[str, str]:
 def _read_existing(out: Path, manifest: Path, settings: dict, overwrite: bool) -> dict[str, str]:
     """The lines already in ``out`` by id, after checking that this tool wrote them. A file
     that holds no tag yet (a first run that tagged nothing) locks no settings."""
-    from ..runner import describe_changes
-
     if out.is_dir():
         raise CommandError(f"--out '{out}' is a folder; give a file name such as tags.txt", code=2)
     if not out.exists():
@@ -207,8 +206,6 @@ def _read_existing(out: Path, manifest: Path, settings: dict, overwrite: bool) -
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    from ..runner import save_atomic
-
     save_atomic(lambda f: f.write(text.encode("utf-8")), path)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..runner import Runner
 from . import _common
 from ._common import CommandError
 
@@ -93,8 +94,6 @@ def run(args: argparse.Namespace) -> int:
     paths = _common.expand_inputs(args.images)
     _common.check_images(paths)
     device, dtype = _common.resolve_device(args.device, args.dtype)
-
-    from ..runner import Runner
 
     settings = {
         "model": _common.model_setting(args.model),

@@ -10,7 +10,6 @@ from collections.abc import Sequence
 def per_image_csv(ids: Sequence[str], rows: dict, names: Sequence[str]) -> str:
     """``id, pixel_acc, IoU of each class`` (percentages; empty where the class is neither in
     the image's ground truth nor predicted, i.e. only the present classes have a value)."""
-
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["id", "pixel_acc", *[f"iou_{name}" for name in names]])

@@ -24,6 +24,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from ..choices import vocabulary_ids
 from ..data import data_path
 from ..data.datasets import (
     DatasetError,
@@ -111,7 +112,6 @@ def _recipe_info(recipe: str | None, task: Task):
 def _segment(pipe, samples: list[Sample], names: Sequence[str], recipe: str | None, seed: int, device):
     """Labels of ``samples`` (one pipeline call per image size), mapped to dataset ids:
     ``[H, W]`` uint8 numpy arrays and ``[n, n]`` per-batch confusion on the device."""
-
     groups: dict[tuple, list[Sample]] = {}
     for s in samples:
         groups.setdefault(tuple(s.image.shape), []).append(s)
@@ -125,7 +125,7 @@ def _segment(pipe, samples: list[Sample], names: Sequence[str], recipe: str | No
         out = pipe(pixels, class_lists, generator=generators, **kwargs)
         labels = out.labels
         for b, s in enumerate(group):
-            lut = torch.tensor((0, *s.classes), dtype=torch.uint8, device=labels[b].device)
+            lut = torch.tensor(vocabulary_ids(class_lists[b], names), dtype=torch.uint8, device=labels[b].device)
             results[s.index] = lut[labels[b]]
     return results, {}
 
@@ -375,7 +375,6 @@ def _claim(out, manifest: dict, overwrite: bool) -> None:
     A folder with predictions made with other settings is refused (or, with ``overwrite``,
     emptied of what iseg eval wrote); one whose earlier run wrote no prediction is simply
     taken over; a ``pred/`` that iseg eval did not write (no ``eval.json``) is never touched."""
-
     pred_dir, manifest_path = out / "pred", out / "eval.json"
     has_predictions = pred_dir.is_dir() and any(pred_dir.rglob("*.png"))
     if manifest_path.is_file():
@@ -463,7 +462,6 @@ def _predict(task, ds, todo, tag_map, tagger, segment, names, recipe, seed, pipe
              batch_size, workers, progress, pred_dir, records):  # fmt: skip
     """Predict ``todo`` and write each prediction (and its record); returns ``(predicted,
     skipped, failures)``."""
-
     failures: dict[str, str] = {}
     predicted = skipped = 0
     loader = DataLoader(
