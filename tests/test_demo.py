@@ -583,22 +583,10 @@ def _tabs(app) -> dict[str, bool]:
     return {block.label: block.visible for block in app.blocks.values() if isinstance(block, gr.Tab)}
 
 
-def test_build_app_shows_the_tabs_the_pipeline_supports(saved):
+def test_build_app_shows_every_tab(saved):
     pytest.importorskip("gradio")
     pipe, _ = saved
-
-    class TextOnly:  # the Classes tab only
-        def __call__(self, *args, **kwargs):
-            return pipe(*args, **kwargs)
-
-    assert _tabs(demo.build_app(TextOnly())) == {"Classes": True, "Regions": False, "Unsupervised": False}
-
-    class WithRegions(TextOnly):
-        def segment_regions(self, *args, **kwargs):
-            raise AssertionError
-
-    assert _tabs(demo.build_app(WithRegions())) == {"Classes": True, "Regions": True, "Unsupervised": False}
-    assert _tabs(demo.build_app(pipe))["Unsupervised"] is hasattr(pipe, "segment_unsupervised")
+    assert _tabs(demo.build_app(pipe)) == {"Classes": True, "Regions": True, "Unsupervised": True}
 
 
 def _handler(app, name: str):
