@@ -43,7 +43,8 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data.convert import coco_labels, context_labels
+    from ..data.convert import coco_labels, context_labels  # numpy, PIL: not for `iseg --help`
+
     def log(message: str) -> None:
         if not args.quiet:
             print(f"iseg: {message}", file=sys.stderr)
@@ -53,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
             coco_labels(args.instances, args.out, progress=not args.quiet, log=log)
         else:
             context_labels(args.mat_dir, args.out, progress=not args.quiet, log=log)
-    except OSError as exc:  # a read (a write that fails is save_atomic's CommandError)
+    except OSError as exc:  # a read (a write that fails is save_atomic's RunError)
         raise CommandError(os_error_line(exc)) from None
     except (ImportError, ValueError) as exc:
         raise CommandError(first_line(exc)) from None

@@ -815,14 +815,6 @@ def test_bad_ops_backend_is_one_line(rgb_images, tmp_path, capsys, monkeypatch):
     assert line.startswith("iseg: error: iseg_ops: ISEG_OPS_BACKEND must be one of auto, triton, torch, got 'cuda'")
 
 
-def test_dtype_keyword_loads_without_future_warning(saved):
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        pipe = ISegPipeline.from_pretrained(saved[1], **{dtype_keyword(): torch.float16})
-    assert pipe.unet.dtype == torch.float16
-    assert [w for w in caught if issubclass(w.category, FutureWarning)] == []
-
-
 def test_parse_classes_normalises_whitespace():
     assert parse_classes(" cat ,potted   plant,dog ") == ("cat", "potted plant", "dog")
     assert segment.NAME in iseg.cli.build_parser()[1]
