@@ -9,9 +9,10 @@ How to add a subcommand ``NAME``:
      must not import torch); use the shared option adders of :mod:`._common`
      (``add_model_options``: ``--model/--device/--dtype``; ``add_output_options``:
      ``--out/--batch-size/--overwrite``) and its value types (``positive_int``, ``seed``, …).
-   * ``run(args) -> int``: the exit status. Import torch and the pipeline inside. Raise
-     :class:`._common.CommandError` (``code=2`` for usage errors) for a failure: the
-     dispatcher prints it as one ``iseg: error: ...`` line. Check everything that can fail
+   * ``run(args) -> int``: the exit status: parse, call one library function, render. Import
+     torch and the pipeline inside. Raise :class:`._common.CommandError` (``code=2`` for
+     usage errors) for a failure; the library raises :class:`iseg.errors.RunError`: the
+     dispatcher prints either as one ``iseg: error: ...`` line. Check everything that can fail
      (inputs with ``expand_inputs``/``check_images``, ``resolve_device``,
      ``check_ops_backend``, ``Runner.plan``) *before* ``load_pipeline``, and create nothing
      on disk before the model has loaded.
