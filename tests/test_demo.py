@@ -677,7 +677,7 @@ def test_a_click_on_the_display_copy_adds_the_pixel_under_it(saved):
 def test_demo_command_loads_the_model_once_and_serves_the_app(saved, monkeypatch):
     pytest.importorskip("gradio")
     from iseg import cli
-    from iseg.commands import _common
+    from iseg.commands import _model
 
     pipe, model = saved
     loads, served = [], []
@@ -686,7 +686,7 @@ def test_demo_command_loads_the_model_once_and_serves_the_app(saved, monkeypatch
         loads.append((model_name, device, dtype))
         return pipe
 
-    monkeypatch.setattr(_common, "load_pipeline", load_pipeline)
+    monkeypatch.setattr(_model, "load_pipeline", load_pipeline)
     monkeypatch.setattr(demo, "launch", lambda app, **kwargs: served.append((app, kwargs)))
     status = cli.main(["demo", "--model", str(model), "--device", "cpu", "--port", "8123"])
     assert status == 0
@@ -700,9 +700,9 @@ def test_demo_command_refuses_a_taken_port_before_loading_anything(monkeypatch, 
     import socket
 
     from iseg import cli
-    from iseg.commands import _common
+    from iseg.commands import _model
 
-    monkeypatch.setattr(_common, "load_pipeline", lambda *a: pytest.fail("the model loaded"))
+    monkeypatch.setattr(_model, "load_pipeline", lambda *a: pytest.fail("the model loaded"))
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from iseg.commands._common import expand_inputs
+from iseg.commands._io import expand_inputs
 from iseg.errors import RunError
 from iseg.files import HOST, remove_stale_temps
 from iseg.runner import (

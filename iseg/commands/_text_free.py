@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import _common
+from . import _common, _model
 
 
 def _lam(text: str) -> float:
@@ -70,7 +70,7 @@ def _options(args: argparse.Namespace) -> dict:
 def settings(args: argparse.Namespace, dtype) -> dict:
     options = _options(args)
     return {
-        "model": _common.model_setting(args.model),
+        "model": _model.model_setting(args.model),
         "dtype": str(dtype).removeprefix("torch."),
         **{k: options.get(k) for k in ("recipe", "iters", "lam", "t_max", "gamma")},
         "seed": args.seed,
@@ -80,7 +80,7 @@ def settings(args: argparse.Namespace, dtype) -> dict:
 def check_options(args: argparse.Namespace) -> dict:
     """The pipeline keywords, after the checks that need no model (before it loads)."""
     options = _options(args)
-    _common.check_recipe_options(
+    _model.check_recipe_options(
         options["recipe"] or "interactive", {k: v for k, v in options.items() if k != "recipe"}
     )
     return options
@@ -89,13 +89,13 @@ def check_options(args: argparse.Namespace) -> dict:
 def load(args: argparse.Namespace, device, dtype, options: dict):
     """The pipeline, and what only the loaded model can check (layers, timestep, memory):
     a setting it refuses is one usage error, before anything is written."""
-    pipe = _common.load_pipeline(args.model, device, dtype, quiet=args.quiet)
+    pipe = _model.load_pipeline(args.model, device, dtype, quiet=args.quiet)
 
     def check():
         _, _, grid = pipe.check_settings(text=False, **options)
         pipe.check_memory(grid, 1)
 
-    _common.check_loaded(check)
+    _model.check_loaded(check)
     return pipe
 
 

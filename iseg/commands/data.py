@@ -43,7 +43,10 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data.convert import coco_labels, context_labels  # numpy, PIL: not for `iseg --help`
+    from ..data.convert import (  # numpy, PIL: not for `iseg --help`
+        coco_labels,
+        context_labels,
+    )
 
     def log(message: str) -> None:
         if not args.quiet:

@@ -18,7 +18,7 @@ import os
 import socket
 
 from ..errors import first_line
-from . import _common
+from . import _common, _model
 from ._common import CommandError
 
 NAME = "demo"
@@ -41,7 +41,7 @@ def add_parser(subparsers) -> None:
         description="Serve the iSeg web demo: segment an uploaded image by class names, or by "
         "points, boxes and lines drawn on it. Needs the demo extra: pip install 'iseg[demo]'.",
     )
-    _common.add_model_options(parser)
+    _model.add_model_options(parser)
     group = parser.add_argument_group("server")
     group.add_argument("--host", default="127.0.0.1",
                        help="address to listen on (default: 127.0.0.1, this machine only; "
@@ -61,9 +61,9 @@ def run(args: argparse.Namespace) -> int:
         import gradio  # noqa: F401
     except ImportError:
         raise CommandError("iseg demo needs Gradio, the demo extra: pip install 'iseg[demo]'") from None
-    _common.check_ops_backend()
-    device, dtype = _common.resolve_device(args.device, args.dtype)
-    pipe = _common.load_pipeline(args.model, device, dtype)  # once: every request shares it
+    _model.check_ops_backend()
+    device, dtype = _model.resolve_device(args.device, args.dtype)
+    pipe = _model.load_pipeline(args.model, device, dtype)  # once: every request shares it
 
     from ..demo import build_app, launch
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from ..choices import SEED_MAX
 from ..errors import first_line
 from ..runner import Runner
-from . import _common, _text_free
+from . import _io, _model, _text_free
 from ._common import CommandError
 
 NAME = "refine-masks"
@@ -45,7 +45,7 @@ def add_parser(subparsers) -> None:
         "--masks", required=True, metavar="DIR",
         help="folder of the masks to refine, named after the images' stems (<stem>.png)",
     )  # fmt: skip
-    _common.add_model_options(parser)
+    _model.add_model_options(parser)
     _text_free.settings_options(parser, regions=False)
 
 
@@ -90,13 +90,13 @@ def _run(args: argparse.Namespace) -> int:
     masks_dir = Path(args.masks)
     if not masks_dir.is_dir():
         raise CommandError(f"--masks {args.masks}: not a folder", code=2)
-    paths = _common.expand_inputs(args.images)
-    _common.check_images(paths)
+    paths = _io.expand_inputs(args.images)
+    _io.check_images(paths)
     if args.seed + len(paths) - 1 > SEED_MAX:
         raise CommandError(f"--seed {args.seed}: too large for {len(paths)} images", code=2)
-    _common.check_recipe_name(args.recipe)
+    _model.check_recipe_name(args.recipe)
     options = _text_free.check_options(args)
-    device, dtype = _common.resolve_device(args.device, args.dtype)
+    device, dtype = _model.resolve_device(args.device, args.dtype)
 
     settings = {
         **_text_free.settings(args, dtype),
@@ -107,7 +107,7 @@ def _run(args: argparse.Namespace) -> int:
     todo = runner.plan(paths, lambda name: [f"{name}.png"])
     if todo:
         pipe = _text_free.load(args, device, dtype, options)
-        runner.run(todo, _common.load_image, _refine_processor(pipe, masks_dir, options, args, dtype))
+        runner.run(todo, _io.load_image, _refine_processor(pipe, masks_dir, options, args, dtype))
     return runner.finish("refined the masks of")
 
 
@@ -130,9 +130,9 @@ def _refine_processor(pipe, masks_dir: Path, options: dict, args, dtype):
             except torch.OutOfMemoryError:
                 raise CommandError(f"out of memory on {pipe.device}") from None
             except ValueError as exc:
-                raise RuntimeError(_common.model_failure(exc, dtype)) from None
+                raise RuntimeError(_model.model_failure(exc, dtype)) from None
             labels = out.labels[0].cpu()
-        return [{f"{item.name}.png": _common.saver(masks.label_image(labels))}]
+        return [{f"{item.name}.png": _io.saver(masks.label_image(labels))}]
 
     return process
 
@@ -140,5 +140,5 @@ def _refine_processor(pipe, masks_dir: Path, options: dict, args, dtype):
 def run(args: argparse.Namespace) -> int:
     """``iseg refine-masks``: the exit status (a failed run raises
     :class:`~iseg.commands._common.CommandError`)."""
-    _common.check_ops_backend()
+    _model.check_ops_backend()
     return _run(args)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ..errors import first_line
 from ..runner import Runner
-from . import _common, _text_free
+from . import _io, _model, _text_free
 from ._common import CommandError
 
 NAME = "regions"
@@ -130,7 +130,7 @@ def add_parser(subparsers) -> None:
                        help="a background click, subtracted from the other regions (its own "
                             "mask is empty); needs at least one other region")
     # fmt: on
-    _common.add_model_options(parser)
+    _model.add_model_options(parser)
     _text_free.settings_options(parser, regions=True)
 
 
@@ -192,7 +192,7 @@ def _run(args: argparse.Namespace) -> int:
             code=2,
         )
     path = Path(args.image)
-    _common.check_images([path])
+    _io.check_images([path])
     from ..images import load_image
 
     try:
@@ -200,9 +200,9 @@ def _run(args: argparse.Namespace) -> int:
     except Exception as exc:
         raise CommandError(f"cannot read image '{path}': {first_line(exc)}") from None
     regions = _regions(args.regions, (image.height, image.width))  # before the model loads
-    _common.check_recipe_name(args.recipe)
+    _model.check_recipe_name(args.recipe)
     options = _text_free.check_options(args)
-    device, dtype = _common.resolve_device(args.device, args.dtype)
+    device, dtype = _model.resolve_device(args.device, args.dtype)
 
     described = []
     for kind, text, value in args.regions:
@@ -237,15 +237,15 @@ def _regions_processor(pipe, regions, options, args, outputs, dtype):
             generator = _text_free.generator(args.seed)
             out = pipe.segment_regions(image, regions, generator=generator, **options)
         except ValueError as exc:
-            raise RuntimeError(_common.model_failure(exc, dtype)) from None
+            raise RuntimeError(_model.model_failure(exc, dtype)) from None
         files = {}
         names = outputs(item.name)
         for r, mask in enumerate(out.masks[0]):
             white = Image.fromarray(mask.cpu().numpy().astype("uint8") * 255, mode="L")
-            files[names[r]] = _common.saver(white)
+            files[names[r]] = _io.saver(white)
         label = out.labels[0].cpu()
-        files[names[-2]] = _common.saver(masks.label_image(label))
-        files[names[-1]] = _common.saver(masks.overlay(image, label))
+        files[names[-2]] = _io.saver(masks.label_image(label))
+        files[names[-1]] = _io.saver(masks.overlay(image, label))
         return [files]
 
     return process
@@ -254,5 +254,5 @@ def _regions_processor(pipe, regions, options, args, outputs, dtype):
 def run(args: argparse.Namespace) -> int:
     """``iseg regions``: the exit status (a failed run raises
     :class:`~iseg.commands._common.CommandError`)."""
-    _common.check_ops_backend()
+    _model.check_ops_backend()
     return _run(args)

@@ -19,7 +19,7 @@ from ..choices import SEED_MAX, noise_seeds, parse_classes, vocabulary_ids
 from ..errors import first_line
 from ..recipes import default_recipe_for, get_recipe
 from ..runner import Runner
-from . import _common
+from . import _common, _io, _model
 from ._common import CommandError
 from .tag import (
     add_tagger_options,
@@ -71,7 +71,7 @@ def add_parser(subparsers) -> None:
         help="instead of --classes: tag each image with CLIP (TagCLIP) first, from a dataset's "
              "classes (then the recipe <name>-ovs by default) or a file with one name per line; "
              "label k = the k-th vocabulary name (VOC ids and colours for --vocabulary voc)")
-    _common.add_model_options(parser)
+    _model.add_model_options(parser)
 
     add = parser.add_argument_group("iSeg settings (default: the recipe's)").add_argument
     add("--recipe", default=None, metavar="NAME",
@@ -92,7 +92,7 @@ def add_parser(subparsers) -> None:
 
     add_tagger_options(parser)
     _common.add_output_options(parser)
-    _common.add_overlay_options(parser)
+    _io.add_overlay_options(parser)
     # fmt: on
 
 
@@ -118,9 +118,9 @@ def _pipeline_options(args: argparse.Namespace) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     """``iseg segment``: returns the exit status (raises CommandError for a failed run)."""
-    _common.check_ops_backend()
-    paths = _common.expand_inputs(args.images)
-    _common.check_images(paths)  # before the model loads, so a typo fails fast
+    _model.check_ops_backend()
+    paths = _io.expand_inputs(args.images)
+    _io.check_images(paths)  # before the model loads, so a typo fails fast
     if args.seed is not None and args.seed + len(paths) - 1 > SEED_MAX:
         raise CommandError(
             f"--seed {args.seed}: image {len(paths) - 1} would use seed {args.seed + len(paths) - 1}, "
@@ -134,14 +134,14 @@ def run(args: argparse.Namespace) -> int:
         vocabulary = resolve_tagger_vocabulary(args.vocabulary)
         check_tagger_model(args.tagger_model)
     if args.recipe is not None:
-        _common.check_recipe_name(args.recipe)
+        _model.check_recipe_name(args.recipe)
     options = _pipeline_options(args)
     options.pop("recipe", None)
-    _common.check_recipe_options(args.recipe or "paper", options)
-    device, dtype = _common.resolve_device(args.device, args.dtype)
+    _model.check_recipe_options(args.recipe or "paper", options)
+    device, dtype = _model.resolve_device(args.device, args.dtype)
 
     settings = {
-        "model": _common.model_setting(args.model),
+        "model": _model.model_setting(args.model),
         "dtype": str(dtype).removeprefix("torch."),
         "classes": None if args.classes is None else list(args.classes),
         "vocabulary": None if vocabulary is None else list(vocabulary.vocabulary),
@@ -153,11 +153,11 @@ def run(args: argparse.Namespace) -> int:
         "seed": args.seed,
     }
     if vocabulary is not None:
-        settings["tagger"] = {"model": _common.model_setting(args.tagger_model), **tagger_settings(args)}
+        settings["tagger"] = {"model": _model.model_setting(args.tagger_model), **tagger_settings(args)}
     runner = Runner(args.out, NAME, settings, overwrite=args.overwrite, quiet=args.quiet)
-    todo = runner.plan(paths, _common.label_outputs(args))
+    todo = runner.plan(paths, _io.label_outputs(args))
     if todo:
-        pipe = _common.load_pipeline(args.model, device, dtype, quiet=args.quiet)
+        pipe = _model.load_pipeline(args.model, device, dtype, quiet=args.quiet)
         if args.recipe is None:  # SD: paper (<preset>-ovs with a tagger preset); SDXL: sdxl
             args.recipe = default_recipe_for(pipe, vocabulary=vocabulary and vocabulary.name)
         args.batch_size = _common.batch_size(args, device)
@@ -169,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
 
             pipe.tagger = load_tagger(args.tagger_model, device, torch.float32, quiet=args.quiet)
             check_vocabulary_fits(pipe.tagger, vocabulary)
-        runner.run(todo, _common.load_image, _processor(pipe, args, device, dtype), args.batch_size)
+        runner.run(todo, _io.load_image, _processor(pipe, args, device, dtype), args.batch_size)
     return runner.finish("segmented")
 
 
@@ -180,7 +180,7 @@ def _check_loaded(pipe, args: argparse.Namespace, options: dict) -> None:
         _, _, grid = pipe.check_settings(args.recipe, None, True, **options)
         pipe.check_memory(grid, args.batch_size)
 
-    _common.check_loaded(check)
+    _model.check_loaded(check)
 
 
 def _check_classes_fit(pipe, classes, recipe=None) -> None:
@@ -199,7 +199,7 @@ def _processor(pipe, args: argparse.Namespace, device: str, dtype):
 
     options = {**_pipeline_options(args), "output_heatmaps": False}  # labels, no float heatmaps
     classes = None if args.classes is None else list(args.classes)
-    outputs = _common.label_outputs(args)
+    outputs = _io.label_outputs(args)
     if args.vocabulary is not None:
         names = list(resolve_tagger_vocabulary(args.vocabulary).vocabulary)
         settings = tagger_settings(args)
@@ -223,7 +223,7 @@ def _processor(pipe, args: argparse.Namespace, device: str, dtype):
                 "try a smaller --batch-size or --dtype fp16"
             ) from None
         except ValueError as exc:  # the settings were checked: this batch's images failed
-            raise RuntimeError(_common.model_failure(exc, dtype)) from None
+            raise RuntimeError(_model.model_failure(exc, dtype)) from None
         results = []
         for b, (item, image, label) in enumerate(zip(items, images, output.labels)):  # [B, H, W] or a list
             label = label.cpu()
@@ -231,11 +231,11 @@ def _processor(pipe, args: argparse.Namespace, device: str, dtype):
                 lut = torch.tensor(vocabulary_ids(tags[b], names))
                 label = lut[label]
             labels_png = masks.label_image(label)
-            files = {f"{item.name}_labels.png": _common.saver(labels_png, "PNG")}
+            files = {f"{item.name}_labels.png": _io.saver(labels_png, "PNG")}
             if not args.no_overlay:
                 overlay = masks.overlay(image, label)
                 fmt = "PNG" if args.overlay_format == "png" else "JPEG"
-                files[outputs(item.name)[1]] = _common.saver(overlay, fmt)
+                files[outputs(item.name)[1]] = _io.saver(overlay, fmt)
             results.append(files)
         return results
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ..errors import PROG, first_line, report_error
 from ..runner import describe_changes, save_atomic
-from . import _common
+from . import _common, _io, _model
 from ._common import CommandError
 
 NAME = "tag"
@@ -94,10 +94,10 @@ _TAGGER_TODO = "pass --tagger-model DIR (a CLIP folder: config.json, model.safet
 def check_tagger_model(model: str) -> None:
     """``--tagger-model`` before anything loads: a path-looking value is a folder that exists
     (never tried as a hub id), a hub id is cached or the hub can be asked."""
-    if _common.looks_like_path(model):
-        _common.check_folder(model, "the CLIP tagger from", _TAGGER_TODO)
+    if _model.looks_like_path(model):
+        _model.check_folder(model, "the CLIP tagger from", _TAGGER_TODO)
     else:
-        _common.check_hub_model(model, "the CLIP tagger from", "--tagger-model", "config.json")
+        _model.check_hub_model(model, "the CLIP tagger from", "--tagger-model", "config.json")
 
 
 def load_tagger(model: str, device: str, dtype, quiet: bool = False):
@@ -109,16 +109,16 @@ def load_tagger(model: str, device: str, dtype, quiet: bool = False):
     from ..tagger import CLIPTagger
 
     check_tagger_model(model)
-    local = _common.looks_like_path(model)
+    local = _model.looks_like_path(model)
     source = str(Path(model).expanduser()) if local else model
     try:
-        with _common.quiet_loading(quiet):
+        with _model.quiet_loading(quiet):
             return CLIPTagger.from_pretrained(source, torch_dtype=dtype, device=device)
     except KeyboardInterrupt:
         raise
     except Exception as exc:
         cause = first_line(exc.__cause__ or exc)
-        fetch = f"`{_common.download_command()} {DEFAULT_TAGGER_MODEL} --local-dir DIR`"
+        fetch = f"`{_model.download_command()} {DEFAULT_TAGGER_MODEL} --local-dir DIR`"
         where = f"the folder '{model}'" if local else f"the hub id '{model}'"
         raise CommandError(
             f"cannot load the CLIP tagger from {where}: {cause}; it needs a CLIPModel as "
@@ -150,7 +150,7 @@ def add_parser(subparsers) -> None:
     group = parser.add_argument_group("device")
     group.add_argument("--device", type=_common.device, default=None,
                        help="cuda, cuda:N, mps or cpu (default: cuda if available, else cpu)")
-    group.add_argument("--dtype", choices=_common.DTYPES, default="fp32",
+    group.add_argument("--dtype", choices=_model.DTYPES, default="fp32",
                        help="tagger precision (default: fp32, as the authors; bf16 and fp16 can "
                             "flip tags near the thresholds)")
     _common.add_quiet_option(parser)
@@ -212,8 +212,8 @@ def _write_atomic(path: Path, text: str) -> None:
 def run(args: argparse.Namespace) -> int:
     """``iseg tag``: returns the exit status (raises CommandError for a failed run)."""
     # 1. Check everything before the model loads
-    paths = _common.expand_inputs(args.images)
-    _common.check_images(paths)
+    paths = _io.expand_inputs(args.images)
+    _io.check_images(paths)
     ids: dict[str, Path] = {}
     for path in paths:
         if path.stem in ids:
@@ -226,10 +226,10 @@ def run(args: argparse.Namespace) -> int:
             raise CommandError(f"image '{path}': its id (the file stem) holds whitespace", code=2)
         ids[path.stem] = path
     preset = resolve_tagger_vocabulary(args.vocabulary)
-    device, dtype = _common.resolve_device(args.device, args.dtype)
+    device, dtype = _model.resolve_device(args.device, args.dtype)
     overrides = tagger_settings(args)
     settings = {
-        "tagger_model": _common.model_setting(args.tagger_model),
+        "tagger_model": _model.model_setting(args.tagger_model),
         "dtype": str(dtype).removeprefix("torch."),
         "vocabulary": preset.name or list(preset.vocabulary),
         "background": list(preset.background),

@@ -26,8 +26,9 @@ import iseg.recipes as recipes
 from iseg import ISegPipeline
 from iseg.choices import noise_seeds, parse_classes
 from iseg.cli import main
-from iseg.commands import _common, segment
-from iseg.commands._common import DEFAULT_MODEL, CommandError
+from iseg.commands import _model, segment
+from iseg.commands._common import CommandError
+from iseg.commands._model import DEFAULT_MODEL
 from iseg.files import HOST
 from iseg.hub import dtype_keyword
 from iseg.images import load_image
@@ -288,7 +289,7 @@ def test_device_and_dtype_defaults(
         seen.append((device, dtype))
         raise CommandError("stop here")
 
-    monkeypatch.setattr(_common, "load_pipeline", fake_load)
+    monkeypatch.setattr(_model, "load_pipeline", fake_load)
     argv = ["segment", str(rgb_images[0]), "--classes", "cat", "--out", str(tmp_path), *extra]
     assert main(argv) == 1
     assert seen == [expected]

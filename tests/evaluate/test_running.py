@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -338,8 +337,8 @@ def test_broken_files_are_reported_and_the_run_goes_on(tmp_path, capsys, monkeyp
     assert m["images_scored"] == 1 and m["images_skipped"] == 1 and set(m["failures"]) == set(run.failures)
     assert m["miou"] == pytest.approx(100.0) and not run.ok
     # the same through the CLI: non-zero exit, one error line per file, the metric still printed
-    monkeypatch.setattr("iseg.commands._common.check_model_folder", lambda model: None)
-    monkeypatch.setattr("iseg.commands._common.load_pipeline", lambda *a, **k: FakePipe("voc"))
+    monkeypatch.setattr("iseg.commands._model.check_model_folder", lambda model: None)
+    monkeypatch.setattr("iseg.commands._model.load_pipeline", lambda *a, **k: FakePipe("voc"))
     capsys.readouterr()
     argv = cli("voc-wsss", tmp_path / "voc", "fake", tmp_path / "o2", "--limit", 5)
     assert main(argv) == 1
@@ -544,7 +543,7 @@ def test_a_failed_first_run_locks_nothing_and_overwrite_starts_over(voc, tmp_pat
                    workers=0, progress=False)  # fmt: skip
     assert run.metrics is not None and json.loads((tmp_path / "o" / "eval.json").read_text())["model"] == "b"
     # through the CLI: other settings are refused, --overwrite starts over
-    monkeypatch.setattr("iseg.commands._common.load_pipeline", lambda *a, **k: FakePipe("voc"))
+    monkeypatch.setattr("iseg.commands._model.load_pipeline", lambda *a, **k: FakePipe("voc"))
     argv = cli("voc-wsss", root, "fake", tmp_path / "c", "--limit", 2)
     assert main(argv) == 0
     capsys.readouterr()
@@ -559,7 +558,7 @@ def test_list_ids_never_leave_out(voc, tmp_path, capsys, monkeypatch, bad):
     root, _ = voc
     listing = tmp_path / "ids.txt"
     listing.write_text(f"{VOC_IDS[0]}\n{bad}\n")
-    monkeypatch.setattr("iseg.commands._common.load_pipeline", lambda *a, **k: FakePipe("voc"))
+    monkeypatch.setattr("iseg.commands._model.load_pipeline", lambda *a, **k: FakePipe("voc"))
     assert main(cli("voc-wsss", root, "fake", tmp_path / "o", "--list", listing)) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"ids.txt:2: image id {bad!r}" in err[0]
@@ -568,7 +567,7 @@ def test_list_ids_never_leave_out(voc, tmp_path, capsys, monkeypatch, bad):
 
 def test_eval_full_disk_is_one_line_keeps_finished_predictions(voc, tmp_path, capsys, monkeypatch):
     root, _ = voc
-    monkeypatch.setattr("iseg.commands._common.load_pipeline", lambda *a, **k: FakePipe("voc"))
+    monkeypatch.setattr("iseg.commands._model.load_pipeline", lambda *a, **k: FakePipe("voc"))
     real = open
     writes = []
 
@@ -594,7 +593,7 @@ def test_eval_full_disk_is_one_line_keeps_finished_predictions(voc, tmp_path, ca
     for name in left:  # every prediction kept is whole (the writer threads may have finished more)
         Image.open(tmp_path / "o" / "pred" / name).load()
     # the next run (space again) resumes: only what is missing is predicted
-    monkeypatch.setattr("iseg.commands._common.load_pipeline", lambda *a, **k: FakePipe("voc"))
+    monkeypatch.setattr("iseg.commands._model.load_pipeline", lambda *a, **k: FakePipe("voc"))
     assert main(cli("voc-wsss", root, "fake", tmp_path / "o", "--limit", 6)) == 0
 
 
@@ -692,8 +691,8 @@ def test_model_folder_compared_as_its_resolved_path_and_bad_manifest(voc, tmp_pa
     ``eval.json`` of the wrong shape is one error line."""
     root, _ = voc
     (tmp_path / "m").mkdir()
-    monkeypatch.setattr("iseg.commands._common.check_model_folder", lambda model: None)
-    monkeypatch.setattr("iseg.commands._common.load_pipeline", lambda *a, **k: FakePipe("voc"))
+    monkeypatch.setattr("iseg.commands._model.check_model_folder", lambda model: None)
+    monkeypatch.setattr("iseg.commands._model.load_pipeline", lambda *a, **k: FakePipe("voc"))
     monkeypatch.chdir(tmp_path)
     assert main(cli("voc-wsss", root, "./m", tmp_path / "o", "--limit", 2)) == 0
     assert json.loads((tmp_path / "o" / "eval.json").read_text())["model"] == str((tmp_path / "m").resolve())
@@ -714,7 +713,7 @@ def test_eval_quiet_loads_the_model_quietly(voc, tmp_path, monkeypatch):
         calls.append(kwargs.get("quiet", False))
         return FakePipe("voc")
 
-    monkeypatch.setattr("iseg.commands._common.load_pipeline", load)
+    monkeypatch.setattr("iseg.commands._model.load_pipeline", load)
     assert main(cli("voc-wsss", root, "fake", tmp_path / "o", "--limit", 1)) == 0  # --quiet
     argv = [a for a in cli("voc-wsss", root, "fake", tmp_path / "p", "--limit", 1) if a != "--quiet"]
     assert main([*argv, "-q"]) == 0
