@@ -33,7 +33,8 @@ COMMANDS = [
     "tag",
     "demo",
     "unsupervised",
-    "regions",  # regions and refine-masks
+    "regions",
+    "refine_masks",
 ]
 
 
@@ -82,14 +83,14 @@ def main(argv: list[str] | None = None) -> int:
 
     Usage errors found by argparse exit through ``SystemExit(2)``; the others return.
     """
-    from .commands._common import CommandError, error_line, first_line
+    from .errors import RunError, error_line, first_line
 
     try:
         with _sigterm_as_interrupt():
             parser, modules = build_parser()
             args = parser.parse_args(argv)
             return modules[args.command].run(args)
-    except CommandError as exc:
+    except RunError as exc:
         print(error_line(exc), file=sys.stderr)
         return exc.code
     except Exception as exc:  # a bug or an input no check foresaw: one line

@@ -38,7 +38,6 @@ from __future__ import annotations
 import atexit
 import functools
 import html
-import inspect
 import json
 import logging
 import math
@@ -53,10 +52,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 
-from . import masks
-from .commands._common import SEED_MAX, first_line
+from . import masks, seeds
+from .choices import SEED_MAX, parse_classes
+from .errors import first_line
+from .images import load_image
+from .recipes import RECIPES, get_recipe
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +70,7 @@ MAX_FILE_SIZE = "50mb"
 DISPLAY_SIDE = 1024
 """The longest side of the copy of an image that the page shows and is clicked on."""
 CLICK_MODES = ("point", "negative", "box", "line")
-DEFAULT_REGION_ITERS = 50  # the interactive recipe (METHOD §5)
+DEFAULT_REGION_ITERS = get_recipe("interactive").iters  # METHOD §5
 DEFAULT_THRESHOLD = 0.5
 EXAMPLES_DIR = Path(__file__).with_name("demo_examples")
 CONCURRENCY_ID = "iseg-model"  # the one Gradio concurrency group of every model call
@@ -140,8 +143,6 @@ def load_upload(path: str | os.PathLike[str] | None, min_size: tuple[int, int] |
             f"'{name}' is {width} × {height} = {width * height / 1e6:.0f} MP; the demo takes at "
             f"most {MAX_PIXELS / 1e6:g} MP: resize it first"
         )
-    from .images import load_image
-
     try:
         image = load_image(path)
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
@@ -324,8 +325,6 @@ def parse_class_names(text: str | None) -> tuple[str, ...]:
     Raises:
         DemoError: no names, an empty name or a name given twice.
     """
-    from .commands.segment import parse_classes
-
     try:
         return parse_classes(text or "")
     except ValueError as exc:
@@ -333,11 +332,7 @@ def parse_class_names(text: str | None) -> tuple[str, ...]:
 
 
 def recipe_names() -> list[str]:
-    """The names of :data:`iseg.recipes.RECIPES` (empty where this iseg has no recipes)."""
-    try:
-        from .recipes import RECIPES
-    except ImportError:
-        return []
+    """The names of :data:`iseg.recipes.RECIPES`."""
     return list(RECIPES)
 
 
@@ -347,8 +342,6 @@ def recipe_settings(name: str | None) -> dict[str, float | int]:
     defaults = {"iters": 10, "lam": 0.01, "gamma": 1.6, "threshold": DEFAULT_THRESHOLD}
     if not name:
         return defaults
-    from .recipes import get_recipe
-
     recipe = get_recipe(name)
     return {
         "iters": recipe.iters,
@@ -406,8 +399,6 @@ def segment_classes(
         DemoError: no image, bad class names or settings (before the model runs), or names
             that do not fit the text encoder.
     """
-    import torch
-
     if image is None:
         raise DemoError("upload an image first")
     classes = parse_class_names(classes_text)
@@ -417,11 +408,9 @@ def segment_classes(
     seed = _seed(seed)
     display = image if display is None else display
     options: dict[str, object] = {"iters": iters, "lam": lam, "gamma": gamma}
-    parameters = inspect.signature(pipe.__call__).parameters
-    if recipe and "recipe" in parameters:
+    if recipe:
         options["recipe"] = recipe
-    if "heatmap_size" in parameters:  # the labels as the command makes them
-        options["heatmap_size"] = (display.height, display.width)
+    options["heatmap_size"] = (display.height, display.width)  # the labels as the command makes them
     try:
         output = pipe(image, list(classes), generator=torch.Generator().manual_seed(seed), **options)
     except ValueError as exc:
@@ -552,8 +541,6 @@ def regions_on(display: Image.Image, image_size: tuple[int, int], regions, pendi
 def to_api_regions(regions: Sequence[dict]) -> list:
     """The region dicts as :class:`iseg.Point` (``negative`` kept), :class:`iseg.Box` and
     :class:`iseg.Line`."""
-    from . import seeds
-
     built = []
     for i, region in enumerate(regions):
         kind = region.get("type")
@@ -664,14 +651,10 @@ def segment_regions(
     Raises:
         DemoError: no image, no region, a bad region or setting (before the model runs).
     """
-    import torch
-
     if image is None:
         raise DemoError("upload an image first")
     if not regions:
         raise DemoError("add a region first: click an object in the image")
-    if not hasattr(pipe, "segment_regions"):
-        raise DemoError("this version of iseg cannot segment regions (no segment_regions)")
     iters = _int_setting("iterations", iters, 1)
     threshold = _float_setting("threshold", threshold, 0.0, inclusive=False, high=1.0)
     seed = _seed(seed)
@@ -739,8 +722,6 @@ def segment_unsupervised(
 ) -> UnsupervisedResult:
     """``pipe.segment_unsupervised(image, kl_threshold=, iters=)`` (DiffSeg's segments refined
     by Ent-Self), as ``iseg unsupervised IMAGE --kl-threshold --iters`` does."""
-    import torch
-
     if image is None:
         raise DemoError("upload an image first")
     kl_threshold = _float_setting("KL threshold", kl_threshold, 0.0, inclusive=False)
@@ -892,11 +873,9 @@ def build_app(
         model_args = ["--model", model_name] if model_name else []
     demo = Demo(pipe, model_args)
     recipes = recipe_names()
-    has_regions = hasattr(pipe, "segment_regions")
-    has_unsupervised = hasattr(pipe, "segment_unsupervised")
-    paper = recipe_settings("paper" if "paper" in recipes else None)
-    interactive = recipe_settings("interactive" if "interactive" in recipes else None)
-    region_iters = int(interactive["iters"]) if "interactive" in recipes else DEFAULT_REGION_ITERS
+    paper = recipe_settings("paper")
+    interactive = recipe_settings("interactive")
+    region_iters = int(interactive["iters"])
     model_event = {"concurrency_id": CONCURRENCY_ID, "concurrency_limit": 1}
 
     title = "iSeg: segmentation from Stable Diffusion's attention, no training"
@@ -917,9 +896,9 @@ def build_app(
                 with gr.Tabs():
                     with gr.Tab("Classes", id="classes"):
                         c = _classes_tab(gr, recipes, paper)
-                    with gr.Tab("Regions", id="regions", visible=has_regions):
+                    with gr.Tab("Regions", id="regions"):
                         r = _regions_tab(gr, region_iters, interactive)
-                    with gr.Tab("Unsupervised", id="unsupervised", visible=has_unsupervised):
+                    with gr.Tab("Unsupervised", id="unsupervised"):
                         u = _unsupervised_tab(gr)
 
         # -- handlers: Gradio values in, {component: value} out --
@@ -1094,7 +1073,7 @@ def _classes_tab(gr, recipes: list[str], paper: dict) -> dict:
                                    placeholder="cat, dog, potted plant")  # fmt: skip
             c["run"] = gr.Button("Segment", variant="primary", elem_id="iseg-run-classes")
             with gr.Accordion("Settings", open=False):
-                c["recipe"] = gr.Dropdown(recipes, value="paper" if "paper" in recipes else None, label="Recipe",
+                c["recipe"] = gr.Dropdown(recipes, value="paper", label="Recipe",
                                           visible=bool(recipes), elem_id="iseg-recipe")  # fmt: skip
                 c["iters"] = gr.Slider(0, 100, value=paper["iters"], step=1, label="Iterations N")
                 c["lam"] = gr.Slider(0, 0.2, value=paper["lam"], step=0.001, label="Ent-Self λ")

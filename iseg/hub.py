@@ -15,7 +15,7 @@ import contextlib
 import importlib.util
 import os
 
-__all__ = ["download_command", "hub_offline"]
+__all__ = ["download_command", "dtype_keyword", "hub_offline"]
 
 
 def download_command() -> str:
@@ -30,3 +30,15 @@ def download_command() -> str:
 def hub_offline() -> bool:
     """Whether ``HF_HUB_OFFLINE`` is set to a true value."""
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def dtype_keyword() -> str:
+    """The dtype keyword of the installed diffusers' ``from_pretrained``: ``"dtype"`` from
+    diffusers 0.40 (``torch_dtype`` then warns that it is deprecated), else ``"torch_dtype"``."""
+    import importlib.metadata  # here, not at the top: ~20 ms (email, zipfile) of `iseg --help`
+
+    try:
+        major, minor = (int(part) for part in importlib.metadata.version("diffusers").split(".")[:2])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return "torch_dtype"
+    return "dtype" if (major, minor) >= (0, 40) else "torch_dtype"

@@ -12,8 +12,9 @@ each input (absolute path) with its output name and files. From it the runner
   suffixed ``_<i>`` (its position in the input list) where stems clash (see
   :func:`output_names`).
 
-Outputs are written atomically (a hidden ``.NAME.PID.XXXXXXXX.iseg-tmp`` file in ``OUT``, then
-``os.replace``); temporary files of a run that was killed are removed by the next run. A write
+Outputs are written atomically (:func:`iseg.files.write_atomic`: a hidden
+``.NAME.HOST-PID-XXXXXXXX.iseg-tmp`` file in ``OUT``, then ``os.replace``); temporary files of a
+run that was killed are removed by the next run. A write
 that fails (a full disk) ends the run in one ``iseg: error:`` line: finished outputs stay, the
 temporary file is removed, and the rerun resumes. Each input is loaded (fully decoded) inside
 the run: one that fails is reported in one ``iseg: error:`` line and the run goes on; so is an
@@ -39,7 +40,7 @@ How a subcommand uses it (``iseg/commands/segment.py`` is the full example)::
 per item, ``{file name: save}`` where ``save(binary_file)`` writes the file's bytes. An
 exception from ``process`` on a batch of several items retries them one at a time; on one item
 it fails that item (reported, the run goes on), except
-:class:`~iseg.commands._common.CommandError`, ``KeyboardInterrupt`` and ``MemoryError``,
+:class:`~iseg.errors.RunError`, ``KeyboardInterrupt`` and ``MemoryError``,
 which end the run (the manifest is saved first, so finished outputs are kept).
 """
 
@@ -51,7 +52,6 @@ import hashlib
 import json
 import math
 import os
-import secrets
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -59,8 +59,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from .commands._common import MANIFEST, PROG, TEMP_SUFFIX, CommandError, first_line, report_error
+from .errors import PROG, RunError, first_line, report_error, shorten
+from .files import remove_stale_temps, write_atomic
 
+MANIFEST = "iseg-manifest.json"
+"""The file in an output folder that records what iseg wrote there, per subcommand."""
 MANIFEST_VERSION = 1
 Save = Callable[[BinaryIO], None]
 
@@ -169,8 +172,6 @@ def _check_manifest(data: object) -> str | None:
 def describe_changes(old: dict, new: dict) -> str:
     """``"iters: 10 → 20, lam: ..."``: the settings that differ (values cut to 60 characters,
     so that a long class list does not make an endless line)."""
-    from .commands._common import shorten
-
     return ", ".join(
         f"{k}: {shorten(repr(old.get(k)), 60)} → {shorten(repr(new.get(k)), 60)}"
         for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)
@@ -185,10 +186,10 @@ def _read_manifest(out: Path) -> dict:
     except FileNotFoundError:
         return {"iseg_manifest": MANIFEST_VERSION, "commands": {}}
     except (OSError, ValueError, RecursionError) as exc:  # RecursionError: absurdly deep JSON
-        raise CommandError(f"cannot read '{path}': {first_line(exc)}; {todo}") from None
+        raise RunError(f"cannot read '{path}': {first_line(exc)}; {todo}") from None
     problem = _check_manifest(data)
     if problem is not None:
-        raise CommandError(f"'{path}' is not an iseg manifest: {problem}; {todo}")
+        raise RunError(f"'{path}' is not an iseg manifest: {problem}; {todo}")
     return data
 
 
@@ -219,71 +220,31 @@ def os_error_line(exc: OSError) -> str:
     return f"{exc.filename}: {reason}" if exc.filename else reason
 
 
-def write_error(path: Path, exc: OSError) -> CommandError:
+def write_error(path: Path, exc: OSError) -> RunError:
     """The one-line error of a write to ``path`` that failed (a full disk says so, and that
     the finished outputs are kept and a rerun resumes)."""
     if exc.errno in _FULL:
-        return CommandError(
+        return RunError(
             f"cannot write '{path}': {_FULL[exc.errno]}; the finished outputs are kept: free "
             "some space, then rerun the same command to resume"
         )
-    return CommandError(f"cannot write '{path}': {first_line(exc)}")
+    return RunError(f"cannot write '{path}': {first_line(exc)}")
 
 
 def save_atomic(save: Save, path: Path) -> None:
-    """Write ``path`` with ``save(file)`` via a temporary file in the same folder and
-    ``os.replace``: ``path`` is either absent, the old file or the complete new one.
+    """:func:`iseg.files.write_atomic` that ends the run on a failed write.
 
     Raises:
-        CommandError: the write failed with an ``OSError`` (a full disk, ...); one line (see
+        RunError: the write failed with an ``OSError`` (a full disk, ...); one line (see
             :func:`write_error`), and the temporary file is removed.
     """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
     try:
-        with open(tmp, "xb") as f:  # not mkstemp: its files are 0600, these follow the umask
-            save(f)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(exc, OSError):
-            raise write_error(path, exc) from None
-        raise
+        write_atomic(path, save)
+    except OSError as exc:
+        raise write_error(path, exc) from None
 
 
-_FATAL = (KeyboardInterrupt, CommandError, MemoryError)  # end the run; anything else fails its items
-
-
-def _pid_alive(pid: int) -> bool:
-    if os.name == "nt":  # os.kill(pid, 0) would send CTRL_C_EVENT there: assume alive
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
-
-
-def remove_stale_temp_files(out: Path) -> int:
-    """Remove this tool's temporary files in ``out`` left by runs that were killed (their
-    process is gone) or by this process; returns how many."""
-    removed = 0
-    try:
-        names = os.listdir(out)
-    except OSError:
-        return 0
-    for name in names:
-        if not (name.startswith(".") and name.endswith(TEMP_SUFFIX)):
-            continue
-        parts = name[: -len(TEMP_SUFFIX)].rsplit(".", 2)
-        pid = int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
-        if pid is None or pid == os.getpid() or not _pid_alive(pid):
-            with contextlib.suppress(OSError):
-                os.unlink(out / name)
-                removed += 1
-    return removed
+_FATAL = (KeyboardInterrupt, RunError, MemoryError)  # end the run; anything else fails its items
 
 
 def check_writable(out: Path) -> None:
@@ -296,14 +257,14 @@ def check_writable(out: Path) -> None:
         probe = probe.parent
     what = "output folder" if probe == out.absolute() else f"folder '{probe}' for --out"
     if not probe.is_dir():
-        raise CommandError(f"cannot write to '{out}': '{probe}' is not a folder")
+        raise RunError(f"cannot write to '{out}': '{probe}' is not a folder")
     read_only = False
     with contextlib.suppress(OSError, AttributeError):
         read_only = bool(os.statvfs(probe).f_flag & os.ST_RDONLY)
     if read_only:
-        raise CommandError(f"cannot write to '{out}': the {what} is on a read-only file system")
+        raise RunError(f"cannot write to '{out}': the {what} is on a read-only file system")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise CommandError(f"cannot write to '{out}': the {what} is not writable (permission denied)")
+        raise RunError(f"cannot write to '{out}': the {what} is not writable (permission denied)")
 
 
 class Runner:
@@ -342,12 +303,12 @@ class Runner:
         """The items still to do, checked against the manifest and the files in ``out``.
 
         Raises:
-            CommandError: ``out`` is not a writable folder; its results have other settings
+            RunError: ``out`` is not a writable folder; its results have other settings
                 (without ``overwrite``); or an output path holds a file this tool did not write.
         """
         check_writable(self.out)
         if self.out.is_dir():  # also when nothing is left to do
-            remove_stale_temp_files(self.out)
+            remove_stale_temps(self.out)
         manifest = _read_manifest(self.out)
         section = manifest["commands"].setdefault(self.command, {"settings": None, "items": {}})
         old = section.get("settings")
@@ -355,7 +316,7 @@ class Runner:
             e.get("settings") == settings_id(old) for e in section["items"].values()
         )  # a run that wrote nothing locks nothing
         if finished_any and old != self.settings and not self.overwrite:
-            raise CommandError(
+            raise RunError(
                 f"'{self.out}' holds results of other settings "
                 f"({describe_changes(old, self.settings)}); rerun with "
                 "--overwrite to replace them, or choose another --out"
@@ -387,12 +348,12 @@ class Runner:
                     continue
                 owner = owned.get(f.name.casefold())
                 if owner is None:
-                    raise CommandError(
+                    raise RunError(
                         f"refusing to overwrite '{f}': this tool did not write it "
                         "(move it away or choose another --out)"
                     )
                 if owner != item.key and not self.overwrite:
-                    raise CommandError(
+                    raise RunError(
                         f"refusing to overwrite '{f}': it was written for "
                         f"'{items_by_key[owner]['input']}', not '{item.path}' "
                         "(rerun with --overwrite, or choose another --out)"
@@ -419,8 +380,8 @@ class Runner:
         try:
             self.out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise CommandError(f"cannot create output folder '{self.out}': {first_line(exc)}") from None
-        remove_stale_temp_files(self.out)
+            raise RunError(f"cannot create output folder '{self.out}': {first_line(exc)}") from None
+        remove_stale_temps(self.out)
         section = self._manifest["commands"][self.command]
         section["settings"] = self.settings
         for item in todo:
@@ -490,7 +451,7 @@ class Runner:
                 if batch:
                     self._process(batch, loaded, process, progress)
         except BaseException:
-            with contextlib.suppress(CommandError):  # the first error is the one to report
+            with contextlib.suppress(RunError):  # the first error is the one to report
                 self.flush()
             raise
         else:

@@ -1,9 +1,11 @@
-"""Shared fixtures: a tiny random ISegPipeline in SD's block layout, and test images."""
+"""Shared fixtures: a tiny random ISegPipeline in SD's block layout (in memory, and saved once
+per session as the folder the CLI and the demo load), a tiny saved CLIP tagger, and test images."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
+from pathlib import Path
 
 import torch
 
@@ -23,7 +25,7 @@ import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from iseg import ISegPipeline  # noqa: E402
-from iseg.testing import tiny_components  # noqa: E402
+from iseg.testing import tiny_clip_components, tiny_components  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -34,6 +36,27 @@ def tokenizer_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def components(tokenizer_dir):
     return tiny_components(seed=0, tokenizer_dir=tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def saved_model(tmp_path_factory) -> Path:
+    """The tiny pipeline (``tiny_components(seed=0)``) saved with ``save_pretrained``: the
+    folder that ``--model`` and the demo load. Read-only for tests (copy it to change it)."""
+    root = tmp_path_factory.mktemp("saved-model")
+    (root / "tokenizer-src").mkdir()
+    ISegPipeline(**tiny_components(seed=0, tokenizer_dir=root / "tokenizer-src")).save_pretrained(root / "model")
+    return root / "model"
+
+
+@pytest.fixture(scope="session")
+def saved_tagger(tmp_path_factory) -> Path:
+    """A tiny CLIP (``tiny_clip_components(seed=0)``) saved as a ``--tagger-model`` folder."""
+    root = tmp_path_factory.mktemp("saved-tagger")
+    (root / "tokenizer-src").mkdir()
+    clip = tiny_clip_components(seed=0, tokenizer_dir=root / "tokenizer-src")
+    clip["model"].save_pretrained(root / "clip")
+    clip["tokenizer"].save_pretrained(root / "clip")
+    return root / "clip"
 
 
 @pytest.fixture

@@ -21,7 +21,6 @@ from PIL import Image
 import iseg
 from iseg import ISegPipeline, demo, masks
 from iseg.demo import DemoError
-from iseg.testing import tiny_components
 
 from .conftest import make_image
 
@@ -33,17 +32,12 @@ def reference_backend(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[ISegPipeline, Path]:
+def saved(saved_model: Path) -> tuple[ISegPipeline, Path]:
     """The tiny pipeline as loaded back from the folder it was saved to (so the CLI, which
     loads the folder, runs the same weights)."""
-    root = tmp_path_factory.mktemp("demo-model")
-    (root / "tokenizer-src").mkdir()
-    ISegPipeline(**tiny_components(seed=0, tokenizer_dir=root / "tokenizer-src")).save_pretrained(
-        root / "model"
-    )
-    pipe = ISegPipeline.from_pretrained(root / "model")
+    pipe = ISegPipeline.from_pretrained(saved_model)
     pipe.set_progress_bar_config(disable=True)
-    return pipe, root / "model"
+    return pipe, saved_model
 
 
 class NoModel:
@@ -589,22 +583,10 @@ def _tabs(app) -> dict[str, bool]:
     return {block.label: block.visible for block in app.blocks.values() if isinstance(block, gr.Tab)}
 
 
-def test_build_app_shows_the_tabs_the_pipeline_supports(saved):
+def test_build_app_shows_every_tab(saved):
     pytest.importorskip("gradio")
     pipe, _ = saved
-
-    class TextOnly:  # the Classes tab only
-        def __call__(self, *args, **kwargs):
-            return pipe(*args, **kwargs)
-
-    assert _tabs(demo.build_app(TextOnly())) == {"Classes": True, "Regions": False, "Unsupervised": False}
-
-    class WithRegions(TextOnly):
-        def segment_regions(self, *args, **kwargs):
-            raise AssertionError
-
-    assert _tabs(demo.build_app(WithRegions())) == {"Classes": True, "Regions": True, "Unsupervised": False}
-    assert _tabs(demo.build_app(pipe))["Unsupervised"] is hasattr(pipe, "segment_unsupervised")
+    assert _tabs(demo.build_app(pipe)) == {"Classes": True, "Regions": True, "Unsupervised": True}
 
 
 def _handler(app, name: str):
@@ -695,7 +677,7 @@ def test_a_click_on_the_display_copy_adds_the_pixel_under_it(saved):
 def test_demo_command_loads_the_model_once_and_serves_the_app(saved, monkeypatch):
     pytest.importorskip("gradio")
     from iseg import cli
-    from iseg.commands import _common
+    from iseg.commands import _model
 
     pipe, model = saved
     loads, served = [], []
@@ -704,7 +686,7 @@ def test_demo_command_loads_the_model_once_and_serves_the_app(saved, monkeypatch
         loads.append((model_name, device, dtype))
         return pipe
 
-    monkeypatch.setattr(_common, "load_pipeline", load_pipeline)
+    monkeypatch.setattr(_model, "load_pipeline", load_pipeline)
     monkeypatch.setattr(demo, "launch", lambda app, **kwargs: served.append((app, kwargs)))
     status = cli.main(["demo", "--model", str(model), "--device", "cpu", "--port", "8123"])
     assert status == 0
@@ -718,9 +700,9 @@ def test_demo_command_refuses_a_taken_port_before_loading_anything(monkeypatch, 
     import socket
 
     from iseg import cli
-    from iseg.commands import _common
+    from iseg.commands import _model
 
-    monkeypatch.setattr(_common, "load_pipeline", lambda *a: pytest.fail("the model loaded"))
+    monkeypatch.setattr(_model, "load_pipeline", lambda *a: pytest.fail("the model loaded"))
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

@@ -24,9 +24,6 @@ from pathlib import Path
 
 import pytest
 
-from iseg import ISegPipeline
-from iseg.testing import tiny_components
-
 from .conftest import make_image
 
 pytest.importorskip("gradio", reason="gradio is not installed (pip install -e '.[demo]')")
@@ -74,14 +71,12 @@ def _answers(url: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, saved_model):
     """``iseg demo`` on the tiny model (saved with save_pretrained), on a free loopback port,
     started without waiting (the browser starts meanwhile; :func:`_open` waits for it);
     stopped (SIGINT, then SIGKILL) at the end."""
     tmp_path = tmp_path_factory.mktemp("demo-server")
-    (tmp_path / "tokenizer-src").mkdir()
-    model = tmp_path / "model"
-    ISegPipeline(**tiny_components(seed=0, tokenizer_dir=tmp_path / "tokenizer-src")).save_pretrained(model)
+    model = saved_model
     port = _free_port()
     log = tmp_path / "server.log"
     env = {

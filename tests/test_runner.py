@@ -10,13 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from iseg.commands._common import CommandError, expand_inputs
+from iseg.commands._io import expand_inputs
+from iseg.errors import RunError
+from iseg.files import HOST, remove_stale_temps
 from iseg.runner import (
     MANIFEST,
     Runner,
     check_writable,
     manifest_outputs,
-    remove_stale_temp_files,
     save_atomic,
 )
 
@@ -98,7 +99,7 @@ def test_per_item_failures_are_reported_and_the_run_goes_on(tmp_path, capsys):
     assert [i.name for i in again.plan(inputs, outputs)] == ["bad", "d"]
 
 
-@pytest.mark.parametrize("error", [CommandError("out of memory"), KeyboardInterrupt(), MemoryError()])
+@pytest.mark.parametrize("error", [RunError("out of memory"), KeyboardInterrupt(), MemoryError()])
 def test_fatal_errors_end_the_run_and_keep_finished_outputs(error, tmp_path):
     inputs = make_inputs(tmp_path / "in")
 
@@ -119,7 +120,7 @@ def test_changed_settings_are_refused_unless_overwrite(tmp_path):
     inputs = make_inputs(tmp_path / "in")
     first = Runner(tmp_path / "out", "t", {"seed": 0, "classes": ["cat"]})
     first.run(first.plan(inputs, outputs), read, upper)
-    with pytest.raises(CommandError) as info:
+    with pytest.raises(RunError) as info:
         Runner(tmp_path / "out", "t", {"seed": 1, "classes": ["cat"]}).plan(inputs, outputs)
     assert str(info.value) == (
         f"'{tmp_path / 'out'}' holds results of other settings (seed: 0 → 1); rerun with "
@@ -141,14 +142,14 @@ def test_files_it_did_not_write_are_never_overwritten(tmp_path):
     out.mkdir()
     (out / "b.out").write_text("ground truth")
     for overwrite in (False, True):
-        with pytest.raises(CommandError, match=r"refusing to overwrite '.*b.out': this tool did not write it"):
+        with pytest.raises(RunError, match=r"refusing to overwrite '.*b.out': this tool did not write it"):
             Runner(out, "t", {}, overwrite=overwrite).plan(inputs, outputs)
     assert read(out / "b.out") == "ground truth"
     # Nor one written by another subcommand.
     (out / "b.out").unlink()
     other = Runner(out, "other", {})
     other.run(other.plan(inputs, outputs), read, upper)
-    with pytest.raises(CommandError, match="this tool did not write it"):
+    with pytest.raises(RunError, match="this tool did not write it"):
         Runner(out, "t", {}).plan(inputs, outputs)
 
 
@@ -182,7 +183,7 @@ def test_save_atomic_leaves_no_partial_file(tmp_path):
         f.write(b"half")
         raise OSError("disk full")
 
-    with pytest.raises(CommandError, match=r"cannot write '.*x_labels.png': disk full$"):
+    with pytest.raises(RunError, match=r"cannot write '.*x_labels.png': disk full$"):
         save_atomic(broken, target)
     assert read(target) == "old"  # the old file, whole
     assert os.listdir(tmp_path) == ["x_labels.png"]  # no temporary file left
@@ -192,15 +193,16 @@ def test_stale_temp_files_of_dead_processes_are_removed(tmp_path):
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         names = {
-            "dead": f".a.png.{2**22 + 7}.00c0ffee.iseg-tmp",  # above the default pid_max
-            "live": f".b.png.{live.pid}.00c0ffee.iseg-tmp",  # a run still writing
-            "mine": f".c.png.{os.getpid()}.00c0ffee.iseg-tmp",
+            "dead": f".a.png.{HOST}-{2**22 + 7}-00c0ffee.iseg-tmp",  # above the default pid_max
+            "live": f".b.png.{HOST}-{live.pid}-00c0ffee.iseg-tmp",  # a run still writing
+            "mine": f".c.png.{HOST}-{os.getpid()}-00c0ffee.iseg-tmp",
             "other": ".d.png.tmp",  # not this tool's
+            "remote": f".e.png.otherhost-{2**22 + 7}-00c0ffee.iseg-tmp",  # another machine's
         }
         for name in names.values():
             (tmp_path / name).write_text("")
-        assert remove_stale_temp_files(tmp_path) == 2
-        assert sorted(os.listdir(tmp_path)) == sorted([names["live"], names["other"]])
+        assert remove_stale_temps(tmp_path) == 2
+        assert sorted(os.listdir(tmp_path)) == sorted([names["live"], names["other"], names["remote"]])
     finally:
         live.kill()
         live.wait()
@@ -210,7 +212,7 @@ def test_stale_temp_files_go_even_when_all_is_done(tmp_path):
     inputs = make_inputs(tmp_path / "in")
     runner = Runner(tmp_path / "out", "t", {})
     runner.run(runner.plan(inputs, outputs), read, upper)
-    stale = tmp_path / "out" / f".a.out.{2**22 + 9}.00c0ffee.iseg-tmp"
+    stale = tmp_path / "out" / f".a.out.{HOST}-{2**22 + 9}-00c0ffee.iseg-tmp"
     stale.write_text("half")
     assert Runner(tmp_path / "out", "t", {}).plan(inputs, outputs) == []
     assert not stale.exists()
@@ -220,15 +222,15 @@ def test_check_writable_creates_nothing(tmp_path):
     check_writable(tmp_path / "new" / "deeper")  # its parent chain is writable
     assert os.listdir(tmp_path) == []
     (tmp_path / "f").write_text("")
-    with pytest.raises(CommandError, match="is not a folder"):
+    with pytest.raises(RunError, match="is not a folder"):
         check_writable(tmp_path / "f" / "out")
-    with pytest.raises(CommandError, match="is not a folder"):
+    with pytest.raises(RunError, match="is not a folder"):
         check_writable(tmp_path / "f")
 
 
 def test_a_broken_manifest_is_one_clear_error(tmp_path):
     (tmp_path / MANIFEST).write_text("{half")
-    with pytest.raises(CommandError, match=r"cannot read '.*iseg-manifest.json'.*remove it"):
+    with pytest.raises(RunError, match=r"cannot read '.*iseg-manifest.json'.*remove it"):
         Runner(tmp_path, "t", {}).plan([], outputs)
     assert manifest_outputs(tmp_path) == set()
 
@@ -254,8 +256,8 @@ def test_expand_inputs(tmp_path):
     assert expand_inputs([str(explicit), str(folder / "b.png"), str(folder)]) == [
         explicit, folder / "b.png", folder / "a.jpg"
     ]  # fmt: skip
-    with pytest.raises(CommandError, match="no images match"):
+    with pytest.raises(RunError, match="no images match"):
         expand_inputs([f"{folder}/*.tif"])
     (tmp_path / "empty").mkdir()
-    with pytest.raises(CommandError, match="no images in folder"):
+    with pytest.raises(RunError, match="no images in folder"):
         expand_inputs([str(tmp_path / "empty")])

@@ -6,12 +6,14 @@ How to add a subcommand ``NAME``:
 
    * ``add_parser(subparsers) -> None``: ``subparsers.add_parser("NAME", help=...,
      description=...)`` and its options. Module-level imports stdlib-only (``iseg --help``
-     must not import torch); use the shared option adders of :mod:`._common`
-     (``add_model_options``: ``--model/--device/--dtype``; ``add_output_options``:
-     ``--out/--batch-size/--overwrite``) and its value types (``positive_int``, ``seed``, …).
-   * ``run(args) -> int``: the exit status. Import torch and the pipeline inside. Raise
-     :class:`._common.CommandError` (``code=2`` for usage errors) for a failure: the
-     dispatcher prints it as one ``iseg: error: ...`` line. Check everything that can fail
+     must not import torch); use the shared option adders (:mod:`._model`'s
+     ``add_model_options``: ``--model/--device/--dtype``; :mod:`._common`'s
+     ``add_output_options``: ``--out/--batch-size/--overwrite``) and the value types of
+     :mod:`._common` (``positive_int``, ``seed``, …); inputs and outputs are :mod:`._io`.
+   * ``run(args) -> int``: the exit status: parse, call one library function, render. Import
+     torch and the pipeline inside. Raise :class:`._common.CommandError` (``code=2`` for
+     usage errors) for a failure; the library raises :class:`iseg.errors.RunError`: the
+     dispatcher prints either as one ``iseg: error: ...`` line. Check everything that can fail
      (inputs with ``expand_inputs``/``check_images``, ``resolve_device``,
      ``check_ops_backend``, ``Runner.plan``) *before* ``load_pipeline``, and create nothing
      on disk before the model has loaded.
@@ -21,6 +23,6 @@ How to add a subcommand ``NAME``:
 A subcommand that writes files per input uses :class:`iseg.runner.Runner` (resume, manifest,
 atomic writes, per-input failures, progress; its docstring has the pattern, and
 :mod:`.segment` is the full example). If it writes names other than ``*_labels.png`` /
-``*_overlay.png|jpg``, add their endings to ``_common.OUTPUT_SUFFIXES`` so that folder and glob
+``*_overlay.png|jpg``, add their endings to ``_io.OUTPUT_SUFFIXES`` so that folder and glob
 inputs skip them. Tests go through ``iseg.cli.main([...])``.
 """

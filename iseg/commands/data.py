@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..errors import first_line
+from ..runner import os_error_line
 from . import _common
-from ._common import CommandError, first_line
+from ._common import CommandError
 
 
 def add_parser(subparsers) -> None:
@@ -41,8 +43,10 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data.convert import coco_labels, context_labels
-    from ..runner import os_error_line
+    from ..data.convert import (  # numpy, PIL: not for `iseg --help`
+        coco_labels,
+        context_labels,
+    )
 
     def log(message: str) -> None:
         if not args.quiet:
@@ -53,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
             coco_labels(args.instances, args.out, progress=not args.quiet, log=log)
         else:
             context_labels(args.mat_dir, args.out, progress=not args.quiet, log=log)
-    except OSError as exc:  # a read (a write that fails is save_atomic's CommandError)
+    except OSError as exc:  # a read (a write that fails is save_atomic's RunError)
         raise CommandError(os_error_line(exc)) from None
     except (ImportError, ValueError) as exc:
         raise CommandError(first_line(exc)) from None

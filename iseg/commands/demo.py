@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 
-from . import _common
+from ..errors import first_line
+from . import _common, _model
 from ._common import CommandError
 
 NAME = "demo"
@@ -39,7 +41,7 @@ def add_parser(subparsers) -> None:
         description="Serve the iSeg web demo: segment an uploaded image by class names, or by "
         "points, boxes and lines drawn on it. Needs the demo extra: pip install 'iseg[demo]'.",
     )
-    _common.add_model_options(parser)
+    _model.add_model_options(parser)
     group = parser.add_argument_group("server")
     group.add_argument("--host", default="127.0.0.1",
                        help="address to listen on (default: 127.0.0.1, this machine only; "
@@ -59,9 +61,9 @@ def run(args: argparse.Namespace) -> int:
         import gradio  # noqa: F401
     except ImportError:
         raise CommandError("iseg demo needs Gradio, the demo extra: pip install 'iseg[demo]'") from None
-    _common.check_ops_backend()
-    device, dtype = _common.resolve_device(args.device, args.dtype)
-    pipe = _common.load_pipeline(args.model, device, dtype)  # once: every request shares it
+    _model.check_ops_backend()
+    device, dtype = _model.resolve_device(args.device, args.dtype)
+    pipe = _model.load_pipeline(args.model, device, dtype)  # once: every request shares it
 
     from ..demo import build_app, launch
 
@@ -74,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         launch(app, host=args.host, port=args.port, share=args.share)
     except OSError as exc:  # taken meanwhile, or no free port from 7860 on
         where = f"{args.host}:{args.port}" if args.port else f"{args.host} (ports 7860 and up)"
-        raise CommandError(f"cannot serve on {where}: {_common.first_line(exc).split('. ')[0]}; "
+        raise CommandError(f"cannot serve on {where}: {first_line(exc).split('. ')[0]}; "
                            "give a free one with --port N") from None  # fmt: skip
     return 0
 
@@ -82,12 +84,10 @@ def run(args: argparse.Namespace) -> int:
 def _check_port(host: str, port: int) -> None:
     """A one-line error where ``host:port`` cannot be listened on (taken, or not an address of
     this machine)."""
-    import socket
-
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except OSError as exc:
-        raise CommandError(f"--host {host}: {_common.first_line(exc)}", code=2) from None
+        raise CommandError(f"--host {host}: {first_line(exc)}", code=2) from None
     family, kind, proto, _, address = infos[0]
     with socket.socket(family, kind, proto) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will
@@ -95,5 +95,5 @@ def _check_port(host: str, port: int) -> None:
             probe.bind(address)
         except OSError as exc:
             raise CommandError(
-                f"cannot serve on {host}:{port}: {_common.first_line(exc)}; give a free one with --port N"
+                f"cannot serve on {host}:{port}: {first_line(exc)}; give a free one with --port N"
             ) from None

@@ -24,8 +24,10 @@ import argparse
 import os
 import sys
 
-from . import _common
-from ._common import CommandError, first_line
+from ..errors import first_line, report_error
+from ..runner import os_error_line
+from . import _common, _model
+from ._common import CommandError
 
 TASK_NAMES = ("voc-wsss", "coco-wsss", "voc-ovs", "context-ovs", "coco-ovs", "cityscapes", "cocostuff27")
 
@@ -38,7 +40,7 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("task", choices=TASK_NAMES, help="which table entry to reproduce")
     parser.add_argument("--root", required=True, metavar="DIR", help="the dataset's folder")
-    _common.add_model_options(parser)
+    _model.add_model_options(parser)
     group = parser.add_argument_group("evaluation")
     group.add_argument("--recipe", default=None, help="pipeline recipe (default: the task's own)")
     group.add_argument(
@@ -112,6 +114,7 @@ def shards_from(args: argparse.Namespace, environ=os.environ) -> tuple[int, int,
 
 
 def run(args: argparse.Namespace) -> int:
+    # Imported here, not at the top: they import torch, and `iseg --help` must stay fast.
     from ..data.datasets import DatasetError
     from ..evaluate import EvalError, format_table, run_eval
 
@@ -122,11 +125,11 @@ def run(args: argparse.Namespace) -> int:
 
         if torch.cuda.is_available():
             device_name = f"cuda:{local_rank % torch.cuda.device_count()}"
-    device, dtype = _common.resolve_device(device_name, args.dtype)
-    _common.check_ops_backend()
-    if _common.looks_like_path(args.model):
-        _common.check_model_folder(args.model)
-    model = _common.model_setting(args.model)  # a folder is compared by what it means
+    device, dtype = _model.resolve_device(device_name, args.dtype)
+    _model.check_ops_backend()
+    if _model.looks_like_path(args.model):
+        _model.check_model_folder(args.model)
+    model = _model.model_setting(args.model)  # a folder is compared by what it means
     if args.first_pass is not None and args.task not in ("cityscapes", "cocostuff27"):
         raise CommandError("--first-pass applies to the unsupervised tasks (cityscapes, cocostuff27)", code=2)
     out = args.out or os.path.join("iseg-eval", args.task)
@@ -134,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
     workers = args.workers if args.workers is not None else min(4, os.cpu_count() or 1)
 
     def load():
-        return _common.load_pipeline(args.model, device, dtype, quiet=args.quiet)
+        return _model.load_pipeline(args.model, device, dtype, quiet=args.quiet)
 
     def log(message: str) -> None:
         print(f"iseg: {message}", file=sys.stderr)
@@ -152,8 +155,6 @@ def run(args: argparse.Namespace) -> int:
     except (EvalError, DatasetError) as exc:
         raise CommandError(first_line(exc)) from None
     except OSError as exc:  # a full disk, an unwritable --out: the predictions written stay
-        from ..runner import os_error_line
-
         raise CommandError(f"{os_error_line(exc)} (the predictions already written are kept; rerun to resume)") from None
     if result.metrics is not None:
         print(format_table(result.metrics))
@@ -163,11 +164,11 @@ def run(args: argparse.Namespace) -> int:
         failures.update(result.metrics["failures"])
     # Each one is predicted again by the next run (a missing, unreadable or changed prediction).
     for message in list(failures.values())[:20]:
-        _common.report_error(message)
+        report_error(message)
     if len(failures) > 20:
-        _common.report_error(f"… and {len(failures) - 20} more (see metrics.json)")
+        report_error(f"… and {len(failures) - 20} more (see metrics.json)")
     if failures:
-        _common.report_error(
+        report_error(
             f"{len(failures)} image(s) not scored; fix the files named above (the next run "
             "predicts again every prediction that is missing, unreadable or changed) and rerun"
         )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..recipes import RECIPES
+
 NAME = "recipes"
 
 
@@ -17,8 +19,6 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..recipes import RECIPES
-
     width = max(len(name) for name in RECIPES)
     for name, recipe in RECIPES.items():
         print(f"{name:<{width}}  {recipe.description}  [{recipe.reproduces}]")

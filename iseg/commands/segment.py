@@ -15,33 +15,22 @@ from __future__ import annotations
 
 import argparse
 
-from ..recipes import default_recipe_for
-from . import _common
-from ._common import CommandError, first_line
+from ..choices import SEED_MAX, noise_seeds, parse_classes, vocabulary_ids
+from ..errors import first_line
+from ..recipes import default_recipe_for, get_recipe
+from ..runner import Runner
+from . import _common, _io, _model
+from ._common import CommandError
+from .tag import (
+    add_tagger_options,
+    check_tagger_model,
+    check_vocabulary_fits,
+    load_tagger,
+    resolve_tagger_vocabulary,
+    tagger_settings,
+)
 
 NAME = "segment"
-
-
-def parse_classes(text: str) -> tuple[str, ...]:
-    """``"cat, potted plant"`` → ``("cat", "potted plant")``.
-
-    Names are stripped and inner whitespace collapsed. Raises ``ValueError`` for an empty name
-    (``"cat,,dog"``, ``" , "``) or a name given twice, also in another case (``"Cat,cat"``:
-    the text encoder lowercases, so they would be one class; see
-    :func:`iseg.prompts.check_classes`).
-    """
-    from ..prompts import check_classes
-
-    names = tuple(" ".join(name.split()) for name in text.split(","))
-    hint = "give them comma-separated: --classes 'cat,dog'"
-    if not any(names):
-        raise ValueError(f"no class names in {text!r}; {hint}")
-    if not all(names):
-        raise ValueError(f"empty class name in {text!r}; {hint}")
-    try:
-        return check_classes(names)
-    except ValueError as exc:  # argparse names the option
-        raise ValueError(str(exc).removeprefix("classes: ")) from None
 
 
 def _classes(text: str) -> tuple[str, ...]:
@@ -82,7 +71,7 @@ def add_parser(subparsers) -> None:
         help="instead of --classes: tag each image with CLIP (TagCLIP) first, from a dataset's "
              "classes (then the recipe <name>-ovs by default) or a file with one name per line; "
              "label k = the k-th vocabulary name (VOC ids and colours for --vocabulary voc)")
-    _common.add_model_options(parser)
+    _model.add_model_options(parser)
 
     add = parser.add_argument_group("iSeg settings (default: the recipe's)").add_argument
     add("--recipe", default=None, metavar="NAME",
@@ -101,43 +90,17 @@ def add_parser(subparsers) -> None:
         help="noise seed in [0, 2**64); the i-th IMAGE uses seed + i (default: the recipe's "
              "seed for every image, e.g. the authors' 1101, or 0 + i if it has none)")
 
-    from .tag import add_tagger_options
-
     add_tagger_options(parser)
     _common.add_output_options(parser)
-    _common.add_overlay_options(parser)
+    _io.add_overlay_options(parser)
     # fmt: on
 
 
-def _check_recipe(name: str) -> None:
-    try:
-        from ..recipes import RECIPES
-    except ImportError:
-        raise CommandError("--recipe: this version of iseg has no recipes", code=2) from None
-    if name not in RECIPES:
-        raise CommandError(
-            f"--recipe: unknown recipe {name!r}; known: {', '.join(RECIPES)}", code=2
-        )
-
-
-def noise_seeds(seed: int | None, recipe_seed: int | None, indices) -> list[int] | None:
-    """The seed of each image's noise generator: ``seed + i`` for the i-th input when
-    ``--seed`` is given; ``None`` (no generator: the pipeline seeds every image with the
-    recipe's seed, as the authors do) when it is not and the recipe has a seed; else ``0 + i``."""
-    if seed is None and recipe_seed is not None:
-        return None
-    return [(seed or 0) + i for i in indices]
-
-
 def _recipe_seed(name: str | None) -> int | None:
-    try:
-        from ..recipes import get_recipe
-    except ImportError:
-        return None
-    return getattr(get_recipe(name or "paper"), "seed", None)
+    return get_recipe(name or "paper").seed
 
 
-def _pipeline_options(args: argparse.Namespace, call_parameters) -> dict:
+def _pipeline_options(args: argparse.Namespace) -> dict:
     """The keyword arguments given on the command line (the others stay the recipe's)."""
     options = {}
     if args.recipe is not None:
@@ -150,17 +113,15 @@ def _pipeline_options(args: argparse.Namespace, call_parameters) -> dict:
         options["gamma"] = args.gamma
     if args.background_threshold is not None:
         options["background_threshold"] = args.background_threshold
-    if "output_heatmaps" in call_parameters:  # labels without full-size float heatmaps
-        options["output_heatmaps"] = False
     return options
 
 
 def run(args: argparse.Namespace) -> int:
     """``iseg segment``: returns the exit status (raises CommandError for a failed run)."""
-    _common.check_ops_backend()
-    paths = _common.expand_inputs(args.images)
-    _common.check_images(paths)  # before the model loads, so a typo fails fast
-    if args.seed is not None and args.seed + len(paths) - 1 > _common.SEED_MAX:
+    _model.check_ops_backend()
+    paths = _io.expand_inputs(args.images)
+    _io.check_images(paths)  # before the model loads, so a typo fails fast
+    if args.seed is not None and args.seed + len(paths) - 1 > SEED_MAX:
         raise CommandError(
             f"--seed {args.seed}: image {len(paths) - 1} would use seed {args.seed + len(paths) - 1}, "
             "beyond 2**64 - 1; give a smaller --seed",
@@ -170,21 +131,17 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError("give --classes NAMES or --vocabulary voc|context|coco|FILE (one of them)", code=2)
     vocabulary = None
     if args.vocabulary is not None:
-        from .tag import check_tagger_model, resolve_tagger_vocabulary
-
         vocabulary = resolve_tagger_vocabulary(args.vocabulary)
         check_tagger_model(args.tagger_model)
     if args.recipe is not None:
-        _check_recipe(args.recipe)
-    options = _pipeline_options(args, ())
+        _model.check_recipe_name(args.recipe)
+    options = _pipeline_options(args)
     options.pop("recipe", None)
-    _common.check_recipe_options(args.recipe or "paper", options)
-    device, dtype = _common.resolve_device(args.device, args.dtype)
-
-    from ..runner import Runner
+    _model.check_recipe_options(args.recipe or "paper", options)
+    device, dtype = _model.resolve_device(args.device, args.dtype)
 
     settings = {
-        "model": _common.model_setting(args.model),
+        "model": _model.model_setting(args.model),
         "dtype": str(dtype).removeprefix("torch."),
         "classes": None if args.classes is None else list(args.classes),
         "vocabulary": None if vocabulary is None else list(vocabulary.vocabulary),
@@ -196,13 +153,11 @@ def run(args: argparse.Namespace) -> int:
         "seed": args.seed,
     }
     if vocabulary is not None:
-        from .tag import tagger_settings
-
-        settings["tagger"] = {"model": _common.model_setting(args.tagger_model), **tagger_settings(args)}
+        settings["tagger"] = {"model": _model.model_setting(args.tagger_model), **tagger_settings(args)}
     runner = Runner(args.out, NAME, settings, overwrite=args.overwrite, quiet=args.quiet)
-    todo = runner.plan(paths, _common.label_outputs(args))
+    todo = runner.plan(paths, _io.label_outputs(args))
     if todo:
-        pipe = _common.load_pipeline(args.model, device, dtype, quiet=args.quiet)
+        pipe = _model.load_pipeline(args.model, device, dtype, quiet=args.quiet)
         if args.recipe is None:  # SD: paper (<preset>-ovs with a tagger preset); SDXL: sdxl
             args.recipe = default_recipe_for(pipe, vocabulary=vocabulary and vocabulary.name)
         args.batch_size = _common.batch_size(args, device)
@@ -210,34 +165,27 @@ def run(args: argparse.Namespace) -> int:
         if vocabulary is None:
             _check_classes_fit(pipe, args.classes, args.recipe)
         else:  # fp32 whatever the SD dtype, as the authors (bf16 flips tags)
-            from .tag import check_vocabulary_fits, load_tagger
-
             import torch
 
             pipe.tagger = load_tagger(args.tagger_model, device, torch.float32, quiet=args.quiet)
             check_vocabulary_fits(pipe.tagger, vocabulary)
-        runner.run(todo, _common.load_image, _processor(pipe, args, device, dtype), args.batch_size)
+        runner.run(todo, _io.load_image, _processor(pipe, args, device, dtype), args.batch_size)
     return runner.finish("segmented")
 
 
 def _check_loaded(pipe, args: argparse.Namespace, options: dict) -> None:
     """What only the loaded model can check (the recipe's layers and heads, the timestep, the
     attention's memory at the batch size), before anything is written."""
-    if not hasattr(pipe, "check_settings"):
-        return
-
     def check():
         _, _, grid = pipe.check_settings(args.recipe, None, True, **options)
         pipe.check_memory(grid, args.batch_size)
 
-    _common.check_loaded(check)
+    _model.check_loaded(check)
 
 
 def _check_classes_fit(pipe, classes, recipe=None) -> None:
     """Names that do not fit the text encoder, or that it cannot tell apart, fail once, here,
     not at every image."""
-    if not hasattr(pipe, "prompt"):
-        return
     try:
         pipe.prompt(list(classes), recipe)
     except ValueError as exc:
@@ -245,18 +193,14 @@ def _check_classes_fit(pipe, classes, recipe=None) -> None:
 
 
 def _processor(pipe, args: argparse.Namespace, device: str, dtype):
-    import inspect
-
     import torch
 
     from .. import masks
 
-    options = _pipeline_options(args, inspect.signature(pipe.__call__).parameters)
+    options = {**_pipeline_options(args), "output_heatmaps": False}  # labels, no float heatmaps
     classes = None if args.classes is None else list(args.classes)
-    outputs = _common.label_outputs(args)
+    outputs = _io.label_outputs(args)
     if args.vocabulary is not None:
-        from .tag import resolve_tagger_vocabulary, tagger_settings
-
         names = list(resolve_tagger_vocabulary(args.vocabulary).vocabulary)
         settings = tagger_settings(args)
 
@@ -279,19 +223,19 @@ def _processor(pipe, args: argparse.Namespace, device: str, dtype):
                 "try a smaller --batch-size or --dtype fp16"
             ) from None
         except ValueError as exc:  # the settings were checked: this batch's images failed
-            raise RuntimeError(_common.model_failure(exc, dtype)) from None
+            raise RuntimeError(_model.model_failure(exc, dtype)) from None
         results = []
         for b, (item, image, label) in enumerate(zip(items, images, output.labels)):  # [B, H, W] or a list
             label = label.cpu()
             if tags is not None:  # label k = tags[k-1] → its vocabulary id (1-based)
-                lut = torch.tensor([0] + [names.index(t) + 1 for t in tags[b]])
+                lut = torch.tensor(vocabulary_ids(tags[b], names))
                 label = lut[label]
             labels_png = masks.label_image(label)
-            files = {f"{item.name}_labels.png": _common.saver(labels_png, "PNG")}
+            files = {f"{item.name}_labels.png": _io.saver(labels_png, "PNG")}
             if not args.no_overlay:
                 overlay = masks.overlay(image, label)
                 fmt = "PNG" if args.overlay_format == "png" else "JPEG"
-                files[outputs(item.name)[1]] = _common.saver(overlay, fmt)
+                files[outputs(item.name)[1]] = _io.saver(overlay, fmt)
             results.append(files)
         return results
 

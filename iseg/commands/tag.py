@@ -21,8 +21,10 @@ import sys
 import time
 from pathlib import Path
 
-from . import _common
-from ._common import CommandError, first_line
+from ..errors import PROG, first_line, report_error
+from ..runner import describe_changes, save_atomic
+from . import _common, _io, _model
+from ._common import CommandError
 
 NAME = "tag"
 DEFAULT_TAGGER_MODEL = "openai/clip-vit-base-patch16"
@@ -92,10 +94,10 @@ _TAGGER_TODO = "pass --tagger-model DIR (a CLIP folder: config.json, model.safet
 def check_tagger_model(model: str) -> None:
     """``--tagger-model`` before anything loads: a path-looking value is a folder that exists
     (never tried as a hub id), a hub id is cached or the hub can be asked."""
-    if _common.looks_like_path(model):
-        _common.check_folder(model, "the CLIP tagger from", _TAGGER_TODO)
+    if _model.looks_like_path(model):
+        _model.check_folder(model, "the CLIP tagger from", _TAGGER_TODO)
     else:
-        _common.check_hub_model(model, "the CLIP tagger from", "--tagger-model", "config.json")
+        _model.check_hub_model(model, "the CLIP tagger from", "--tagger-model", "config.json")
 
 
 def load_tagger(model: str, device: str, dtype, quiet: bool = False):
@@ -107,16 +109,16 @@ def load_tagger(model: str, device: str, dtype, quiet: bool = False):
     from ..tagger import CLIPTagger
 
     check_tagger_model(model)
-    local = _common.looks_like_path(model)
+    local = _model.looks_like_path(model)
     source = str(Path(model).expanduser()) if local else model
     try:
-        with _common.quiet_loading(quiet):
+        with _model.quiet_loading(quiet):
             return CLIPTagger.from_pretrained(source, torch_dtype=dtype, device=device)
     except KeyboardInterrupt:
         raise
     except Exception as exc:
         cause = first_line(exc.__cause__ or exc)
-        fetch = f"`{_common.download_command()} {DEFAULT_TAGGER_MODEL} --local-dir DIR`"
+        fetch = f"`{_model.download_command()} {DEFAULT_TAGGER_MODEL} --local-dir DIR`"
         where = f"the folder '{model}'" if local else f"the hub id '{model}'"
         raise CommandError(
             f"cannot load the CLIP tagger from {where}: {cause}; it needs a CLIPModel as "
@@ -148,7 +150,7 @@ def add_parser(subparsers) -> None:
     group = parser.add_argument_group("device")
     group.add_argument("--device", type=_common.device, default=None,
                        help="cuda, cuda:N, mps or cpu (default: cuda if available, else cpu)")
-    group.add_argument("--dtype", choices=_common.DTYPES, default="fp32",
+    group.add_argument("--dtype", choices=_model.DTYPES, default="fp32",
                        help="tagger precision (default: fp32, as the authors; bf16 and fp16 can "
                             "flip tags near the thresholds)")
     _common.add_quiet_option(parser)
@@ -173,8 +175,6 @@ def _read_lines(out: Path) -> dict[str, str]:
 def _read_existing(out: Path, manifest: Path, settings: dict, overwrite: bool) -> dict[str, str]:
     """The lines already in ``out`` by id, after checking that this tool wrote them. A file
     that holds no tag yet (a first run that tagged nothing) locks no settings."""
-    from ..runner import describe_changes
-
     if out.is_dir():
         raise CommandError(f"--out '{out}' is a folder; give a file name such as tags.txt", code=2)
     if not out.exists():
@@ -206,16 +206,14 @@ def _read_existing(out: Path, manifest: Path, settings: dict, overwrite: bool) -
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    from ..runner import save_atomic
-
     save_atomic(lambda f: f.write(text.encode("utf-8")), path)
 
 
 def run(args: argparse.Namespace) -> int:
     """``iseg tag``: returns the exit status (raises CommandError for a failed run)."""
     # 1. Check everything before the model loads
-    paths = _common.expand_inputs(args.images)
-    _common.check_images(paths)
+    paths = _io.expand_inputs(args.images)
+    _io.check_images(paths)
     ids: dict[str, Path] = {}
     for path in paths:
         if path.stem in ids:
@@ -228,10 +226,10 @@ def run(args: argparse.Namespace) -> int:
             raise CommandError(f"image '{path}': its id (the file stem) holds whitespace", code=2)
         ids[path.stem] = path
     preset = resolve_tagger_vocabulary(args.vocabulary)
-    device, dtype = _common.resolve_device(args.device, args.dtype)
+    device, dtype = _model.resolve_device(args.device, args.dtype)
     overrides = tagger_settings(args)
     settings = {
-        "tagger_model": _common.model_setting(args.tagger_model),
+        "tagger_model": _model.model_setting(args.tagger_model),
         "dtype": str(dtype).removeprefix("torch."),
         "vocabulary": preset.name or list(preset.vocabulary),
         "background": list(preset.background),
@@ -244,7 +242,7 @@ def run(args: argparse.Namespace) -> int:
     skipped = len(ids) - len(todo)
     if not todo:
         if not args.quiet:
-            print(f"{_common.PROG}: all {len(ids)} images already tagged in '{out}'", file=sys.stderr)
+            print(f"{PROG}: all {len(ids)} images already tagged in '{out}'", file=sys.stderr)
         return 0
 
     # 2. Load the tagger; write the kept lines (none after --overwrite), then the settings
@@ -262,7 +260,7 @@ def run(args: argparse.Namespace) -> int:
     failed = _tag_all(tagger, todo, preset, overrides, lines, out, quiet=args.quiet)
     if not args.quiet:
         print(
-            f"{_common.PROG}: tagged {len(todo) - failed} image(s) into '{out}'"
+            f"{PROG}: tagged {len(todo) - failed} image(s) into '{out}'"
             + (f", {skipped} already there" if skipped else "")
             + (f", {failed} failed" if failed else ""),
             file=sys.stderr,
@@ -293,7 +291,7 @@ def _tag_all(tagger, todo, preset, overrides: dict, lines: dict, out: Path, quie
             try:
                 image = load_image(path)
             except Exception as exc:
-                _common.report_error(f"cannot read image '{path}': {first_line(exc)}")
+                report_error(f"cannot read image '{path}': {first_line(exc)}")
                 failed += 1
                 continue
             try:
@@ -301,7 +299,7 @@ def _tag_all(tagger, todo, preset, overrides: dict, lines: dict, out: Path, quie
             except (KeyboardInterrupt, MemoryError):
                 raise
             except Exception as exc:  # this image failed inside the model; the others go on
-                _common.report_error(f"'{path}': {first_line(exc)}")
+                report_error(f"'{path}': {first_line(exc)}")
                 failed += 1
                 continue
             lines[stem] = " ".join([stem, *map(str, result.indices)])

@@ -15,7 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import _common
+from ..runner import Runner
+from . import _common, _io, _model
 from ._common import CommandError
 
 NAME = "unsupervised"
@@ -53,7 +54,7 @@ def add_parser(subparsers) -> None:
     add = parser.add_argument
     add("images", nargs="+", metavar="IMAGE",
         help="image files, folders (their images) or quoted glob patterns ('shots/**/*.jpg')")
-    _common.add_model_options(parser)
+    _model.add_model_options(parser)
     parser.set_defaults(model=DIFFSEG_MODEL)
     for action in parser._actions:  # say the default this command uses
         if action.dest == "model":
@@ -83,21 +84,19 @@ def add_parser(subparsers) -> None:
              "counted) (default: fp32)")
 
     _common.add_output_options(parser)
-    _common.add_overlay_options(parser)
+    _io.add_overlay_options(parser)
     # fmt: on
 
 
 def run(args: argparse.Namespace) -> int:
     """``iseg unsupervised``: returns the exit status (raises CommandError for a failed run)."""
-    _common.check_ops_backend()
-    paths = _common.expand_inputs(args.images)
-    _common.check_images(paths)
-    device, dtype = _common.resolve_device(args.device, args.dtype)
-
-    from ..runner import Runner
+    _model.check_ops_backend()
+    paths = _io.expand_inputs(args.images)
+    _io.check_images(paths)
+    device, dtype = _model.resolve_device(args.device, args.dtype)
 
     settings = {
-        "model": _common.model_setting(args.model),
+        "model": _model.model_setting(args.model),
         "dtype": str(dtype).removeprefix("torch."),
         "kl_threshold": args.kl_threshold,
         "iters": args.iters,
@@ -108,12 +107,12 @@ def run(args: argparse.Namespace) -> int:
         "first_pass": args.first_pass,
     }
     runner = Runner(args.out, NAME, settings, overwrite=args.overwrite, quiet=args.quiet)
-    todo = runner.plan(paths, _common.label_outputs(args))
+    todo = runner.plan(paths, _io.label_outputs(args))
     if todo:
-        pipe = _common.load_pipeline(args.model, device, dtype, quiet=args.quiet)
+        pipe = _model.load_pipeline(args.model, device, dtype, quiet=args.quiet)
         args.batch_size = _common.batch_size(args, device)
-        _common.check_loaded(lambda: _check_loaded(pipe, args))
-        runner.run(todo, _common.load_image, _processor(pipe, args, device, dtype), args.batch_size)
+        _model.check_loaded(lambda: _check_loaded(pipe, args))
+        runner.run(todo, _io.load_image, _processor(pipe, args, device, dtype), args.batch_size)
     return runner.finish("segmented")
 
 
@@ -123,8 +122,7 @@ def _check_loaded(pipe, args: argparse.Namespace) -> None:
     side = pipe.unet.config.sample_size
     if args.anchor_grid > side:
         raise ValueError(f"--anchor-grid must be ≤ the latent grid side {side}, got {args.anchor_grid}")
-    if hasattr(pipe, "check_memory"):
-        pipe.check_memory((side, side), args.batch_size)
+    pipe.check_memory((side, side), args.batch_size)
 
 
 def overlay(image, label, alpha: float = 0.5):
@@ -151,7 +149,7 @@ def _processor(pipe, args: argparse.Namespace, device: str, dtype):
         "anchor_grid": args.anchor_grid,
         "first_pass": args.first_pass,
     }
-    outputs = _common.label_outputs(args)
+    outputs = _io.label_outputs(args)
 
     def process(items, images):
         try:
@@ -162,16 +160,16 @@ def _processor(pipe, args: argparse.Namespace, device: str, dtype):
                 "try a smaller --batch-size or --dtype fp16"
             ) from None
         except (ValueError, RuntimeError) as exc:  # settings were checked: these images failed
-            raise RuntimeError(_common.model_failure(exc, dtype, gamma=False)) from None
+            raise RuntimeError(_model.model_failure(exc, dtype, gamma=False)) from None
         results = []
         for item, image, label, lost in zip(items, images, output.labels, output.dropped_anchors):
             label = label.cpu()
             if lost:  # only Google's fp16 first pass drops anchors
                 print(f"iseg: {item.name}: {lost} anchor(s) dropped (fp16 underflow in the first pass)", file=sys.stderr)
-            files = {f"{item.name}_labels.png": _common.saver(masks.label_image(label), "PNG")}
+            files = {f"{item.name}_labels.png": _io.saver(masks.label_image(label), "PNG")}
             if not args.no_overlay:
                 fmt = "PNG" if args.overlay_format == "png" else "JPEG"
-                files[outputs(item.name)[1]] = _common.saver(overlay(image, label), fmt)
+                files[outputs(item.name)[1]] = _io.saver(overlay(image, label), fmt)
             results.append(files)
         return results
 

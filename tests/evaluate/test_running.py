@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -17,14 +17,12 @@ import pytest
 import torch
 from PIL import Image
 
-from iseg import ISegPipeline
 from iseg.cli import main
 from iseg.data.datasets import class_names, split_ids
 from iseg.evaluate import EvalError, run_eval
-from iseg.testing import tiny_components
 
-from .test_datasets import label_image, make_context, make_voc, voc_label
-from .test_evaluate import loop_confusion
+from ..data.test_datasets import label_image, make_context, make_voc, voc_label
+from .test_metrics import loop_confusion
 
 VOC_IDS = split_ids("voc", "train")[:8]
 BACKGROUND_ONLY = 2  # the third image has no object: WSSS skips it
@@ -44,17 +42,22 @@ def reference_backend(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("model")
-    (root / "tok").mkdir()
-    ISegPipeline(**tiny_components(seed=0, tokenizer_dir=root / "tok")).save_pretrained(root / "model")
-    return root / "model"
+def model(saved_model) -> Path:
+    return saved_model
 
 
 @pytest.fixture(scope="module")
 def voc(tmp_path_factory) -> tuple[Path, dict]:
     root = tmp_path_factory.mktemp("voc")
     return root, make_voc(root, VOC_IDS, label_fn=wsss_label, image_fn=label_image)
+
+
+def wait_for(condition, proc, timeout: float = 120.0) -> None:
+    """Poll ``condition()`` until it holds (fails after ``timeout`` s or if ``proc`` ends)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None and time.monotonic() < deadline, "the condition never held"
+        time.sleep(0.01)
 
 
 def cli(task, root, model, out, *extra) -> list[str]:
@@ -123,7 +126,7 @@ class FakePipe:
         self.drop = set(drop)
         self.calls: list[list[str]] = []
 
-    def __call__(self, image, classes, generator=None):
+    def __call__(self, image, classes, generator=None, recipe=None, output_heatmaps=True):
         labels = []
         for b, names in enumerate(classes):
             self.calls.append(list(names))
@@ -193,7 +196,7 @@ def test_ovs_builtin_tagger_hook(tmp_path, monkeypatch):
 
         return tag
 
-    monkeypatch.setattr("iseg.evaluate.builtin_tagger", fake_tagger)
+    monkeypatch.setattr("iseg.evaluate.running.builtin_tagger", fake_tagger)
     pipe = FakePipe("voc_context")
     run = run_eval("context-ovs", tmp_path / "ctx", tmp_path / "out", pipe=pipe, limit=2, workers=0, progress=False)
     names = class_names("voc_context")
@@ -221,19 +224,36 @@ def test_kill_and_resume_gives_the_same_metrics(voc, model, tmp_path):
     root, _ = voc
     clean, resumed = tmp_path / "clean", tmp_path / "resumed"
     args = cli("voc-wsss", root, model, resumed, "--limit", len(VOC_IDS))
+    # The run blocks in its third model call (one image per call) and says so; it is killed
+    # once the first two predictions are on disk: deterministic, whatever the machine's speed.
+    script = textwrap.dedent(
+        f"""
+        import threading
+        from iseg import ISegPipeline
+        from iseg.cli import main
+        original, calls = ISegPipeline.__call__, []
+        def blocking(self, *args, **kwargs):
+            calls.append(1)
+            if len(calls) == 3:
+                print("third", flush=True)
+                threading.Event().wait()
+            return original(self, *args, **kwargs)
+        ISegPipeline.__call__ = blocking
+        raise SystemExit(main({args!r}))
+        """
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ISEG_OPS_BACKEND": "torch"}
-    proc = subprocess.Popen([sys.executable, "-m", "iseg", *args], env=env, stderr=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if len(list((resumed / "pred").glob("*.png"))) >= 2:
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stderr=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert proc.stdout.readline().strip() == "third", "the run ended before its third image"
+        wait_for(lambda: len(list((resumed / "pred").glob("*.png"))) == 2, proc)
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
     done = len(list((resumed / "pred").glob("*.png")))
-    assert 2 <= done < len(VOC_IDS) - 1 and not (resumed / "metrics.json").exists()
+    assert done == 2 and not (resumed / "metrics.json").exists()
     assert main(args) == 0  # resumes: the rest only
     assert main(cli("voc-wsss", root, model, clean, "--limit", len(VOC_IDS))) == 0
     assert (resumed / "metrics.json").read_text() == (clean / "metrics.json").read_text()
@@ -317,8 +337,8 @@ def test_broken_files_are_reported_and_the_run_goes_on(tmp_path, capsys, monkeyp
     assert m["images_scored"] == 1 and m["images_skipped"] == 1 and set(m["failures"]) == set(run.failures)
     assert m["miou"] == pytest.approx(100.0) and not run.ok
     # the same through the CLI: non-zero exit, one error line per file, the metric still printed
-    monkeypatch.setattr("iseg.commands._common.check_model_folder", lambda model: None)
-    monkeypatch.setattr("iseg.commands._common.load_pipeline", lambda *a, **k: FakePipe("voc"))
+    monkeypatch.setattr("iseg.commands._model.check_model_folder", lambda model: None)
+    monkeypatch.setattr("iseg.commands._model.load_pipeline", lambda *a, **k: FakePipe("voc"))
     capsys.readouterr()
     argv = cli("voc-wsss", tmp_path / "voc", "fake", tmp_path / "o2", "--limit", 5)
     assert main(argv) == 1
@@ -406,7 +426,7 @@ def test_unsupervised_crops_raise_no_torch_warning(tmp_path):
         "import numpy as np, warnings\n"
         "from PIL import Image\n"
         "from iseg.data.datasets import center_crop_resize\n"
-        "from iseg.evaluate import _read_gt\n"
+        "from iseg.evaluate.samples import _read_gt\n"
         "image = np.asarray(Image.new('RGB', (8, 12)))\n"  # 12×8: the crop keeps the full width
         "label = np.asarray(Image.new('L', (8, 12)))\n"
         "assert not image.flags.writeable\n"
@@ -415,23 +435,24 @@ def test_unsupervised_crops_raise_no_torch_warning(tmp_path):
         "    def read_label(self, i): return label\n"
         "_read_gt(Ds(), 'x', 'unsupervised')\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "not writable" not in done.stderr
 
 
 def test_stale_temporary_files_of_dead_local_writers_are_removed(tmp_path):
-    from iseg.evaluate import _HOST, _remove_stale_temps, _write_atomic
+    from iseg.evaluate.running import _write_atomic
+    from iseg.files import HOST, remove_stale_temps
 
     _write_atomic(tmp_path / "city" / "frame.png", b"png")  # folders in ids are created
     assert (tmp_path / "city" / "frame.png").read_bytes() == b"png"
-    dead = tmp_path / "city" / f".frame.png.{_HOST}-999999999-0123abcd.iseg-tmp"  # no such pid
+    dead = tmp_path / "city" / f".frame.png.{HOST}-999999999-0123abcd.iseg-tmp"  # no such pid
     remote = tmp_path / "city" / ".frame.png.otherhost-999999999-0123abcd.iseg-tmp"  # another machine's
-    alive = tmp_path / f".x.png.{_HOST}-1-0123abcd.iseg-tmp"  # pid 1 runs
+    alive = tmp_path / f".x.png.{HOST}-1-0123abcd.iseg-tmp"  # pid 1 runs
     for path in (dead, remote, alive):
         path.write_bytes(b"")
-    _remove_stale_temps(tmp_path)
+    remove_stale_temps(tmp_path, recursive=True)
     assert not dead.exists() and remote.exists() and alive.exists()
 
 
@@ -465,7 +486,7 @@ def test_untagged_images_are_counted_and_published_coverage_reported(tmp_path):
     assert m["tags_cover"] == f"tags.txt tags cover 2 of the {len(split_ids('voc', 'val'))} split images"
     assert any("2 of the 4 images have no tags" in line for line in logged)
     assert "2 image(s) of this run had no tags" in (tmp_path / "o" / "metrics.md").read_text()
-    published = [w.split()[0] for w in (Path(__file__).parents[1] / "iseg/data/ovs_labels/voc_context_val_tagclip.txt")
+    published = [w.split()[0] for w in (Path(__file__).parents[2] / "iseg/data/ovs_labels/voc_context_val_tagclip.txt")
                  .read_text().splitlines() if w.strip()]  # fmt: skip
     ctx = split_ids("voc_context", "val")[:2]
     make_context(tmp_path / "ctx", ctx, image_fn=label_image)
@@ -493,7 +514,8 @@ def test_manifest_records_root_and_checksums_repredicts_what_changed(voc, tmp_pa
     assert again.metrics["miou"] == first.metrics["miou"] and not again.metrics["failures"]
     # a prediction changed between predicting and scoring is refused, not scored
     from iseg.data.datasets import open_dataset
-    from iseg.evaluate import _Records, get_task, score
+    from iseg.evaluate import get_task, score
+    from iseg.evaluate.running import _Records
 
     Image.fromarray(np.zeros_like(np.asarray(Image.open(png)))).save(png)
     m = score(get_task("voc-wsss"), open_dataset("voc", root), VOC_IDS[:6], out, workers=0,
@@ -521,7 +543,7 @@ def test_a_failed_first_run_locks_nothing_and_overwrite_starts_over(voc, tmp_pat
                    workers=0, progress=False)  # fmt: skip
     assert run.metrics is not None and json.loads((tmp_path / "o" / "eval.json").read_text())["model"] == "b"
     # through the CLI: other settings are refused, --overwrite starts over
-    monkeypatch.setattr("iseg.commands._common.load_pipeline", lambda *a, **k: FakePipe("voc"))
+    monkeypatch.setattr("iseg.commands._model.load_pipeline", lambda *a, **k: FakePipe("voc"))
     argv = cli("voc-wsss", root, "fake", tmp_path / "c", "--limit", 2)
     assert main(argv) == 0
     capsys.readouterr()
@@ -536,7 +558,7 @@ def test_list_ids_never_leave_out(voc, tmp_path, capsys, monkeypatch, bad):
     root, _ = voc
     listing = tmp_path / "ids.txt"
     listing.write_text(f"{VOC_IDS[0]}\n{bad}\n")
-    monkeypatch.setattr("iseg.commands._common.load_pipeline", lambda *a, **k: FakePipe("voc"))
+    monkeypatch.setattr("iseg.commands._model.load_pipeline", lambda *a, **k: FakePipe("voc"))
     assert main(cli("voc-wsss", root, "fake", tmp_path / "o", "--list", listing)) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"ids.txt:2: image id {bad!r}" in err[0]
@@ -545,7 +567,7 @@ def test_list_ids_never_leave_out(voc, tmp_path, capsys, monkeypatch, bad):
 
 def test_eval_full_disk_is_one_line_keeps_finished_predictions(voc, tmp_path, capsys, monkeypatch):
     root, _ = voc
-    monkeypatch.setattr("iseg.commands._common.load_pipeline", lambda *a, **k: FakePipe("voc"))
+    monkeypatch.setattr("iseg.commands._model.load_pipeline", lambda *a, **k: FakePipe("voc"))
     real = open
     writes = []
 
@@ -571,7 +593,7 @@ def test_eval_full_disk_is_one_line_keeps_finished_predictions(voc, tmp_path, ca
     for name in left:  # every prediction kept is whole (the writer threads may have finished more)
         Image.open(tmp_path / "o" / "pred" / name).load()
     # the next run (space again) resumes: only what is missing is predicted
-    monkeypatch.setattr("iseg.commands._common.load_pipeline", lambda *a, **k: FakePipe("voc"))
+    monkeypatch.setattr("iseg.commands._model.load_pipeline", lambda *a, **k: FakePipe("voc"))
     assert main(cli("voc-wsss", root, "fake", tmp_path / "o", "--limit", 6)) == 0
 
 
@@ -646,7 +668,7 @@ def test_context59_column_ignores_background(tmp_path):
     make_context(tmp_path / "ctx", ids, image_fn=label_image)
     tags = tmp_path / "tags.txt"
     lines = []
-    for line in (Path(__file__).parents[1] / "iseg/data/voc_context/val_cls.txt").read_text().splitlines():
+    for line in (Path(__file__).parents[2] / "iseg/data/voc_context/val_cls.txt").read_text().splitlines():
         words = line.split()
         if words and words[0] in ids:
             lines.append(line)
@@ -669,8 +691,8 @@ def test_model_folder_compared_as_its_resolved_path_and_bad_manifest(voc, tmp_pa
     ``eval.json`` of the wrong shape is one error line."""
     root, _ = voc
     (tmp_path / "m").mkdir()
-    monkeypatch.setattr("iseg.commands._common.check_model_folder", lambda model: None)
-    monkeypatch.setattr("iseg.commands._common.load_pipeline", lambda *a, **k: FakePipe("voc"))
+    monkeypatch.setattr("iseg.commands._model.check_model_folder", lambda model: None)
+    monkeypatch.setattr("iseg.commands._model.load_pipeline", lambda *a, **k: FakePipe("voc"))
     monkeypatch.chdir(tmp_path)
     assert main(cli("voc-wsss", root, "./m", tmp_path / "o", "--limit", 2)) == 0
     assert json.loads((tmp_path / "o" / "eval.json").read_text())["model"] == str((tmp_path / "m").resolve())
@@ -691,7 +713,7 @@ def test_eval_quiet_loads_the_model_quietly(voc, tmp_path, monkeypatch):
         calls.append(kwargs.get("quiet", False))
         return FakePipe("voc")
 
-    monkeypatch.setattr("iseg.commands._common.load_pipeline", load)
+    monkeypatch.setattr("iseg.commands._model.load_pipeline", load)
     assert main(cli("voc-wsss", root, "fake", tmp_path / "o", "--limit", 1)) == 0  # --quiet
     argv = [a for a in cli("voc-wsss", root, "fake", tmp_path / "p", "--limit", 1) if a != "--quiet"]
     assert main([*argv, "-q"]) == 0

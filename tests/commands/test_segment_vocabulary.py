@@ -13,10 +13,10 @@ from PIL import Image
 from iseg import ISegPipeline
 from iseg.cli import main
 from iseg.commands import _common
+from iseg.hub import dtype_keyword
 from iseg.tagger import CLIPTagger, tag_classes
-from iseg.testing import tiny_clip_components, tiny_components
 
-from .conftest import make_image
+from ..conftest import make_image
 
 
 @pytest.fixture(autouse=True)
@@ -25,14 +25,12 @@ def reference_backend(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
+def folders(tmp_path_factory, saved_model, saved_tagger):
+    """A folder with two images and a vocabulary file, ``model`` (the tiny pipeline) and ``clip``
+    (the tiny tagger) linked in."""
     root = tmp_path_factory.mktemp("vocab")
-    (root / "tok").mkdir()
-    pipe = ISegPipeline(**tiny_components(seed=0, tokenizer_dir=root / "tok"))
-    pipe.save_pretrained(root / "model")
-    clip = tiny_clip_components(seed=0, tokenizer_dir=root / "tok")
-    clip["model"].save_pretrained(root / "clip")
-    clip["tokenizer"].save_pretrained(root / "clip")
+    (root / "model").symlink_to(saved_model, target_is_directory=True)
+    (root / "clip").symlink_to(saved_tagger, target_is_directory=True)
     images = []
     for i in range(2):
         path = root / f"img{i}.png"
@@ -54,7 +52,7 @@ def test_vocabulary_labels_are_vocabulary_ids(folders, tmp_path):
     # Independently: the same tagger and pipeline, classes = the tags, label k → vocabulary id.
     vocabulary = ["cat", "dog", "person", "sky"]
     clip = CLIPTagger.from_pretrained(root / "clip")
-    pipe = ISegPipeline.from_pretrained(root / "model", **{_common.dtype_keyword(): torch.float32})
+    pipe = ISegPipeline.from_pretrained(root / "model", **{dtype_keyword(): torch.float32})
     pipe.set_progress_bar_config(disable=True)
     for i, path in enumerate(images):
         image = Image.open(path).convert("RGB")

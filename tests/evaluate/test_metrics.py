@@ -12,7 +12,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from iseg.evaluate import HungarianScores, confusion_matrix, hungarian_match, hungarian_scores, scores
+from iseg.evaluate import (
+    HungarianScores,
+    confusion_matrix,
+    hungarian_match,
+    hungarian_scores,
+    scores,
+)
 
 
 def loop_confusion(gt: np.ndarray, pred: np.ndarray, n: int) -> np.ndarray:

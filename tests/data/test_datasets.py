@@ -1,7 +1,7 @@
 """Tests for ``iseg.data.datasets`` (layouts, label reading, Context order, tags) and
 ``iseg.data.convert`` (COCO instances and Context .mat → label PNGs), on tiny generated datasets.
 
-The ``make_*`` builders are also used by tests/test_eval_cli.py."""
+The ``make_*`` builders are also used by tests/evaluate/test_running.py."""
 
 from __future__ import annotations
 

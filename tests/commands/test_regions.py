@@ -14,10 +14,11 @@ from PIL import Image
 
 from iseg import Box, ISegPipeline, Line, Mask, Point
 from iseg.cli import main
-from iseg.commands import _common
+from iseg.hub import dtype_keyword
 from iseg.images import load_image
 from iseg.runner import MANIFEST
-from iseg.testing import tiny_components
+
+from ._cli import forbid_loading, one_error_line
 
 
 @pytest.fixture(autouse=True)
@@ -26,18 +27,14 @@ def reference_backend(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("model")
-    (root / "tokenizer-src").mkdir()
-    pipe = ISegPipeline(**tiny_components(seed=0, tokenizer_dir=root / "tokenizer-src"))
-    pipe.save_pretrained(root / "model")
-    return root / "model"
+def model(saved_model: Path) -> Path:
+    return saved_model
 
 
 @pytest.fixture(scope="module")
 def loaded(model: Path) -> ISegPipeline:
     """The saved pipeline loaded back as the CLI loads it (fp32, CPU)."""
-    pipe = ISegPipeline.from_pretrained(model, **{_common.dtype_keyword(): torch.float32})
+    pipe = ISegPipeline.from_pretrained(model, **{dtype_keyword(): torch.float32})
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -52,19 +49,6 @@ def blob_image(seed: int, size=(48, 64)) -> Image.Image:
         blob = np.exp(-(((yy - cy) / (h / 6)) ** 2 + ((xx - cx) / (w / 6)) ** 2))
         img += blob[..., None] * np.array(colour)
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
-
-
-def forbid_loading(monkeypatch: pytest.MonkeyPatch) -> None:
-    def fail(*args, **kwargs):
-        raise AssertionError("the model must not be loaded")
-
-    monkeypatch.setattr(ISegPipeline, "from_pretrained", fail)
-
-
-def one_error_line(err: str) -> str:
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("iseg: error: "), err
-    return lines[0]
 
 
 def read_png(path: Path) -> tuple[str, np.ndarray]:

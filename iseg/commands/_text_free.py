@@ -1,0 +1,105 @@
+"""The settings options, their checks and the model loading that ``iseg regions`` and ``iseg
+refine-masks`` (the two text-free tasks) share."""
+
+from __future__ import annotations
+
+import argparse
+
+from . import _common, _model
+
+
+def _lam(text: str) -> float:
+    return _common.finite_float(text, 0.0, inclusive=True)
+
+
+_lam.__name__ = "λ (a number ≥ 0)"
+
+
+# --- parsers --------------------------------------------------------------------------------
+
+
+def settings_options(parser: argparse.ArgumentParser, regions: bool) -> None:
+    # fmt: off
+    add = parser.add_argument_group("iSeg settings (default: the recipe's)").add_argument
+    add("--recipe", default=None, metavar="NAME",
+        help="a named configuration (see `iseg recipes`; default: interactive, sdxl-interactive on an "
+             "SDXL model)")
+    add("--iters", type=_common.iterations, default=None,
+        help=f"refinement iterations N (interactive: 50; at most {_common.MAX_ITERS})")
+    add("--lam", type=_lam, default=None, help="Ent-Self strength λ (interactive: 0.0434294)")
+    add("--t-max", type=_common.positive_float, default=None, metavar="T",
+        help="upper clamp of Ent-Self's T (interactive: 1)")
+    add("--gamma", type=_common.gamma, default=None,
+        help="weight γ in (0, 100] of the BOS token of the empty prompt (interactive: 1.6)")
+    if regions:
+        add("--threshold", type=_common.open_unit, default=None,
+            help="a pixel is in a region's mask where its heat is above this, in (0, 1) "
+                 "(interactive: 0.5)")
+    else:
+        add("--background-threshold", type=_common.open_unit, default=None, metavar="TAU",
+            help="pixels whose best heat is below TAU in (0, 1) are background "
+                 "(default: the background score (1 - max heat)²)")
+    add("--seed", type=_common.seed, default=0,
+        help="noise seed in [0, 2**64)" + ("" if regions else "; the i-th IMAGE uses seed + i")
+             + " (default: 0)")
+    group = parser.add_argument_group("run")
+    group.add_argument("--out", default="iseg-out", metavar="DIR",
+                       help="output folder, created after the model loads (default: iseg-out)")
+    group.add_argument("--overwrite", action="store_true",
+                       help="recompute finished images and replace results of other settings "
+                            "(files this tool did not write are never overwritten)")
+    _common.add_quiet_option(group)
+    # fmt: on
+
+
+
+# --- shared ---------------------------------------------------------------------------------
+
+
+def _options(args: argparse.Namespace) -> dict:
+    """The pipeline keywords given on the command line (the others stay the recipe's)."""
+    options = {"recipe": args.recipe}  # None: the model's default (interactive; SDXL's on SDXL)
+    names = ("iters", "lam", "t_max", "gamma", "threshold", "background_threshold")
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None:
+            options[name] = value
+    return options
+
+
+def settings(args: argparse.Namespace, dtype) -> dict:
+    options = _options(args)
+    return {
+        "model": _model.model_setting(args.model),
+        "dtype": str(dtype).removeprefix("torch."),
+        **{k: options.get(k) for k in ("recipe", "iters", "lam", "t_max", "gamma")},
+        "seed": args.seed,
+    }
+
+
+def check_options(args: argparse.Namespace) -> dict:
+    """The pipeline keywords, after the checks that need no model (before it loads)."""
+    options = _options(args)
+    _model.check_recipe_options(
+        options["recipe"] or "interactive", {k: v for k, v in options.items() if k != "recipe"}
+    )
+    return options
+
+
+def load(args: argparse.Namespace, device, dtype, options: dict):
+    """The pipeline, and what only the loaded model can check (layers, timestep, memory):
+    a setting it refuses is one usage error, before anything is written."""
+    pipe = _model.load_pipeline(args.model, device, dtype, quiet=args.quiet)
+
+    def check():
+        _, _, grid = pipe.check_settings(text=False, **options)
+        pipe.check_memory(grid, 1)
+
+    _model.check_loaded(check)
+    return pipe
+
+
+def generator(seed: int):
+    import torch
+
+    return torch.Generator().manual_seed(seed)
