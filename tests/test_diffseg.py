@@ -443,7 +443,7 @@ def test_memory_only_the_aggregate_and_one_head_mean(sharp, monkeypatch):
     current layer's head-mean. Measured with the Triton kernel (interpreted on CPU) for the
     head-mean, as on a GPU; the PyTorch reference of head_mean_attention materialises one
     head's probabilities at a time by design, so it is not the path measured here."""
-    from iseg_ops._dispatch import interpreting, triton_available
+    from iseg_ops import interpreting, triton_available
 
     if not triton_available() or not (interpreting() or torch.cuda.is_available()):
         pytest.skip("needs the Triton head-mean kernel (CUDA or TRITON_INTERPRET=1)")

@@ -86,17 +86,17 @@ def check_ops_backend(device: str | None = None) -> None:
     """A bad ``ISEG_OPS_BACKEND`` as one usage error line, before the model loads; with
     ``device``, also ``triton`` where the Triton kernels cannot run on it (triton missing, or
     not CUDA and not ``TRITON_INTERPRET=1``)."""
-    from iseg_ops import _dispatch
+    import iseg_ops
 
     try:
-        backend = _dispatch.backend()
+        backend = iseg_ops.backend()
     except ValueError as exc:
         raise CommandError(first_line(exc), code=2) from None
     if device is None or backend != "triton":
         return
-    if not _dispatch.triton_available():
+    if not iseg_ops.triton_available():
         why = "triton is not installed"
-    elif not (device.startswith("cuda") or _dispatch.interpreting()):
+    elif not (device.startswith("cuda") or iseg_ops.interpreting()):
         why = f"the Triton kernels run on CUDA (or with TRITON_INTERPRET=1), not on {device}"
     else:
         return

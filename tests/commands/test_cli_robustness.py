@@ -576,10 +576,10 @@ def test_the_recipes_field_checks_are_usage_errors():
 
 
 def test_triton_backend_where_it_cannot_run_is_refused_before_loading(images, tmp_path, capsys, monkeypatch):
-    from iseg_ops import _dispatch
+    import iseg_ops
 
     monkeypatch.setenv("ISEG_OPS_BACKEND", "triton")
-    monkeypatch.setattr(_dispatch, "interpreting", lambda: False)
+    monkeypatch.setattr(iseg_ops, "interpreting", lambda: False)
     forbid_loading(monkeypatch)
     for argv in (["segment", str(images[0]), "--classes", "cat"], ["unsupervised", str(images[0])],
                  ["regions", str(images[0]), "--point", "1,1"]):  # fmt: skip
