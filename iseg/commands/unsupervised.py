@@ -15,12 +15,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..recipes import DIFFSEG_MODEL
 from ..runner import Runner
 from . import _common, _io, _model
 from ._common import CommandError
 
 NAME = "unsupervised"
-DIFFSEG_MODEL = "CompVis/stable-diffusion-v1-4"  # DiffSeg's backbone
 
 
 def _optional(kind, what: str):
@@ -138,8 +138,6 @@ def _processor(pipe, args: argparse.Namespace, device: str, dtype):
     import torch
 
     from .. import masks
-    from ..diffseg import segment_unsupervised
-
     options = {
         "kl_threshold": args.kl_threshold,
         "iters": None if args.iters == "none" else args.iters,
@@ -153,7 +151,7 @@ def _processor(pipe, args: argparse.Namespace, device: str, dtype):
 
     def process(items, images):
         try:
-            output = segment_unsupervised(pipe, images, **options)
+            output = pipe.segment_unsupervised(images, **options)
         except torch.OutOfMemoryError:
             raise CommandError(
                 f"out of memory on {device} with --batch-size {args.batch_size}; "
