@@ -5,7 +5,7 @@ random weights, fp16), 512×512 images, batch 1. Providers side by side in one r
 
 * ``text``: the text-segmentation call ``pipe(image, classes)`` on the same model (the issue's
   goal: the unsupervised call within 1.5× of it);
-* ``diffseg``: :func:`iseg.diffseg.segment_unsupervised` with ``iters=None`` (DiffSeg alone);
+* ``diffseg``: :meth:`iseg.ISegPipeline.segment_unsupervised` with ``iters=None`` (DiffSeg alone);
 * ``diffseg+iseg``: the default call (N = 10, λ = 0.01).
 
 and the merging distance :func:`iseg_ops.symmetric_kl` on DiffSeg's pass-0 shape (256 anchors ×
@@ -31,7 +31,6 @@ from PIL import Image
 
 import iseg_ops
 from iseg import ISegPipeline
-from iseg.diffseg import segment_unsupervised
 from iseg.testing import sd14_components, tiny_components
 from iseg_ops import reference
 
@@ -68,7 +67,7 @@ def test_unsupervised(benchmark, pipe, provider):
         if provider == "text":
             out = pipe(image, CLASSES, generator=torch.Generator().manual_seed(0))
         else:
-            out = segment_unsupervised(pipe, image, iters=None if provider == "diffseg" else 10)
+            out = pipe.segment_unsupervised(image, iters=None if provider == "diffseg" else 10)
         if CUDA:
             torch.cuda.synchronize()
         return out

@@ -59,7 +59,15 @@ from . import masks, seeds
 from .choices import SEED_MAX, parse_classes
 from .errors import first_line
 from .images import load_image
-from .recipes import RECIPES, get_recipe
+from .recipes import (
+    DEFAULT_GAMMA,
+    DEFAULT_ITERS,
+    DEFAULT_LAM,
+    DEFAULT_REGION_THRESHOLD,
+    RECIPES,
+    DiffSegSettings,
+    get_recipe,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +79,8 @@ DISPLAY_SIDE = 1024
 """The longest side of the copy of an image that the page shows and is clicked on."""
 CLICK_MODES = ("point", "negative", "box", "line")
 DEFAULT_REGION_ITERS = get_recipe("interactive").iters  # METHOD §5
-DEFAULT_THRESHOLD = 0.5
+DEFAULT_THRESHOLD = DEFAULT_REGION_THRESHOLD
+DIFFSEG_DEFAULTS = DiffSegSettings()  # the unsupervised tab's τ and N
 EXAMPLES_DIR = Path(__file__).with_name("demo_examples")
 CONCURRENCY_ID = "iseg-model"  # the one Gradio concurrency group of every model call
 
@@ -339,7 +348,7 @@ def recipe_names() -> list[str]:
 def recipe_settings(name: str | None) -> dict[str, float | int]:
     """The slider values of recipe ``name``: ``iters``, ``lam`` (0 for the raw
     self-attention), ``gamma``, ``threshold``; the pipeline's defaults without recipes."""
-    defaults = {"iters": 10, "lam": 0.01, "gamma": 1.6, "threshold": DEFAULT_THRESHOLD}
+    defaults = {"iters": DEFAULT_ITERS, "lam": DEFAULT_LAM, "gamma": DEFAULT_GAMMA, "threshold": DEFAULT_THRESHOLD}
     if not name:
         return defaults
     recipe = get_recipe(name)
@@ -380,9 +389,9 @@ def segment_classes(
     image: Image.Image | None,
     classes_text: str,
     recipe: str | None = None,
-    iters: int = 10,
-    lam: float = 0.01,
-    gamma: float = 1.6,
+    iters: int = DEFAULT_ITERS,
+    lam: float = DEFAULT_LAM,
+    gamma: float = DEFAULT_GAMMA,
     seed: int = 0,
     image_name: str = "IMAGE",
     model_args: Sequence[str] = (),
@@ -714,8 +723,8 @@ class UnsupervisedResult:
 def segment_unsupervised(
     pipe,
     image: Image.Image | None,
-    kl_threshold: float = 1.1,
-    iters: int = 10,
+    kl_threshold: float = DIFFSEG_DEFAULTS.kl_threshold,
+    iters: int = DIFFSEG_DEFAULTS.iters,
     image_name: str = "IMAGE",
     model_args: Sequence[str] = (),
     display: Image.Image | None = None,
@@ -1136,8 +1145,9 @@ def _unsupervised_tab(gr) -> dict:
         with gr.Column(scale=2, min_width=260):
             u["run"] = gr.Button("Segment without names", variant="primary", elem_id="iseg-run-unsupervised")
             with gr.Accordion("Settings", open=False):
-                u["kl"] = gr.Slider(0.3, 3.0, value=1.1, step=0.05, label="DiffSeg merging threshold (KL) τ")
-                u["iters"] = gr.Slider(0, 50, value=10, step=1, label="Iterations N")
+                u["kl"] = gr.Slider(0.3, 3.0, value=DIFFSEG_DEFAULTS.kl_threshold, step=0.05,
+                                    label="DiffSeg merging threshold (KL) τ")
+                u["iters"] = gr.Slider(0, 50, value=DIFFSEG_DEFAULTS.iters, step=1, label="Iterations N")
             u["examples"] = _examples(gr, None, "iseg-unsupervised-examples", "Examples (click one: it runs)")
         with gr.Column(scale=3):
             u["overlay"] = gr.Image(label="Segments", interactive=False, elem_id="iseg-unsupervised-overlay",

@@ -302,8 +302,3 @@ def initial_maps(maps: torch.Tensor, init: str) -> torch.Tensor:
         return F.one_hot(maps.argmax(0), maps.shape[0]).float()
     return maps.T
 
-
-def segment_unsupervised(pipe, image, *args, **kwargs):
-    """:meth:`iseg.ISegPipeline.segment_unsupervised` (the pipeline owns the task). Kept only
-    while the ``unsupervised`` command and ``bench/test_unsupervised.py`` call it here."""
-    return pipe.segment_unsupervised(image, *args, **kwargs)

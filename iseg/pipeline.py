@@ -26,7 +26,6 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 import iseg_ops
-from iseg_ops._dispatch import value_checks
 
 from . import diffseg, masks, seeds
 from .capture import (
@@ -546,7 +545,7 @@ class ISegPipeline(DiffusionPipeline):
                 embeds = embeds.expand(batch, -1, -1)
             added = self.added_conditioning(pooled, batch, pixels.shape[-1])
             store = AttentionStore()  # this call's own: never shared with another call
-            with installed(self.unet, capture_processors(self.unet, plan), store), value_checks(False):
+            with installed(self.unet, capture_processors(self.unet, plan), store), iseg_ops.value_checks(False):
                 if self._capture_step is not _capture_step:  # compiled: a new CUDA-graph step
                     torch.compiler.cudagraph_mark_step_begin()
                 self_attention, cross = self._capture_step(self.unet, plan, store, noisy, t, embeds, added)
@@ -570,7 +569,7 @@ class ISegPipeline(DiffusionPipeline):
                 class_tokens[b, : tokens.shape[0]] = tokens
         plan = self._plan(recipe, text=True)
         self_attention, sums, latent = self._run_capture(pixels, embeds, pooled, plan, recipe, generator)
-        with self.stage_timer("ops", device), value_checks(False):
+        with self.stage_timer("ops", device), iseg_ops.value_checks(False):
             tokens = fuse_token_maps(sums, plan, latent)  # [B, HW, L]
             grid = (latent[0] // plan.self_factor, latent[1] // plan.self_factor)
             if recipe.cluster_cross_attention:
@@ -963,7 +962,7 @@ class ISegPipeline(DiffusionPipeline):
         per-call NaN checks, each a host synchronisation, are off inside; ``A`` is checked once
         after)."""
         full_only = settings.iters is not None and settings.refine_attention == "full-resolution"
-        with self.stage_timer("unet", self._execution_device), value_checks(False):
+        with self.stage_timer("unet", self._execution_device), iseg_ops.value_checks(False):
             attention = diffseg.aggregate_self_attention(
                 self.unet, latents, settings.timestep, context, full_only, added
             )
@@ -983,7 +982,7 @@ class ISegPipeline(DiffusionPipeline):
     def _refine_segments(self, attention, maps, settings: DiffSegSettings) -> torch.Tensor:
         """iSeg's refinement of one image's merged maps ``[M, HW]`` with ``attention``
         ``[1, HW, HW]`` (finite: checked after the UNet call); returns ``[M, HW]``."""
-        with self.stage_timer("ops", self._execution_device), value_checks(False):
+        with self.stage_timer("ops", self._execution_device), iseg_ops.value_checks(False):
             initial = diffseg.initial_maps(maps, settings.init)
             refined = iseg_ops.refine(attention, initial[None], iters=settings.iters, lam=settings.lam)
         return refined[0].T
@@ -995,11 +994,11 @@ class ISegPipeline(DiffusionPipeline):
         outputs are checked once at the end)."""
         kwargs = {} if recipe.t_max is None else {"t_max": recipe.t_max}
         if self._refine_op is None:
-            with self.stage_timer("ops", self._execution_device), value_checks(False):
+            with self.stage_timer("ops", self._execution_device), iseg_ops.value_checks(False):
                 return iseg_ops.refine(self_attention, initial, iters=recipe.iters, lam=recipe.lam, **kwargs)
         # compiled: a CUDA graph owns its output until the next replay, so the replay and the
         # copy happen under the UNet's lock (another thread's call would overwrite it)
-        with unet_lock(self.unet), self.stage_timer("ops", self._execution_device), value_checks(False):
+        with unet_lock(self.unet), self.stage_timer("ops", self._execution_device), iseg_ops.value_checks(False):
             return self._refine_op(self_attention, initial, iters=recipe.iters, lam=recipe.lam, **kwargs).clone()
 
     @staticmethod

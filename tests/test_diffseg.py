@@ -20,8 +20,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from iseg import ISegPipeline
-from iseg import diffseg
+from iseg import ISegPipeline, diffseg, evaluate
 from iseg_ops import kl as kl_module
 from iseg_ops import reference
 
@@ -201,7 +200,6 @@ def test_sd1_layout(components):
 
 
 def test_labels_feed_the_hungarian_evaluation(base):
-    evaluate = pytest.importorskip("iseg.evaluate")
     pred = base[0].labels[0]
     # ground truth = the segments themselves under other ids (segments beyond 27 unlabelled)
     ids = pred.unique()
@@ -443,7 +441,7 @@ def test_memory_only_the_aggregate_and_one_head_mean(sharp, monkeypatch):
     current layer's head-mean. Measured with the Triton kernel (interpreted on CPU) for the
     head-mean, as on a GPU; the PyTorch reference of head_mean_attention materialises one
     head's probabilities at a time by design, so it is not the path measured here."""
-    from iseg_ops._dispatch import interpreting, triton_available
+    from iseg_ops import interpreting, triton_available
 
     if not triton_available() or not (interpreting() or torch.cuda.is_available()):
         pytest.skip("needs the Triton head-mean kernel (CUDA or TRITON_INTERPRET=1)")

@@ -1,5 +1,6 @@
 """The package's import arrows point one way (CONTRIBUTING.md, issue 20): the library never
-imports the CLI, the commands or the demo, and the demo never imports the CLI or the commands."""
+imports the CLI, the commands or the demo, the demo never imports the CLI or the commands, and
+nothing in ``iseg`` imports a private ``iseg_ops._…`` name (only what ``iseg_ops`` exports)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,13 @@ PACKAGE = Path(__file__).resolve().parents[1] / "iseg"
 UPWARD = ("iseg.cli", "iseg.commands", "iseg.demo")
 
 
-def _imports(path: Path) -> set[str]:
-    """The absolute names of the ``iseg`` modules that ``path`` imports, anywhere in it."""
+def _all_imports(path: Path, source: str | None = None) -> set[str]:
+    """The absolute names that ``path`` imports anywhere in it: modules, and ``module.name``
+    for each name a ``from`` import takes."""
     module = "iseg." + ".".join(path.relative_to(PACKAGE).with_suffix("").parts)
     package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
     names = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8") if source is None else source)):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -26,7 +28,12 @@ def _imports(path: Path) -> set[str]:
             target = ".".join(base + ([node.module] if node.module else []))
             names.add(target)
             names.update(f"{target}.{alias.name}" for alias in node.names)
-    return {name for name in names if name == "iseg" or name.startswith("iseg.")}
+    return names
+
+
+def _imports(path: Path) -> set[str]:
+    """The absolute names of the ``iseg`` modules that ``path`` imports, anywhere in it."""
+    return {name for name in _all_imports(path) if name == "iseg" or name.startswith("iseg.")}
 
 
 LIBRARY = sorted(
@@ -57,3 +64,28 @@ def test_the_import_reader_resolves_relative_imports():
     assert {"iseg.files", "iseg.files.write_atomic", "iseg.evaluate.metrics"} <= _imports(
         PACKAGE / "evaluate" / "running.py"
     )
+
+
+def _private_ops(path: Path, source: str | None = None) -> list[str]:
+    """The ``iseg_ops`` names that ``path`` imports with a private (``_``) part."""
+    return sorted(
+        name for name in _all_imports(path, source)
+        if name.split(".")[0] == "iseg_ops" and any(part.startswith("_") for part in name.split(".")[1:])
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: p.relative_to(PACKAGE).as_posix())
+def test_iseg_imports_only_what_iseg_ops_exports(path):
+    private = _private_ops(path)
+    assert private == [], f"{path.relative_to(PACKAGE)} imports {private}"
+
+
+def test_the_private_ops_reader_sees_both_import_forms():
+    probe = PACKAGE / "probe.py"  # never written: only its name places the relative imports
+    source = (
+        "import iseg_ops._dispatch\nfrom iseg_ops import _model, refine\n"
+        "from iseg_ops._triton import INTERPRETED\nfrom iseg_ops import value_checks\n"
+    )
+    assert _private_ops(probe, source) == [
+        "iseg_ops._dispatch", "iseg_ops._model", "iseg_ops._triton", "iseg_ops._triton.INTERPRETED"
+    ]

@@ -264,7 +264,7 @@ def test_sd1_layout_works(components, image, monkeypatch):
 
 def test_triton_backend_agrees_with_reference(pipe, image, monkeypatch):
     pytest.importorskip("triton")
-    from iseg_ops._dispatch import interpreting
+    from iseg_ops import interpreting
 
     if not interpreting():  # the tiny pipeline runs on the CPU
         pytest.skip("the Triton kernels on CPU tensors need TRITON_INTERPRET=1 at import")

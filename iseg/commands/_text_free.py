@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import argparse
 
+from ..recipes import get_recipe
 from . import _common, _model
+
+INTERACTIVE = get_recipe("interactive")  # the default recipe, whose values the help names
 
 
 def _lam(text: str) -> float:
@@ -25,16 +28,16 @@ def settings_options(parser: argparse.ArgumentParser, regions: bool) -> None:
         help="a named configuration (see `iseg recipes`; default: interactive, sdxl-interactive on an "
              "SDXL model)")
     add("--iters", type=_common.iterations, default=None,
-        help=f"refinement iterations N (interactive: 50; at most {_common.MAX_ITERS})")
-    add("--lam", type=_lam, default=None, help="Ent-Self strength λ (interactive: 0.0434294)")
+        help=f"refinement iterations N (interactive: {INTERACTIVE.iters}; at most {_common.MAX_ITERS})")
+    add("--lam", type=_lam, default=None, help=f"Ent-Self strength λ (interactive: {INTERACTIVE.lam:g})")
     add("--t-max", type=_common.positive_float, default=None, metavar="T",
-        help="upper clamp of Ent-Self's T (interactive: 1)")
+        help=f"upper clamp of Ent-Self's T (interactive: {INTERACTIVE.t_max:g})")
     add("--gamma", type=_common.gamma, default=None,
-        help="weight γ in (0, 100] of the BOS token of the empty prompt (interactive: 1.6)")
+        help=f"weight γ in (0, 100] of the BOS token of the empty prompt (interactive: {INTERACTIVE.gamma:g})")
     if regions:
         add("--threshold", type=_common.open_unit, default=None,
             help="a pixel is in a region's mask where its heat is above this, in (0, 1) "
-                 "(interactive: 0.5)")
+                 f"(interactive: {INTERACTIVE.threshold:g})")
     else:
         add("--background-threshold", type=_common.open_unit, default=None, metavar="TAU",
             help="pixels whose best heat is below TAU in (0, 1) are background "

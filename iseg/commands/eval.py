@@ -25,6 +25,7 @@ import os
 import sys
 
 from ..errors import first_line, report_error
+from ..recipes import DEFAULT_TAGGER_MODEL
 from ..runner import os_error_line
 from . import _common, _model
 from ._common import CommandError
@@ -64,7 +65,7 @@ def add_parser(subparsers) -> None:
     )  # fmt: skip
     group.add_argument(
         "--tagger-model", default=None, metavar="REPO_OR_DIR",
-        help="CLIP weights of the built-in tagger (default: openai/clip-vit-base-patch16)",
+        help=f"CLIP weights of the built-in tagger (default: {DEFAULT_TAGGER_MODEL})",
     )  # fmt: skip
     group.add_argument(
         "--context-order", choices=("official", "mmseg"), default=None,

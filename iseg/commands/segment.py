@@ -17,7 +17,7 @@ import argparse
 
 from ..choices import SEED_MAX, noise_seeds, parse_classes, vocabulary_ids
 from ..errors import first_line
-from ..recipes import default_recipe_for, get_recipe
+from ..recipes import AUTHORS_SEED, DEFAULT_GAMMA, DEFAULT_ITERS, DEFAULT_LAM, default_recipe_for, get_recipe
 from ..runner import Runner
 from . import _common, _io, _model
 from ._common import CommandError
@@ -78,17 +78,17 @@ def add_parser(subparsers) -> None:
         help="a named configuration (see `iseg recipes`; default: paper, <preset>-ovs with a --vocabulary "
              "preset, sdxl on an SDXL model)")
     add("--iters", type=_common.iterations, default=None,
-        help=f"refinement iterations N (paper: 10; at most {_common.MAX_ITERS})")
+        help=f"refinement iterations N (paper: {DEFAULT_ITERS}; at most {_common.MAX_ITERS})")
     add("--lam", type=_lam, default=None,
-        help="Ent-Self strength λ, or 'none' for the raw self-attention (paper: 0.01)")
+        help=f"Ent-Self strength λ, or 'none' for the raw self-attention (paper: {DEFAULT_LAM})")
     add("--gamma", type=_common.gamma, default=None,
-        help="Cat-Cross weight γ in (0, 100] (paper: 1.6)")
+        help=f"Cat-Cross weight γ in (0, 100] (paper: {DEFAULT_GAMMA})")
     add("--background-threshold", type=_common.open_unit, default=None, metavar="TAU",
         help="pixels whose best heat is below TAU in (0, 1) are background "
              "(default: the background score (1 - max heat)²)")
     add("--seed", type=_common.seed, default=None,
         help="noise seed in [0, 2**64); the i-th IMAGE uses seed + i (default: the recipe's "
-             "seed for every image, e.g. the authors' 1101, or 0 + i if it has none)")
+             f"seed for every image, e.g. the authors' {AUTHORS_SEED}, or 0 + i if it has none)")
 
     add_tagger_options(parser)
     _common.add_output_options(parser)

@@ -22,12 +22,12 @@ import time
 from pathlib import Path
 
 from ..errors import PROG, first_line, report_error
+from ..recipes import DEFAULT_TAGGER_MODEL
 from ..runner import describe_changes, save_atomic
 from . import _common, _io, _model
 from ._common import CommandError
 
 NAME = "tag"
-DEFAULT_TAGGER_MODEL = "openai/clip-vit-base-patch16"
 MANIFEST_SUFFIX = ".iseg-manifest.json"
 FLUSH_EVERY_IMAGES = 25
 FLUSH_EVERY_SECONDS = 30.0

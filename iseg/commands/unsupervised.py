@@ -15,12 +15,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..recipes import DIFFSEG_MODEL, DIFFSEG_SETTINGS, DiffSegSettings
 from ..runner import Runner
 from . import _common, _io, _model
 from ._common import CommandError
 
 NAME = "unsupervised"
-DIFFSEG_MODEL = "CompVis/stable-diffusion-v1-4"  # DiffSeg's backbone
+DEFAULTS = DiffSegSettings()
 
 
 def _optional(kind, what: str):
@@ -61,27 +62,28 @@ def add_parser(subparsers) -> None:
             action.help = f"diffusers Stable Diffusion repo id or local folder (default: {DIFFSEG_MODEL}, DiffSeg's)"
 
     add = parser.add_argument_group("DiffSeg and iSeg settings").add_argument
-    add("--kl-threshold", type=_common.positive_float, default=1.1, metavar="TAU",
-        help="DiffSeg's merging threshold τ: larger merges more (1.1 COCO-Stuff, 0.9 Cityscapes; "
-             "default 1.1)")
+    add("--kl-threshold", type=_common.positive_float, default=DEFAULTS.kl_threshold, metavar="TAU",
+        help="DiffSeg's merging threshold τ: larger merges more "
+             f"({DIFFSEG_SETTINGS['cocostuff27'].kl_threshold} COCO-Stuff, "
+             f"{DIFFSEG_SETTINGS['cityscapes'].kl_threshold} Cityscapes; default {DEFAULTS.kl_threshold})")
     add("--iters", type=_optional(_common.iterations, f"an int in [0, {_common.MAX_ITERS}] or 'none'"),
-        default=10,
-        help="refinement iterations N, or 'none' for DiffSeg's own segments (default: 10; at "
+        default=DEFAULTS.iters,
+        help=f"refinement iterations N, or 'none' for DiffSeg's own segments (default: {DEFAULTS.iters}; at "
              f"most {_common.MAX_ITERS})")
-    add("--lam", type=_optional(_lam, "λ (a number ≥ 0 or 'none')"), default=0.01,
-        help="Ent-Self strength λ, or 'none' for the raw aggregated attention (default: 0.01)")
-    add("--init", choices=("maps", "onehot"), default="maps",
+    add("--lam", type=_optional(_lam, "λ (a number ≥ 0 or 'none')"), default=DEFAULTS.lam,
+        help=f"Ent-Self strength λ, or 'none' for the raw aggregated attention (default: {DEFAULTS.lam})")
+    add("--init", choices=("maps", "onehot"), default=DEFAULTS.init,
         help="the refinement's initial maps: DiffSeg's merged maps or their one-hot argmax "
-             "(default: maps)")
-    add("--refine-attention", choices=("all", "full-resolution"), default="all",
+             f"(default: {DEFAULTS.init})")
+    add("--refine-attention", choices=("all", "full-resolution"), default=DEFAULTS.refine_attention,
         help="the attention the refinement propagates with: DiffSeg's aggregate of all layers, "
-             "or the latent-resolution (64×64) layers only (default: all)")
-    add("--anchor-grid", type=_common.positive_int, default=16, metavar="N",
-        help="DiffSeg's anchors per side (default: 16, 256 anchors)")
-    add("--first-pass", choices=("fp32", "fp16"), default="fp32",
+             f"or the latent-resolution (64×64) layers only (default: {DEFAULTS.refine_attention})")
+    add("--anchor-grid", type=_common.positive_int, default=DEFAULTS.anchor_grid, metavar="N",
+        help=f"DiffSeg's anchors per side (default: {DEFAULTS.anchor_grid}, {DEFAULTS.anchor_grid ** 2} anchors)")
+    add("--first-pass", choices=("fp32", "fp16"), default=DEFAULTS.first_pass,
         help="arithmetic of DiffSeg's first merging pass: fp32, or fp16 exactly as Google's code "
              "(values below 2.98e-8 underflow; anchors that match nothing are dropped and "
-             "counted) (default: fp32)")
+             f"counted) (default: {DEFAULTS.first_pass})")
 
     _common.add_output_options(parser)
     _io.add_overlay_options(parser)
@@ -138,8 +140,6 @@ def _processor(pipe, args: argparse.Namespace, device: str, dtype):
     import torch
 
     from .. import masks
-    from ..diffseg import segment_unsupervised
-
     options = {
         "kl_threshold": args.kl_threshold,
         "iters": None if args.iters == "none" else args.iters,
@@ -153,7 +153,7 @@ def _processor(pipe, args: argparse.Namespace, device: str, dtype):
 
     def process(items, images):
         try:
-            output = segment_unsupervised(pipe, images, **options)
+            output = pipe.segment_unsupervised(images, **options)
         except torch.OutOfMemoryError:
             raise CommandError(
                 f"out of memory on {device} with --batch-size {args.batch_size}; "

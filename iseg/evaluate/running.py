@@ -37,7 +37,7 @@ from ..data.datasets import (
 )
 from ..files import HOST, remove_stale_temps, write_atomic
 from ..masks import palette
-from ..recipes import get_recipe
+from ..recipes import AUTHORS_SEED, get_recipe
 from .metrics import (
     HungarianScores,
     SegmentationScores,
@@ -106,7 +106,7 @@ def _recipe_info(recipe: str | None, task: Task):
     applies."""
     name = recipe or task.name
     seed = get_recipe(name).seed  # ValueError on an unknown name
-    return name, 1101 if seed is None else seed, True
+    return name, AUTHORS_SEED if seed is None else seed, True
 
 
 def _segment(pipe, samples: list[Sample], names: Sequence[str], recipe: str | None, seed: int, device):
@@ -220,7 +220,7 @@ def run_eval(
     ids = _task_ids(task, root, ids_file, limit)
     try:
         if task.mode == "unsupervised":  # DiffSeg + iSeg: no text recipe
-            recipe_name, seed, have_recipes = f"diffseg+iseg (τ = {task.kl_threshold})", 1101, False
+            recipe_name, seed, have_recipes = f"diffseg+iseg (τ = {task.kl_threshold})", AUTHORS_SEED, False
         else:
             recipe_name, seed, have_recipes = _recipe_info(recipe, task)
     except ValueError as exc:

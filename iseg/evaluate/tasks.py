@@ -7,6 +7,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..choices import vocabulary_ids
+from ..recipes import DIFFSEG_SETTINGS
+
 # --- tasks --------------------------------------------------------------------------------------
 
 
@@ -46,8 +49,8 @@ TASKS: dict[str, Task] = {
         Task("voc-ovs", "voc", "val", "ovs", 68.2, "voc2012_val_tagclip_example.txt", "Table 2, VOC val"),
         Task("context-ovs", "voc_context", "val", "ovs", 30.9, "voc_context_val_tagclip.txt", "Table 2, Context val"),
         Task("coco-ovs", "coco14", "val_5k", "ovs", 38.4, "coco2014_val_tagclip.txt", "Table 2, COCO-Object val"),
-        Task("cityscapes", "cityscapes", "val", "unsupervised", 25.0, table="Table 3, Cityscapes val", kl_threshold=0.9, first_pass="fp16"),
-        Task("cocostuff27", "cocostuff27", "val", "unsupervised", 45.2, table="Table 3, COCO-Stuff-27", kl_threshold=1.1, first_pass="fp16"),
+        Task("cityscapes", "cityscapes", "val", "unsupervised", 25.0, table="Table 3, Cityscapes val", kl_threshold=DIFFSEG_SETTINGS["cityscapes"].kl_threshold, first_pass="fp16"),
+        Task("cocostuff27", "cocostuff27", "val", "unsupervised", 45.2, table="Table 3, COCO-Stuff-27", kl_threshold=DIFFSEG_SETTINGS["cocostuff27"].kl_threshold, first_pass="fp16"),
     )
 }  # fmt: skip
 
@@ -84,13 +87,15 @@ def builtin_tagger(task: Task, device=None, model: str | None = None):
     def tag(image: np.ndarray) -> tuple[int, ...]:
         if "tagger" not in state:
             # transformers' CLIP: imported when the first image is tagged (start-up time)
-            from ..tagger import DEFAULT_TAGGER_MODEL, CLIPTagger
+            from ..tagger import DEFAULT_TAGGER_MODEL, CLIPTagger, get_preset
 
             try:
                 state["tagger"] = CLIPTagger.from_pretrained(model or DEFAULT_TAGGER_MODEL, device=device)
             except OSError as exc:
                 message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 raise EvalError(f"{message}; or give --tags FILE / --tags published") from None
-        return tuple(i + 1 for i in state["tagger"](image, preset=preset).indices)
+            state["vocabulary"] = get_preset(preset).vocabulary
+        tags = state["tagger"](image, preset=preset).tags
+        return tuple(vocabulary_ids(tags, state["vocabulary"])[1:])
 
     return tag

@@ -249,17 +249,15 @@ def test_one_image_that_overflows_does_not_end_the_batch(dtype, hint, models, im
 
 
 def test_unsupervised_one_image_that_overflows_does_not_end_the_batch(models, images, tmp_path, capsys, monkeypatch):
-    import iseg.diffseg
-
     Image.new("RGB", (40, 48), "white").save(images[2])
-    original = iseg.diffseg.segment_unsupervised
+    original = ISegPipeline.segment_unsupervised
 
     def overflow_on_white(pipe, batch, **kwargs):
         if any(np.asarray(im).min() == 255 for im in batch):
             raise RuntimeError("diffseg: the aggregated self-attention holds NaN or Inf (the UNet overflowed; try fp32 or bf16)")
         return original(pipe, batch, **kwargs)
 
-    monkeypatch.setattr(iseg.diffseg, "segment_unsupervised", overflow_on_white)
+    monkeypatch.setattr(ISegPipeline, "segment_unsupervised", overflow_on_white)
     out = tmp_path / "out"
     argv = ["unsupervised", *map(str, images), "--model", str(models[0]), "--out", str(out),
             "--device", "cpu", "--dtype", "fp32", "--batch-size", "3", "--no-overlay", "-q"]  # fmt: skip
@@ -576,10 +574,10 @@ def test_the_recipes_field_checks_are_usage_errors():
 
 
 def test_triton_backend_where_it_cannot_run_is_refused_before_loading(images, tmp_path, capsys, monkeypatch):
-    from iseg_ops import _dispatch
+    import iseg_ops
 
     monkeypatch.setenv("ISEG_OPS_BACKEND", "triton")
-    monkeypatch.setattr(_dispatch, "interpreting", lambda: False)
+    monkeypatch.setattr(iseg_ops, "interpreting", lambda: False)
     forbid_loading(monkeypatch)
     for argv in (["segment", str(images[0]), "--classes", "cat"], ["unsupervised", str(images[0])],
                  ["regions", str(images[0]), "--point", "1,1"]):  # fmt: skip

@@ -184,6 +184,26 @@ def test_ovs_classes_from_tags_in_id_order(tmp_path):
                  progress=False, tagger_model=str(tmp_path / "no-clip"))  # fmt: skip
 
 
+def test_builtin_tagger_gives_the_datasets_1_based_ids_and_loads_once(monkeypatch):
+    # VOC's ids by hand (aeroplane 1, bus 6, cat 8): the tagger's names, not its indices.
+    from iseg.evaluate.tasks import builtin_tagger, get_task
+    from iseg.tagger import CLIPTagger, TagResult
+
+    loads = []
+
+    class FakeTagger:
+        def __call__(self, image, preset):
+            assert preset == "voc"
+            return TagResult(tags=["aeroplane", "bus", "cat"], scores=np.zeros(20, np.float32), indices=[0, 5, 7])
+
+    monkeypatch.setattr(CLIPTagger, "from_pretrained", lambda *a, **k: loads.append(a) or FakeTagger())
+    tag = builtin_tagger(get_task("voc-ovs"), model="clip")
+    image = np.zeros((4, 4, 3), np.uint8)
+    assert tag(image) == tag(image) == (1, 6, 8)
+    assert len(loads) == 1
+    assert builtin_tagger(get_task("cityscapes")) is None
+
+
 def test_ovs_builtin_tagger_hook(tmp_path, monkeypatch):
     ids = split_ids("voc_context", "val")[:2]
     make_context(tmp_path / "ctx", ids, image_fn=label_image)
