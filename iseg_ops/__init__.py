@@ -5,10 +5,6 @@ Stateless functions on tensors, with plain-PyTorch references of the same signat
 the reference elsewhere; ``ISEG_OPS_BACKEND=auto|triton|torch`` overrides.
 """
 
-from ._triton_compat import patch_interpreter
-
-patch_interpreter()  # before any kernel runs under Triton's interpreter
-
 from .ent_self import ent_self
 from .head_mean_attention import head_mean_attention
 from .kl import kl_cluster, symmetric_kl
