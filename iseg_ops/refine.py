@@ -245,9 +245,10 @@ def _refine_finish_kernel(
 # memory, ≤ 3 SASS per element of T on the sm_86 and sm_90 cubins of Triton 3.6–3.9). Left out:
 # (16, 256, 4, 4) (140 registers with the prologue, 6 SASS per element), (32, 128, 4, 4)
 # (3.1–3.6 SASS per element), (32, 256, 8, 3) (3.5–4.7, and 8 B of stack on sm_90 with the
-# prologue) and (64, 64, 4, 4) (3.25 with the prologue on sm_90). With the prologue (K ≤ 16)
-# only (64, 128, 4, 4) fits sm_86's shared memory: the default, untimed.
-GEMV_CONFIGS = ((64, 128, 4, 4), (64, 256, 8, 3), (32, 256, 4, 4))
+# prologue), (64, 64, 4, 4) (3.25 with the prologue on sm_90) and (64, 256, 8, 3) (8 B of
+# stack on sm_86 with Triton 3.6). With the prologue (K ≤ 16) only (64, 128, 4, 4) fits
+# sm_86's shared memory: the default, untimed.
+GEMV_CONFIGS = ((64, 128, 4, 4), (32, 256, 4, 4))
 # fp32 operands (3×TF32 products, for fp32's accuracy): 32 columns per step; 64 need 117–165
 # registers.
 GEMV_CONFIGS_FP32 = ((64, 32, 4, 3), (64, 32, 4, 4))
