@@ -492,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(1)
     os.environ["ISEG_OPS_BACKEND"] = "triton"
     sys.path.insert(0, str(ROOT))
-    from iseg_ops._dispatch import value_checks
+    from iseg_ops import value_checks
 
     DTYPES.update(fp16=torch.float16, bf16=torch.bfloat16, fp32=torch.float32)
     shapes = SMOKE_SHAPES if args.smoke else GPU_SHAPES

@@ -37,7 +37,7 @@ NO_CUDA = pytest.mark.skip(reason="CUDA case: no GPU here (the CPU run benchmark
 
 def _kernels_interpreted() -> bool:
     """Whether the kernels were defined for Triton's CPU interpreter (whatever they are named)."""
-    return TRITON and importlib.import_module("iseg_ops._dispatch").interpreting()
+    return TRITON and importlib.import_module("iseg_ops").interpreting()
 
 
 def _cases():

@@ -15,10 +15,6 @@ Besides the ops, what a caller needs to drive them:
   kernels were defined for Triton's CPU interpreter (``TRITON_INTERPRET=1`` at import).
 """
 
-from ._triton_compat import patch_interpreter
-
-patch_interpreter()  # before any kernel runs under Triton's interpreter
-
 from ._dispatch import backend, interpreting, triton_available, value_checks
 from .ent_self import ent_self
 from .head_mean_attention import head_mean_attention

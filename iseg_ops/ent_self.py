@@ -186,8 +186,11 @@ def _ent_self_kernel(
 # --------------------------------------------------------------------------------------------
 # Launchers
 
-# (BLOCK_M, BLOCK_N, num_warps) of the transform: KERNELS.md §2.6.
+# (BLOCK_M, BLOCK_N, num_warps) of the transform: KERNELS.md §2.6. For bf16 input writing the
+# numerators, the 8-warp tiles take 8 B of local memory (stack) on sm_86 with Triton 3.6 and
+# 3.7 (tests/ops/test_cuda_compile.py): only the 4-warp ones are candidates.
 TRANSFORM_CONFIGS = ((16, 128, 4), (8, 256, 4), (16, 256, 8), (32, 128, 8))
+TRANSFORM_CONFIGS_BF16 = ((16, 128, 4), (8, 256, 4))
 TRANSFORM_DEFAULT = (16, 128, 4)
 COL_MAX_BLOCKS = (128, 32)  # (BLOCK_M, BLOCK_N): 32 columns (64 B of fp16) per row and program
 
@@ -240,8 +243,9 @@ def transform(
         launch(config, args[:3] + scratch + args[5:])
 
     key = ("ent_self", hw, s.dtype, out.dtype, w is None)
-    launch(pick_config(key, TRANSFORM_CONFIGS, TRANSFORM_DEFAULT, scratch_launch,
-                       autotune_enabled(s)))
+    bf16_numerators = s.dtype == torch.bfloat16 and w is not None
+    configs = TRANSFORM_CONFIGS_BF16 if bf16_numerators else TRANSFORM_CONFIGS
+    launch(pick_config(key, configs, TRANSFORM_DEFAULT, scratch_launch, autotune_enabled(s)))
 
 
 def _ent_self_triton(attn: torch.Tensor, lam: float, t_max: float | None = None) -> torch.Tensor:

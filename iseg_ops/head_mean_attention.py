@@ -13,7 +13,7 @@ import torch
 
 from . import reference
 from ._dispatch import check_finite, check_float, interpreting, use_triton
-from ._triton import tl, triton
+from ._triton import loop_bound, tl, triton
 
 _LOG2E = 1.4426950408889634
 
@@ -76,7 +76,7 @@ def _row_lse_kernel(
     k_base = k_ptr + b * stride_kb + h * stride_kh + ds[None, :] * stride_kd
     m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     total = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for n in range(0, LK, BLOCK_N):
+    for n in range(0, loop_bound(LK), BLOCK_N):
         cols = n + tl.arange(0, BLOCK_N)
         col_ok = cols < LK
         logits = _logits_tile(
@@ -128,7 +128,7 @@ def _head_mean_kernel(
     ds = tl.arange(0, BLOCK_D)
     d_ok = ds < D
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for h in range(H):
+    for h in range(loop_bound(H)):
         q_ptrs = (
             q_ptr
             + b * stride_qb

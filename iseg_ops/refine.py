@@ -7,7 +7,9 @@ normalisation of each iteration's input gives the same result, ``minmax(Pᴺ C�
 1. ``_col_max_kernel`` (one read of S): reciprocal column maxima.
 2. ``_ent_self_kernel`` (one read of S, one write of T): the Eq. 7 numerators ``T`` (fp16 for
    fp16/bf16 input, fp32 for fp32 input, so fp32 keeps its 1e-5 accuracy) and fp32 row weights
-   ``w`` (a row that the clamp empties falls back to ``T0`` with its own weight).
+   ``w`` (a row that the clamp empties falls back to ``T0`` with its own weight). With
+   ``lam=None``, ``T`` is ``attn`` as given, except that bf16 ``attn`` is first rounded to an
+   fp16 ``T`` by ``_to_fp16_kernel`` (so no product converts its tiles in its loop).
 3. ``_refine_init_kernel``: ``Z₀ = C₀`` as zero-padded fp32 ``[B, HW, KP]`` (KP = max(16, next
    power of two of K)), the column (min, max) of ``C₀`` and ±inf for the later iterations' stats.
 4. Per iteration, ``_refine_gemv_kernel``: ``Z = w ⊙ (T · X)`` with ``X`` = the previous ``Z``
@@ -16,8 +18,8 @@ normalisation of each iteration's input gives the same result, ``minmax(Pᴺ C�
    folds each column's min and max into the next stats with atomics (order-independent).
 5. ``_refine_finish_kernel``: the last ``Z`` min-max normalised into ``cross.dtype``.
 
-Launches: N + 4 for K ≤ 16 and 2N + 4 above (with ``lam=None``, two fewer: ``T`` is ``attn``
-as given and there are no row weights). No host synchronisation, no torch ops besides
+Launches: N + 4 for K ≤ 16 and 2N + 4 above (with ``lam=None``, two fewer, or one fewer for
+bf16 ``attn``). No host synchronisation, no torch ops besides
 allocations, so the op can be captured in a CUDA graph; batches whose ``T`` would exceed
 :data:`CHUNK_BYTES` run in chunks. A column that is constant (within ``reference.FLAT``) at any
 iteration becomes 0, as in the reference.
@@ -33,6 +35,7 @@ from ._triton import autotune_enabled, loop_bound, pick_config, shared_memory_li
 from .ent_self import transform
 
 LAUNCHED_KERNELS = (
+    "_to_fp16_kernel",
     "_refine_init_kernel",
     "_refine_gemv_kernel",
     "_refine_normalise_kernel",
@@ -167,6 +170,25 @@ def _refine_gemv_kernel(
     tl.atomic_max(stats + KP, tl.max(tl.where(row_ok[:, None], acc, float("-inf")), axis=0))
 
 
+# One program: BLOCK_R rows × BLOCK_C columns of one matrix: T = S rounded to fp16 (lam=None on
+# bf16 input: the product then multiplies fp16 tiles as for fp16 input, with no conversion in
+# its loop; the same rounding it would otherwise apply to every tile, every iteration).
+@triton.jit
+def _to_fp16_kernel(
+    s_ptr, t_ptr, HW, stride_sb, stride_sq, stride_sk, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr
+):
+    pid_c = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    rows = (pid_r * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (rows < HW)[:, None] & (cols < HW)[None, :]
+    s = tl.load(s_ptr + pid_b * stride_sb + rows[:, None] * stride_sq + cols[None, :] * stride_sk,
+                mask=mask)
+    tl.store(t_ptr + pid_b * HW * HW + rows[:, None] * HW + cols[None, :], s.to(tl.float16),
+             mask=mask)
+
+
 # One program: BLOCK_R rows of one matrix: X = Z min-max normalised by its stats, in x's dtype.
 @triton.jit
 def _refine_normalise_kernel(
@@ -218,15 +240,18 @@ def _refine_finish_kernel(
 # --------------------------------------------------------------------------------------------
 # Launchers
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) of the product: KERNELS.md §2.6, except that
-# (16, 256, 4, 4) is replaced by (64, 64, 4, 4): 16-row tiles need 140 registers with the
-# prologue and 6 SASS instructions per element of T (sm_86 and sm_90 cubins).
-GEMV_CONFIGS = (
-    (32, 256, 4, 4), (32, 128, 4, 4), (32, 256, 8, 3), (64, 128, 4, 4), (64, 256, 8, 3),
-    (64, 64, 4, 4),
-)  # fmt: skip
-# fp32 operands (3×TF32 products, for fp32's accuracy): smaller tiles keep registers ≤ 128.
-GEMV_CONFIGS_FP32 = ((64, 32, 4, 3), (64, 32, 4, 4), (64, 64, 4, 3), (32, 64, 4, 3))
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) of the product: the candidates of KERNELS.md §2.6
+# that meet the static budget (tests/ops/test_cuda_compile.py: ≤ 128 registers, no local
+# memory, ≤ 3 SASS per element of T on the sm_86 and sm_90 cubins of Triton 3.6–3.9). Left out:
+# (16, 256, 4, 4) (140 registers with the prologue, 6 SASS per element), (32, 128, 4, 4)
+# (3.1–3.6 SASS per element), (32, 256, 8, 3) (3.5–4.7, and 8 B of stack on sm_90 with the
+# prologue), (64, 64, 4, 4) (3.25 with the prologue on sm_90) and (64, 256, 8, 3) (8 B of
+# stack on sm_86 with Triton 3.6). With the prologue (K ≤ 16) only (64, 128, 4, 4) fits
+# sm_86's shared memory: the default, untimed.
+GEMV_CONFIGS = ((64, 128, 4, 4), (32, 256, 4, 4))
+# fp32 operands (3×TF32 products, for fp32's accuracy): 32 columns per step; 64 need 117–165
+# registers.
+GEMV_CONFIGS_FP32 = ((64, 32, 4, 3), (64, 32, 4, 4))
 SM86_SHARED, SM90_SHARED = 101376, 232448  # shared memory per block (opt-in maximum)
 
 
@@ -319,12 +344,16 @@ def _refine_chunk(s, c, out, iters: int, lam: float | None, t_max: float | None)
     device = s.device
     kp = max(16, triton.next_power_of_2(k))
     dot_fp32 = s.dtype == torch.float32
-    if lam is None:
-        t, w = s, None
-    else:
+    t, w = s, None
+    if lam is not None or s.dtype == torch.bfloat16:
         t = torch.empty(batch, hw, hw, device=device, dtype=s.dtype if dot_fp32 else torch.float16)
+    if lam is not None:
         w = torch.empty(batch, hw, device=device, dtype=torch.float32)
         transform(s, lam, t_max, t, w)
+    elif t is not s:
+        _to_fp16_kernel[(triton.cdiv(hw, 128), triton.cdiv(hw, 32), batch)](
+            s, t, hw, *s.stride(), BLOCK_R=32, BLOCK_C=128, num_warps=4
+        )
 
     # stats[i] holds the per-column (min, max) of iteration i's input; stats[0] is C₀'s.
     stats = torch.empty(iters + 1, batch, 2, kp, device=device, dtype=torch.float32)
@@ -364,7 +393,8 @@ def _refine_triton(
     batch = s.shape[0]
     out = torch.empty(batch, hw, k, device=s.device, dtype=cross.dtype)
     t_bytes = hw * hw * (4 if s.dtype == torch.float32 else 2)
-    chunk = batch if lam is None else max(1, CHUNK_BYTES // t_bytes)
+    writes_t = lam is not None or s.dtype == torch.bfloat16  # else T is attn as given
+    chunk = max(1, CHUNK_BYTES // t_bytes) if writes_t else batch
     for start in range(0, batch, chunk):
         part = slice(start, start + chunk)
         _refine_chunk(s[part], c[part], out[part], iters, lam, t_max)

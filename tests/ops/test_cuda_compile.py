@@ -63,19 +63,9 @@ BUDGETS = {
     "_ent_self_kernel": Budget(("BLOCK_M", "BLOCK_N"), 16, "S"),
     "_refine_gemv_kernel": Budget(("BLOCK_M", "BLOCK_N"), 3, "T",
                                   lambda c: not c.get("DOT_FP32", False)),
-    "_refine_step_kernel": Budget(("BLOCK_M", "BLOCK_N"), None, "S"),
     "_col_max_kernel": Budget(("BLOCK_M", "BLOCK_N"), None, "S"),
     "_row_lse_kernel": Budget(("BLOCK_N", "BLOCK_M"), None, "logits"),
     "_head_mean_kernel": Budget(("BLOCK_M", "BLOCK_N"), None, "logits"),
-}
-# Kernels from before issue 17 that are over the register, local-memory or SASS limits, known
-# and on their way out: name → (which launches are the old kernel, why). Their failures are
-# reported as expected failures, only while such a kernel still exists.
-LEGACY = {
-    "_refine_step_kernel": (_always, ("the old refine step kernel (180-255 registers, Ent-Self "
-                                      "recomputed every iteration: KERNELS.md §1)")),
-    "_ent_self_kernel": (lambda c: "WRITE_P" not in c, ("the old two-pass Ent-Self kernel "
-                         "(recomputes the transform in its second pass)")),
 }
 
 
@@ -110,10 +100,12 @@ WORKLOADS = [
     *(_refine("fp16", b, k) for b in (1, 8) for k in (1, 8, 43)),
     # Wider padded K: VOC (21 maps) and COCO (81).
     *(_refine("fp16", 1, k) for k in (21, 81)),
-    # The interactive recipe (upper clamp) and the naive product (lam=None).
+    # The interactive recipe (upper clamp) and the naive product (lam=None; bf16 attn is
+    # first rounded to an fp16 T).
     _refine("fp16", 1, 8, t_max=1.0),
     _refine("fp16", 1, 1, lam=None),
     _refine("fp16", 8, 43, lam=None),
+    _refine("bf16", 1, 8, lam=None),
     # 65×65 latents (a 520×520 image): HW = 4225 fills no tile evenly (masked loads).
     _refine("fp16", 1, 8, hw=4225),
     *(_refine(dt, b, k) for dt in ("bf16", "fp32") for b, k in ((1, 8), (8, 43))),
@@ -133,15 +125,12 @@ BUDGETED = {w.id for w in BUDGET_WORKLOADS}
 # What each kernel's launches must cover (checked for the kernels and constexprs this tree
 # has): if a launcher's choices change, the workload list must follow.
 COVERAGE = {
-    ("_refine_step_kernel", "APPLY_ENT_SELF"): {True, False},
-    ("_refine_step_kernel", "HALF_DOT"): {True, False},
-    ("_refine_step_kernel", "BLOCK_M"): {16, 64},
-    ("_refine_step_kernel", "BLOCK_K"): {16, 32, 64, 128},
     ("_refine_gemv_kernel", "PROLOGUE"): {True, False},
     ("_refine_gemv_kernel", "DOT_FP32"): {True, False},
     ("_refine_gemv_kernel", "HAS_W"): {True, False},
     ("_refine_gemv_kernel", "EVEN"): {True, False},
     ("_refine_gemv_kernel", "KP"): {16, 32, 64, 128},
+    ("_to_fp16_kernel", "BLOCK_R"): {32},
     ("_ent_self_kernel", "WRITE_P"): {True, False},
     ("_ent_self_kernel", "SUBNORMAL"): {True, False},
     ("_ent_self_kernel", "EVEN"): {True, False},
@@ -261,21 +250,11 @@ def test_kernels_compile_and_fit_in_shared_memory(compiled, arch, workload):
         )
 
 
-def _legacy(entry: dict) -> str | None:
-    """Why ``entry`` is a known-over old kernel (``LEGACY``), else None."""
-    is_old, why = LEGACY.get(entry["kernel"], (None, None))
-    return why if is_old is not None and is_old(entry["constexprs"]) else None
-
-
 def _report(over: list[tuple[dict, str]], what: str) -> None:
-    """Fail with every launch over its limit; only old kernels' (``LEGACY``): expected."""
-    if not over:
-        return
-    lines = "\n".join(f"{e['kernel']} {e['constexprs']}: {text}" for e, text in over)
-    reasons = {_legacy(e) for e, _ in over}
-    if None not in reasons:
-        pytest.xfail("; ".join(sorted(reasons)))
-    pytest.fail(f"{what}:\n{lines}")
+    """Fail with every launch over its limit."""
+    if over:
+        lines = "\n".join(f"{e['kernel']} {e['constexprs']}: {text}" for e, text in over)
+        pytest.fail(f"{what}:\n{lines}")
 
 
 @needs_triton
@@ -302,8 +281,7 @@ def _budgeted():
 @pytest.mark.parametrize(("arch", "kernel"), list(_budgeted()))
 def test_main_loop_sass_per_element(compiled, arch, kernel):
     _results(compiled, arch)
-    if kernel not in compiled[arch]["kernels"]:
-        pytest.skip(f"{kernel} is not in this tree")
+    assert kernel in compiled[arch]["kernels"], f"{kernel}: no such kernel in iseg_ops"
     budget = BUDGETS[kernel]
     entries = [e for w in BUDGET_WORKLOADS for e in _launches(compiled, arch, w)
                if e["kernel"] == kernel]
@@ -351,13 +329,11 @@ def test_workloads_cover_every_branch_and_block_size(compiled, arch):
         for entry in _launches(compiled, arch, workload):
             for name, value in entry["constexprs"].items():
                 seen.setdefault((entry["kernel"], name), set()).add(value)
-    launched = {kernel for kernel, _ in seen}
-    # An entry applies to the kernels of this tree that have that constexpr (the old and the
-    # new _ent_self_kernel share a name).
     for key, values in COVERAGE.items():
-        if key in seen:
-            assert values <= seen[key], f"{key}: covered {seen[key]}, want {values}"
-    assert {"_head_mean_kernel", "_row_lse_kernel"} <= launched
+        assert values <= seen.get(key, set()), f"{key}: covered {seen.get(key)}, want {values}"
+    # Every kernel named in the budgets and the coverage list is launched by some workload.
+    launched = {kernel for kernel, _ in seen}
+    assert {kernel for kernel, _ in COVERAGE} | set(BUDGETS) <= launched
 
 
 SASS = """

@@ -83,6 +83,24 @@ def test_product_operands(launches, dtype):
     assert transform["WRITE_P"] is False
 
 
+@pytest.mark.parametrize("batch", [1, 5])
+def test_naive_bf16_product_multiplies_fp16(launches, monkeypatch, batch):
+    """lam=None on bf16 attn: one pass rounds S to an fp16 T first (so the product's loop
+    converts nothing), chunked like the numerators; fp16 attn is multiplied as given."""
+    refine = importlib.import_module("iseg_ops.refine")
+    monkeypatch.setattr(refine, "CHUNK_BYTES", 2 * HW * HW * 2)  # two fp16 T per chunk
+    _refine_meta(batch, 8, 3, None, dtype=torch.bfloat16)
+    chunk = ["_to_fp16_kernel", "_refine_init_kernel", *["_refine_gemv_kernel"] * 3,
+             "_refine_finish_kernel"]  # fmt: skip
+    assert [name for name, _, _ in launches] == chunk * -(-batch // 2)
+    assert [grid[2] for name, grid, _ in launches if name == "_to_fp16_kernel"] == (
+        [1] if batch == 1 else [2, 2, 1])
+    launches.clear()
+    _refine_meta(batch, 8, 3, None, dtype=torch.float16)
+    assert "_to_fp16_kernel" not in {name for name, _, _ in launches}
+    assert sum(name == "_refine_init_kernel" for name, _, _ in launches) == 1  # no chunks
+
+
 def test_ent_self_launches(launches):
     ent_self = importlib.import_module("iseg_ops.ent_self")
     out = ent_self._ent_self_triton(torch.empty(2, HW, HW, device="meta", dtype=torch.bfloat16),

@@ -239,12 +239,17 @@ def _check_fused_equals_precomputed(attn64, cross64, lam, t_max, iters, device):
     separate = iseg_ops.refine(iseg_ops.ent_self(attn, lam, t_max=t_max), cross, iters, None)
     # The oracle gets the fp32 inputs (an fp32 cast can flush tiny entries of S to 0).
     attn_cpu, cross_cpu = attn.cpu(), cross.cpu()
-    good = relative_span(attn_cpu, cross_cpu, iters, lam, t_max) >= 1e-2
+    span = relative_span(attn_cpu, cross_cpu, iters, lam, t_max)
+    good = span >= 1e-2
     assert_close(fused.transpose(-1, -2)[good], separate.transpose(-1, -2)[good],
                  atol=1e-4, rtol=1e-4, msg="refine(S, lam, t_max) vs refine(ent_self(...))")
     expected = refine64(attn_cpu, cross_cpu, iters, lam, t_max)
-    assert_close(fused.transpose(-1, -2)[good], expected.transpose(-1, -2)[good],
-                 atol=1e-4, rtol=1e-4, msg="vs float64")
+    # The min-max output's error grows as the column's relative span shrinks: atol widened by
+    # 1/√span (at most 10×), as in test_refine's properties (hypothesis found 2.1e-4 in fp32
+    # at lam = 3.3, t_max = 0.001, N = 1).
+    if good.any():
+        assert_close(fused.transpose(-1, -2)[good], expected.transpose(-1, -2)[good],
+                     atol=1e-4 / float(span[good].min()) ** 0.5, rtol=1e-4, msg="vs float64")
 
 
 @settings(max_examples=60, **PROPERTY)
