@@ -8,7 +8,7 @@ __all__ = [
     "ISegPipeline", "ISegPipelineOutput", "CaptureOutput", "RegionsOutput", "UnsupervisedOutput",
     "Point", "Box", "Line", "Mask", "Recipe", "RECIPES", "get_recipe", "DiffSegSettings",
 ]  # fmt: skip
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 _SEEDS = ("Point", "Box", "Line", "Mask")  # regions for ISegPipeline.segment_regions
 
 
