@@ -459,10 +459,10 @@ def test_sd_recipes_on_sdxl_name_the_sdxl_recipe(sdxl):
 # ------------------------------------------------------------------ the command line
 
 
-def test_cli_picks_the_sdxl_recipe_for_an_sdxl_folder(sdxl_components, tmp_path, monkeypatch, capsys):
-    from iseg.cli import main
-    from iseg.images import load_image
-
+@pytest.fixture
+def sdxl_cli(sdxl_components, tmp_path, monkeypatch):
+    """A saved tiny SDXL folder, one photo, and the names of the recipes the pipeline resolves
+    (a spy on ``resolve_recipe``): ``(folder, photo, names)``."""
     StableDiffusionXLPipeline(**sdxl_components).save_pretrained(tmp_path / "xl")
     path = tmp_path / "photo.png"
     make_image(4, (60, 80)).save(path)
@@ -475,34 +475,33 @@ def test_cli_picks_the_sdxl_recipe_for_an_sdxl_folder(sdxl_components, tmp_path,
         return recipe
 
     monkeypatch.setattr(ISegPipeline, "resolve_recipe", spy)
-    argv = ["segment", str(path), "--classes", "cat,potted plant", "--model", str(tmp_path / "xl"),
-            "--out", str(tmp_path / "out"), "--device", "cpu", "--dtype", "fp32"]  # fmt: skip
+    return tmp_path / "xl", path, names
+
+
+def _cli_options(folder, out):
+    return ["--model", str(folder), "--out", str(out), "--device", "cpu", "--dtype", "fp32"]
+
+
+def test_cli_picks_the_sdxl_recipe_for_an_sdxl_folder(sdxl_cli, tmp_path, capsys):
+    from iseg.cli import main
+    from iseg.images import load_image
+
+    folder, path, names = sdxl_cli
+    argv = ["segment", str(path), "--classes", "cat,potted plant", *_cli_options(folder, tmp_path / "out")]
     assert main(argv) == 0, capsys.readouterr().err
     assert set(names) == {"sdxl"}
-    loaded = ISegPipeline.from_pretrained(tmp_path / "xl")
+    loaded = ISegPipeline.from_pretrained(folder)
     loaded.set_progress_bar_config(disable=True)
     direct = loaded(load_image(path), CLASSES, generator=generator(0)).labels[0]  # the CLI's seed 0
     with Image.open(tmp_path / "out" / "photo_labels.png") as png:
         assert torch.equal(torch.from_numpy(np.asarray(png).astype(np.int64)), direct)
 
 
-def test_cli_regions_pick_the_sdxl_interactive_recipe(sdxl_components, tmp_path, monkeypatch, capsys):
+def test_cli_regions_pick_the_sdxl_interactive_recipe(sdxl_cli, tmp_path, capsys):
     from iseg.cli import main
 
-    StableDiffusionXLPipeline(**sdxl_components).save_pretrained(tmp_path / "xl")
-    path = tmp_path / "photo.png"
-    make_image(5, (60, 80)).save(path)
-    names = []
-    original = ISegPipeline.resolve_recipe
-
-    def spy(self, *args, **kwargs):
-        recipe = original(self, *args, **kwargs)
-        names.append(recipe.name)
-        return recipe
-
-    monkeypatch.setattr(ISegPipeline, "resolve_recipe", spy)
-    argv = ["regions", str(path), "--point", "20,30", "--model", str(tmp_path / "xl"),
-            "--out", str(tmp_path / "out"), "--device", "cpu", "--dtype", "fp32"]  # fmt: skip
+    folder, path, names = sdxl_cli
+    argv = ["regions", str(path), "--point", "20,30", *_cli_options(folder, tmp_path / "out")]
     assert main(argv) == 0, capsys.readouterr().err
     assert set(names) == {"sdxl-interactive"}
     assert (tmp_path / "out" / "photo_region1_mask.png").is_file()
