@@ -66,6 +66,7 @@ from .recipes import (
     DEFAULT_REGION_THRESHOLD,
     RECIPES,
     DiffSegSettings,
+    default_recipe_for,
     get_recipe,
 )
 
@@ -597,6 +598,7 @@ def regions_json(
     threshold: float,
     seed: int = 0,
     model_args: Sequence[str] = (),
+    recipe: str = "interactive",
 ) -> str:
     """The session as JSON: the image, its size (W, H), the settings, the regions in image
     pixels and the ``iseg regions`` command that reproduces the masks."""
@@ -604,7 +606,7 @@ def regions_json(
         {
             "image": image_name,
             "size": list(size),
-            "recipe": "interactive",
+            "recipe": recipe,
             "iters": iters,
             "threshold": threshold,
             "seed": seed,
@@ -690,7 +692,8 @@ def segment_regions(
             gallery.append((heatmap_image(h), f"{caption}: heatmap"))
             gallery.append((mask_image(display, m, label_colour(r)), f"{caption}: mask"))
     stem = Path(image_name).stem
-    session = regions_json(regions, image_name, image.size, iters, threshold, seed, model_args)
+    recipe = default_recipe_for(pipe, text=False)  # what segment_regions ran (SDXL: its own)
+    session = regions_json(regions, image_name, image.size, iters, threshold, seed, model_args, recipe)
     labels = masks.label_image(label)
     files = {f"{stem}_region{r}_mask.png": white_mask(m) for r, m in enumerate(region_masks, 1)}
     return RegionsResult(

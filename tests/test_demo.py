@@ -390,6 +390,7 @@ def test_segment_regions_passes_the_regions_and_shows_each_heatmap_and_mask():
     session = json.loads(result.json)
     assert session["image"] == "my photo.png" and session["size"] == [52, 36]
     assert session["iters"] == 20 and session["threshold"] == 0.4 and session["seed"] == 3
+    assert session["recipe"] == "interactive"  # what segment_regions runs on an SD model
     assert session["regions"] == REGIONS and session["command"] == result.command
     assert shlex.split(result.command) == [
         "iseg", "regions", "my photo.png", "--point", "20,12", "--box", "4,6,30,28",
