@@ -96,10 +96,6 @@ def add_parser(subparsers) -> None:
     # fmt: on
 
 
-def _recipe_seed(name: str | None) -> int | None:
-    return get_recipe(name or "paper").seed
-
-
 def _pipeline_options(args: argparse.Namespace) -> dict:
     """The keyword arguments given on the command line (the others stay the recipe's)."""
     options = {}
@@ -204,7 +200,7 @@ def _processor(pipe, args: argparse.Namespace, device: str, dtype):
         names = list(resolve_tagger_vocabulary(args.vocabulary).vocabulary)
         settings = tagger_settings(args)
 
-    recipe_seed = _recipe_seed(args.recipe)
+    recipe_seed = get_recipe(args.recipe).seed  # args.recipe is resolved once the model loaded
 
     def process(items, images):
         seeds = noise_seeds(args.seed, recipe_seed, [item.index for item in items])
