@@ -1,27 +1,40 @@
-"""A resumable per-image runner for the ``iseg`` subcommands that write files per input.
+"""The one resumable runner of every ``iseg`` command that writes results per input.
 
-It keeps ``OUT/iseg-manifest.json``: per subcommand, the settings of the results in ``OUT`` and
-each input (absolute path) with its output name and files. From it the runner
+:class:`Runner` is the loop: it loads inputs (in this process, or takes them from a batch
+source such as DataLoader workers), calls ``process`` on batches, writes each result through a
+:class:`Store`, reports failures and progress, and leaves the store consistent however the run
+ends. The store is where results and their resume state live:
 
-* skips inputs whose outputs exist and were written with the same settings (a stopped run is
+* :class:`FolderStore` — files per input in ``OUT``, recorded in ``OUT/iseg-manifest.json``
+  (``segment``, ``regions``, ``refine-masks``, ``unsupervised``): per subcommand, the settings
+  of the results and each input (absolute path) with its output name and files;
+* :class:`LinesFile` — one text file, a line ``<id> ...`` per input, with a sidecar holding its
+  settings (``tag``);
+* ``iseg eval``'s :class:`~iseg.evaluate.running.PredictionStore` — ``pred/<id>.png`` per
+  dataset id with per-process checksum records, ``eval.json`` and per-shard markers (several
+  processes, on several machines, share one ``--out``).
+
+Every store
+
+* skips inputs whose results exist and were written with the same settings (a stopped run is
   resumed by rerunning the same command);
 * refuses, in one line and before the model loads, a rerun with other settings (unless
   ``--overwrite``) and any output path holding a file it did not write (never overwritten,
-  even with ``--overwrite``);
-* keeps output names stable: an input seen before keeps its name; a new one gets its stem,
-  suffixed ``_<i>`` (its position in the input list) where stems clash (see
-  :func:`output_names`).
+  even with ``--overwrite``); results of other settings lock only when one was finished: a
+  run that wrote nothing locks nothing;
+* writes atomically (:func:`iseg.files.write_atomic`: a hidden
+  ``.NAME.HOST-PID-XXXXXXXX.iseg-tmp`` file beside the target, then ``os.replace``);
+  temporary files of a run that was killed are removed by the next run.
 
-Outputs are written atomically (:func:`iseg.files.write_atomic`: a hidden
-``.NAME.HOST-PID-XXXXXXXX.iseg-tmp`` file in ``OUT``, then ``os.replace``); temporary files of a
-run that was killed are removed by the next run. A write
-that fails (a full disk) ends the run in one ``iseg: error:`` line: finished outputs stay, the
-temporary file is removed, and the rerun resumes. Each input is loaded (fully decoded) inside
-the run: one that fails is reported in one ``iseg: error:`` line and the run goes on; so is an
-input that fails inside the model (a batch that fails is retried one input at a time, so one
-bad image does not fail its batch); the exit status is 1 at the end if any failed, and the
-next run retries only those. A folder whose results have other settings is refused only
-when one of them was finished: a run that wrote nothing locks nothing.
+:class:`FolderStore` keeps output names stable: an input seen before keeps its name; a new one
+gets its stem, suffixed ``_<i>`` (its position in the input list) where stems clash (see
+:func:`output_names`).
+
+A write that fails (a full disk) ends the run in one ``iseg: error:`` line: finished outputs
+stay, the temporary file is removed, and the rerun resumes. An input that cannot be read is
+reported in one ``iseg: error:`` line and the run goes on; so is an input that fails inside the
+model (a batch that fails is retried one input at a time, so one bad image does not fail its
+batch); the exit status is 1 at the end if any failed, and the next run retries only those.
 Progress: a tqdm bar when stderr is a terminal, else a line every few images; none when
 ``quiet``.
 
@@ -32,16 +45,21 @@ How a subcommand uses it (``iseg/commands/segment.py`` is the full example)::
     todo = runner.plan(paths, lambda name: [f"{name}_labels.png"])  # before the model loads
     if todo:
         pipe = load_pipeline(...)            # may fail: nothing was created on disk yet
-        runner.start()                       # creates OUT, cleans stale temp files
         runner.run(todo, load=load_image, process=segment_batch, batch_size=args.batch_size)
     return runner.finish("segmented")        # summary line; 0, or 1 if any input failed
 
-``process(items, loaded)`` gets a batch of :class:`Item` and their loaded inputs and returns,
-per item, ``{file name: save}`` where ``save(binary_file)`` writes the file's bytes. An
-exception from ``process`` on a batch of several items retries them one at a time; on one item
-it fails that item (reported, the run goes on), except
-:class:`~iseg.errors.RunError`, ``KeyboardInterrupt`` and ``MemoryError``,
-which end the run (the manifest is saved first, so finished outputs are kept).
+and over another store (``iseg/commands/tag.py``)::
+
+    runner = Runner.using(LinesFile(args.out, "tag", settings, what="tags"))
+    todo = runner.plan({stem: path, ...})
+
+``process(items, loaded)`` gets a batch of :class:`Item` and their loaded inputs and returns
+one result per item, what the store writes (:class:`FolderStore`: ``{file name: save}`` where
+``save(binary_file)`` writes the file's bytes; :class:`LinesFile`: the line). An exception from
+``process`` on a batch of several items retries them one at a time; on one item it fails that
+item (reported, the run goes on), except :class:`~iseg.errors.RunError`, ``KeyboardInterrupt``
+and ``MemoryError``, which end the run (the store is flushed first, so finished outputs are
+kept).
 """
 
 from __future__ import annotations
@@ -53,11 +71,14 @@ import json
 import math
 import os
 import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 from .errors import PROG, RunError, first_line, report_error, shorten
 from .files import remove_stale_temps, write_atomic
@@ -71,16 +92,19 @@ Save = Callable[[BinaryIO], None]
 @dataclass
 class Item:
     """One input: ``index`` is its position in the input list (seeds use it), ``name`` the
-    stem of its outputs, ``outputs`` their file names in the output folder."""
+    stem of its outputs, ``outputs`` their file names in the output folder, ``id`` its key in
+    stores that key inputs by id (``iseg tag``'s image stems, ``iseg eval``'s dataset ids)
+    rather than by absolute path."""
 
     index: int
     path: Path
     name: str
     outputs: list[str]
+    id: str | None = None
 
     @property
     def key(self) -> str:
-        return _key(self.path)
+        return self.id if self.id is not None else _key(self.path)
 
 
 def _key(path: str | os.PathLike[str]) -> str:
@@ -267,37 +291,67 @@ def check_writable(out: Path) -> None:
         raise RunError(f"cannot write to '{out}': the {what} is not writable (permission denied)")
 
 
-class Runner:
-    """Resumable per-input runs into one output folder; see the module docstring."""
+class GaveUp(RunError):
+    """The run ended because its first inputs all failed inside ``process`` (``give_up_after``
+    of them, none succeeding): a broken model or set-up rather than bad inputs."""
 
-    def __init__(
-        self,
-        out: str | os.PathLike[str],
-        command: str,
-        settings: dict,
-        *,
-        overwrite: bool = False,
-        noun: str = "image",
-        progress_every: int | None = None,
-        quiet: bool = False,
-    ):
+
+@dataclass(frozen=True)
+class LoadFailed:
+    """What a batch source yields instead of a loaded input that could not be read: the one
+    line that reports it (the item fails; the run goes on)."""
+
+    message: str
+
+
+class Store(Protocol):
+    """Where a run's results and its resume state live. :class:`Runner` drives one; three
+    exist: :class:`FolderStore` (files per input in an output folder, with a manifest),
+    :class:`LinesFile` (one text file, a line per input id) and ``iseg eval``'s predictions
+    (:class:`iseg.evaluate.running.PredictionStore`: ``pred/<id>.png`` with checksum records
+    and shard markers).
+
+    A store's ``plan(...)`` (its own arguments: paths, ids) checks the settings against what is
+    there, before any model loads, and returns the :class:`Item` s still to do; ``skipped`` is
+    how many it found done."""
+
+    skipped: int
+
+    def start(self, todo: Sequence[Item]) -> None:
+        """Before the first write: create what holds the outputs, remove stale temporary files,
+        record ``todo`` as this run's (unfinished) work."""
+
+    def write(self, item: Item, result: Any) -> None:
+        """Write ``item``'s result (what ``process`` returned for it) atomically and mark it
+        finished. May run in a writer thread (``Runner(writers=N)``)."""
+
+    def fail(self, item: Item, message: str) -> None:
+        """Record that ``item`` failed (the next run retries it)."""
+
+    def flush(self) -> None:
+        """Save the resume state; called at the end of a run however it ends."""
+
+
+class FolderStore:
+    """Files per input in an output folder, recorded in its ``iseg-manifest.json`` (the module
+    docstring says how); what ``segment``, ``regions``, ``refine-masks`` and ``unsupervised``
+    write."""
+
+    def __init__(self, out: str | os.PathLike[str], command: str, settings: dict, *,
+                 overwrite: bool = False):  # fmt: skip
         self.out = Path(out)
         self.command = command
         self.settings = json.loads(json.dumps(settings, default=str))  # as it is stored
         self.settings_id = settings_id(self.settings)
         self.overwrite = overwrite
-        self.noun = noun
-        self.progress_every = progress_every
-        self.quiet = quiet
-        self.done = 0
         self.skipped = 0
-        self.failed: list[tuple[Item, str]] = []
         self._manifest: dict | None = None
         self._items: dict = {}
         self._started = False
         self._last_flush = 0.0
 
-    # --- before the model loads ------------------------------------------------------------
+    def __str__(self) -> str:
+        return str(self.out)
 
     def plan(self, paths: Sequence[Path], outputs: Callable[[str], list[str]]) -> list[Item]:
         """The items still to do, checked against the manifest and the files in ``out``.
@@ -371,8 +425,6 @@ class Runner:
         self._manifest, self._items = manifest, items_by_key
         return todo
 
-    # --- the run --------------------------------------------------------------------------
-
     def start(self, todo: Sequence[Item]) -> None:
         """Create ``out``, remove stale temporary files, and record ``todo`` in the manifest
         as this tool's (unfinished) outputs, before any of them is written."""
@@ -405,7 +457,7 @@ class Runner:
         self._last_flush = time.monotonic()
 
     def write(self, item: Item, files: dict[str, Save]) -> None:
-        """Write ``item``'s files atomically and mark it finished."""
+        """Write ``item``'s files (``{file name: save}``) atomically and mark it finished."""
         for name, save in files.items():
             if name not in item.outputs:
                 raise ValueError(f"{name!r} is not one of {item.name}'s outputs {item.outputs}")
@@ -413,54 +465,319 @@ class Runner:
         entry = self._items[item.key]
         entry["settings"] = self.settings_id
         entry.pop("error", None)
-        self.done += 1
         if time.monotonic() - self._last_flush > 2.0:  # at most every 2 s: O(1) per image
             self.flush()
 
     def fail(self, item: Item, message: str) -> None:
-        """Report ``item`` as failed in one line; the run goes on."""
-        report_error(message)
-        self.failed.append((item, message))
         if item.key in self._items:
             self._items[item.key]["error"] = message
+
+
+LINES_MANIFEST_SUFFIX = ".iseg-manifest.json"
+"""The sidecar of a :class:`LinesFile`: ``<file>.iseg-manifest.json`` beside it."""
+
+
+class LinesFile:
+    """One text file holding a line per input, ``<id> ...`` (what ``iseg tag`` writes): the
+    ids present are the inputs done, so the file is its own resume state. Its settings live in
+    a sidecar ``<file>.iseg-manifest.json`` (``{"command", "settings"}``) rather than in a
+    folder's manifest, because the file may sit in any folder (the current one, beside other
+    files) that is no iseg output folder; without the sidecar the file is never overwritten.
+    The file is rewritten atomically every ``flush_every`` lines or ``flush_seconds`` seconds
+    and at the end, so it is always complete up to some input. A file that holds no line yet
+    locks no settings."""
+
+    def __init__(self, path: str | os.PathLike[str], command: str, settings: dict, *,
+                 overwrite: bool = False, what: str = "lines", flush_every: int = 25,
+                 flush_seconds: float = 30.0):  # fmt: skip
+        self.path = Path(path)
+        self.sidecar = self.path.with_name(self.path.name + LINES_MANIFEST_SUFFIX)
+        self.command = command
+        self.settings = json.loads(json.dumps(settings, default=str))
+        self.overwrite = overwrite
+        self.what = what
+        self.flush_every, self.flush_seconds = flush_every, flush_seconds
+        self.skipped = 0
+        self.lines: dict[str, str] = {}
+        self._written = 0
+        self._last_flush = time.monotonic()
+        self._started = False
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def plan(self, ids: dict[str, Path]) -> list[Item]:
+        """The ids (``{id: input path}``, ids without whitespace) whose line is missing; the
+        lines kept are those of the file when it was written with these settings.
+
+        Raises:
+            RunError: the path is a folder (code 2), a file this tool did not write (no
+                sidecar), unreadable, or holding lines of other settings (without
+                ``overwrite``).
+        """
+        self.lines = self._read_existing()
+        todo = [Item(index, path, name, [], id=name)
+                for index, (name, path) in enumerate(ids.items()) if name not in self.lines]  # fmt: skip
+        self.skipped = len(ids) - len(todo)
+        return todo
+
+    def _read_existing(self) -> dict[str, str]:
+        out, sidecar = self.path, self.sidecar
+        if out.is_dir():
+            raise RunError(f"--out '{out}' is a folder; give a file name such as tags.txt", code=2)
+        if not out.exists():
+            return {}
+        try:
+            recorded = json.loads(sidecar.read_text(encoding="utf-8"))
+            if not isinstance(recorded, dict) or recorded.get("command") != self.command:
+                raise ValueError
+        except (OSError, ValueError, RecursionError):
+            raise RunError(
+                f"refusing to overwrite '{out}': this tool did not write it (no {sidecar.name} "
+                "beside it); move it away or choose another --out"
+            ) from None
+        old = recorded.get("settings")
+        if not isinstance(old, dict):
+            raise RunError(
+                f"'{sidecar}' is not an iseg manifest: its settings are not an object; remove "
+                f"both files or choose another --out"
+            )
+        lines = self._read_lines()
+        if old == self.settings:
+            return lines
+        if self.overwrite or not lines:
+            return {}
+        raise RunError(
+            f"'{out}' holds {self.what} of other settings ({describe_changes(old, self.settings)}); "
+            "rerun with --overwrite to replace them, or choose another --out"
+        )
+
+    def _read_lines(self) -> dict[str, str]:
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except (OSError, ValueError) as exc:  # ValueError: not UTF-8
+            raise RunError(f"cannot read '{self.path}': {first_line(exc)}; move it away or "
+                           "choose another --out") from None  # fmt: skip
+        lines: dict[str, str] = {}
+        for line in text.splitlines():
+            if line.strip():
+                lines.setdefault(line.split()[0], line.strip())
+        return lines
+
+    def start(self, todo: Sequence[Item]) -> None:
+        """Write the kept lines (none after ``overwrite``), then the sidecar: in this order a
+        kill in between never leaves old lines under new settings."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RunError(f"cannot write '{self.path}': {first_line(exc)}") from None
+        remove_stale_temps(self.path.parent)
+        self._save()
+        sidecar = json.dumps({"command": self.command, "settings": self.settings}, indent=1) + "\n"
+        save_atomic(lambda f: f.write(sidecar.encode("utf-8")), self.sidecar)
+        self._started = True
+
+    def _save(self) -> None:
+        text = "".join(line + "\n" for line in self.lines.values())
+        save_atomic(lambda f: f.write(text.encode("utf-8")), self.path)
+        self._written, self._last_flush = len(self.lines), time.monotonic()
+
+    def write(self, item: Item, line: str) -> None:
+        """Add ``item``'s line (it starts with its id)."""
+        if line.split(maxsplit=1)[:1] != [item.key]:
+            raise ValueError(f"the line {line!r} does not start with the id {item.key!r}")
+        self.lines[item.key] = line
+        if (len(self.lines) - self._written >= self.flush_every
+                or time.monotonic() - self._last_flush > self.flush_seconds):  # fmt: skip
+            self._save()
+
+    def fail(self, item: Item, message: str) -> None:
+        pass  # a missing line is what the next run retries
+
+    def flush(self) -> None:
+        if self._started and len(self.lines) != self._written:
+            self._save()
+
+
+class Runner:
+    """A resumable run over a :class:`Store`: load, process in batches, write, report.
+
+    ``Runner(out, command, settings)`` runs into a :class:`FolderStore`; ``Runner.using(store)``
+    into any store. Options: ``noun`` (``"image"``: progress and summary), ``progress_every``
+    (lines when stderr is no terminal), ``quiet``, ``desc`` (the bar's label), ``report``
+    (called with each failure's line; ``None`` to only collect them in ``failed``),
+    ``failure_message(item, exc)`` (the line of an input that failed inside ``process``),
+    ``give_up_after`` (end the run with :class:`GaveUp` when that many inputs
+    failed inside ``process`` before any succeeded: a broken model, not bad inputs) and
+    ``writers`` (threads that write results while the next batch is processed; 0 writes in
+    line).
+    """
+
+    def __init__(self, out: str | os.PathLike[str], command: str, settings: dict, *,
+                 overwrite: bool = False, **options: Any):  # fmt: skip
+        self._setup(FolderStore(out, command, settings, overwrite=overwrite), **options)
+
+    @classmethod
+    def using(cls, store: Store, **options: Any) -> Runner:
+        """A runner over ``store`` (see the class docstring for ``options``)."""
+        runner = cls.__new__(cls)
+        runner._setup(store, **options)
+        return runner
+
+    def _setup(
+        self,
+        store: Store,
+        *,
+        noun: str = "image",
+        progress_every: int | None = None,
+        quiet: bool = False,
+        desc: str | None = None,
+        report: Callable[[str], object] | None = report_error,
+        failure_message: Callable[[Item, BaseException], str] | None = None,
+        give_up_after: int | None = None,
+        writers: int = 0,
+    ) -> None:
+        self.store = store
+        self.noun = noun
+        self.progress_every = progress_every
+        self.quiet = quiet
+        self.desc = desc
+        self.report = report
+        self.failure_message = failure_message or (lambda item, exc: f"'{item.path}': {first_line(exc)}")
+        self.give_up_after = give_up_after
+        self.writers = writers
+        self.done = 0
+        self.failed: list[tuple[Item, str]] = []
+        self._started = False
+        self._produced = 0  # results ``process`` returned (``None``: nothing to write, not counted)
+        self._model_failures = 0
+        self._progress: _Progress | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def out(self) -> Path | None:
+        """The output folder of a :class:`FolderStore` run."""
+        return getattr(self.store, "out", None)
+
+    @property
+    def skipped(self) -> int:
+        """Inputs found done by :meth:`plan`."""
+        return self.store.skipped
+
+    # --- before the model loads ------------------------------------------------------------
+
+    def plan(self, *args: Any, **kwargs: Any) -> list[Item]:
+        """The store's ``plan``: the items still to do (nothing is created)."""
+        return self.store.plan(*args, **kwargs)  # type: ignore[attr-defined]
+
+    # --- the run --------------------------------------------------------------------------
+
+    def start(self, todo: Sequence[Item]) -> None:
+        """The store's ``start`` (called by :meth:`run` when not called before)."""
+        self.store.start(todo)
+        self._started = True
+
+    def write(self, item: Item, result: Any) -> None:
+        """Write ``item``'s result through the store and count it done."""
+        self.store.write(item, result)
+        with self._lock:
+            self.done += 1
+
+    def fail(self, item: Item, message: str) -> None:
+        """Report ``item`` as failed in one line; the run goes on."""
+        if self.report is not None:
+            self.report(message)
+        self.failed.append((item, message))
+        self.store.fail(item, message)
+
+    def flush(self) -> None:
+        self.store.flush()
+
+    def status(self, text: str) -> None:
+        """Show ``text`` beside the progress bar (e.g. a running score); no-op without one."""
+        if self._progress is not None:
+            self._progress.status(text)
+
+    def restart_clock(self) -> None:
+        """Count the rate and ETA from now (after a model load that the first batch waited for)."""
+        if self._progress is not None:
+            self._progress.restart()
 
     def run(
         self,
         todo: Sequence[Item],
         load: Callable[[Path], object],
-        process: Callable[[list[Item], list[object]], list[dict[str, Save]]],
+        process: Callable[[list[Item], list[object]], list[Any]],
         batch_size: int = 1,
     ) -> None:
-        """Load, process and write ``todo`` in batches of ``batch_size``; see the module
-        docstring for how failures are handled. The manifest is saved however it ends."""
-        if not self._started:
-            self.start(todo)
-        progress = _Progress(len(todo), self.noun, self.progress_every, self.quiet)
-        try:
+        """Load each item's input in this process, then :meth:`run_batches`."""
+
+        def batches():
             for start in range(0, len(todo), batch_size):
-                batch, loaded = [], []
+                batch = []
                 for item in todo[start : start + batch_size]:
                     try:
-                        loaded.append(load(item.path))
-                        batch.append(item)
+                        batch.append((item, load(item.path)))
                     except _FATAL:
                         raise
                     except Exception as exc:
-                        self.fail(item, f"cannot read image '{item.path}': {first_line(exc)}")
+                        batch.append((item, LoadFailed(f"cannot read image '{item.path}': {first_line(exc)}")))
+                yield batch
+
+        self.run_batches(todo, batches(), process)
+
+    def run_batches(
+        self,
+        todo: Sequence[Item],
+        batches: Iterable[list[tuple[Item, object]]],
+        process: Callable[[list[Item], list[object]], list[Any]],
+    ) -> None:
+        """Process ``batches`` (lists of ``(item, loaded input | LoadFailed)`` covering
+        ``todo``, e.g. from DataLoader workers) and write each result through the store. A
+        :class:`LoadFailed` input fails its item; ``process(items, loaded)`` returns one result
+        per item (``None``: nothing to write). A batch that raises is retried one item at a
+        time, so that only the items that fail alone fail; :class:`~iseg.errors.RunError`,
+        ``KeyboardInterrupt`` and ``MemoryError`` end the run. The store is flushed however the
+        run ends (finished outputs are kept)."""
+        if not self._started:
+            self.start(todo)
+        self._progress = progress = _Progress(len(todo), self.noun, self.progress_every, self.quiet, self.desc)
+        pool = ThreadPoolExecutor(max_workers=self.writers) if self.writers else None
+        pending: deque[Future] = deque()
+        try:
+            for batch in batches:
+                items, loaded = [], []
+                for item, value in batch:
+                    if isinstance(value, LoadFailed):
+                        self.fail(item, value.message)
                         progress.update(1)
-                if batch:
-                    self._process(batch, loaded, process, progress)
+                    else:
+                        items.append(item)
+                        loaded.append(value)
+                if items:
+                    self._process(items, loaded, process, progress, pool, pending)
+                while len(pending) > 16:  # bounded: results wait in memory for their writer
+                    pending.popleft().result()
+            while pending:
+                pending.popleft().result()
         except BaseException:
-            with contextlib.suppress(RunError):  # the first error is the one to report
+            for future in pending:
+                future.cancel()
+            if pool is not None:
+                pool.shutdown(wait=True)  # writes in flight finish: their files are whole
+            with contextlib.suppress(RunError, OSError):  # the first error is the one to report
                 self.flush()
             raise
         else:
+            if pool is not None:
+                pool.shutdown(wait=True)
             self.flush()
         finally:
             progress.close()
+            self._progress = None
 
-    def _process(self, batch: list[Item], loaded: list, process, progress: _Progress) -> None:
-        """``process`` one batch and write its files; a batch that fails is retried one item
+    def _process(self, batch: list[Item], loaded: list, process, progress: _Progress, pool, pending) -> None:
+        """``process`` one batch and write its results; a batch that fails is retried one item
         at a time, so that only the items that fail alone are reported."""
         try:
             results = process(batch, loaded)
@@ -469,13 +786,24 @@ class Runner:
         except Exception as exc:
             if len(batch) > 1:
                 for item, one in zip(batch, loaded):
-                    self._process([item], [one], process, progress)
+                    self._process([item], [one], process, progress, pool, pending)
                 return
-            self.fail(batch[0], f"'{batch[0].path}': {first_line(exc)}")
+            self.fail(batch[0], self.failure_message(batch[0], exc))
             progress.update(1)
+            self._model_failures += 1
+            if self.give_up_after and self._model_failures >= self.give_up_after and not self._produced:
+                raise GaveUp(
+                    f"the model failed on the first {self._model_failures} {self.noun}s "
+                    f"(last: {type(exc).__name__}: {first_line(exc)})"
+                ) from exc
             return
-        for item, files in zip(batch, results):
-            self.write(item, files)
+        self._produced += sum(result is not None for result in results)
+        for item, result in zip(batch, results):
+            if result is not None:
+                if pool is None:
+                    self.write(item, result)
+                else:
+                    pending.append(pool.submit(self.write, item, result))
             progress.update(1)
 
     def finish(self, verb: str = "processed") -> int:
@@ -485,7 +813,7 @@ class Runner:
         if self.failed:
             line += f", {len(self.failed)} failed"
         if not self.quiet:
-            print(f"{line}; outputs in {self.out}", file=sys.stderr)
+            print(f"{line}; outputs in {self.store}", file=sys.stderr)
         return 1 if self.failed else 0
 
 
@@ -493,7 +821,8 @@ class _Progress:
     """A tqdm bar on a terminal; otherwise ``iseg: 20/100 images`` every ``every`` images
     (default: about every 10 %, at most every 100); nothing when ``quiet``."""
 
-    def __init__(self, total: int, noun: str, every: int | None, quiet: bool = False):
+    def __init__(self, total: int, noun: str, every: int | None, quiet: bool = False,
+                 desc: str | None = None):  # fmt: skip
         self.total, self.noun, self.count = total, noun, 0
         self.tty = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
         if quiet:
@@ -501,19 +830,30 @@ class _Progress:
         self.every = every or max(1, min(100, math.ceil(total / 10)))
         self.bar = None
         self.start = time.monotonic()
+        self.counted_from = 0
         if self.tty and total:
-            from tqdm import tqdm
+            from tqdm import tqdm  # only on a terminal
 
-            self.bar = tqdm(total=total, unit=noun[:3], desc=PROG, file=sys.stderr)
+            self.bar = tqdm(total=total, unit=noun[:3], desc=desc or PROG, file=sys.stderr, dynamic_ncols=True)
 
     def update(self, n: int) -> None:
         before, self.count = self.count, self.count + n
         if self.bar is not None:
             self.bar.update(n)
         elif self.count < self.total and self.count // self.every > before // self.every:
-            rate = (time.monotonic() - self.start) / self.count
+            rate = (time.monotonic() - self.start) / max(1, self.count - self.counted_from)
             print(f"{PROG}: {self.count}/{self.total} {self.noun}s ({rate:.2f} s each)",
                   file=sys.stderr, flush=True)  # fmt: skip
+
+    def status(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(text)
+
+    def restart(self) -> None:
+        self.start, self.counted_from = time.monotonic(), self.count
+        if self.bar is not None:
+            self.bar.reset()
+            self.bar.update(self.count)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -89,3 +89,31 @@ def test_the_private_ops_reader_sees_both_import_forms():
     assert _private_ops(probe, source) == [
         "iseg_ops._dispatch", "iseg_ops._model", "iseg_ops._triton", "iseg_ops._triton.INTERPRETED"
     ]
+
+
+PER_INPUT_WRITERS = ["commands/segment.py", "commands/regions.py", "commands/refine_masks.py",
+                     "commands/unsupervised.py", "commands/tag.py", "evaluate/running.py"]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", PER_INPUT_WRITERS)
+def test_every_run_that_writes_per_input_goes_through_the_one_runner(name):
+    assert "iseg.runner.Runner" in _all_imports(PACKAGE / name), f"{name} does not use iseg.runner.Runner"
+
+
+def _renames(path: Path) -> list[str]:
+    """The ``os.replace``/``os.rename``/``shutil.move`` calls in ``path`` (the atomic step)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            owner = node.func.value
+            if isinstance(owner, ast.Name) and f"{owner.id}.{node.func.attr}" in ("os.replace", "os.rename", "shutil.move"):
+                found.append(f"{owner.id}.{node.func.attr} (line {node.lineno})")
+    return found
+
+
+def test_one_atomic_writer():
+    assert _renames(PACKAGE / "files.py") == ["os.replace (line %d)" % next(
+        i for i, line in enumerate((PACKAGE / "files.py").read_text().splitlines(), 1) if "os.replace(tmp" in line
+    )]  # the reader sees the one there is
+    others = {p.relative_to(PACKAGE).as_posix(): _renames(p) for p in PACKAGE.rglob("*.py") if p.name != "files.py"}
+    assert {k: v for k, v in others.items() if v} == {}

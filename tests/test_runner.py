@@ -15,6 +15,10 @@ from iseg.errors import RunError
 from iseg.files import HOST, remove_stale_temps
 from iseg.runner import (
     MANIFEST,
+    GaveUp,
+    Item,
+    LinesFile,
+    LoadFailed,
     Runner,
     check_writable,
     manifest_outputs,
@@ -261,3 +265,198 @@ def test_expand_inputs(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(RunError, match="no images in folder"):
         expand_inputs([str(tmp_path / "empty")])
+
+
+# --- the loop over any store ---------------------------------------------------------------------
+
+
+class ListStore:
+    """A store that keeps results in memory and logs what the runner asked of it."""
+
+    def __init__(self, ids):
+        self.ids, self.skipped = ids, 0
+        self.results, self.calls = {}, []
+
+    def plan(self):
+        return [Item(i, Path(f"{name}.in"), name, [], id=name) for i, name in enumerate(self.ids)]
+
+    def start(self, todo):
+        self.calls.append(("start", [i.id for i in todo]))
+
+    def write(self, item, result):
+        self.results[item.id] = result
+
+    def fail(self, item, message):
+        self.calls.append(("fail", item.id))
+
+    def flush(self):
+        self.calls.append(("flush",))
+
+
+def test_run_batches_takes_loaded_batches_failed_loads_and_nothing_to_write():
+    store = ListStore(["a", "b", "c", "d", "e"])
+    reported = []
+    runner = Runner.using(store, report=reported.append, quiet=True)
+    todo = runner.plan()
+    items = {i.id: i for i in todo}
+    batches = [[(items["a"], 1), (items["b"], LoadFailed("b: unreadable"))], [(items["c"], 3), (items["d"], 4)],
+               [(items["e"], 5)]]  # fmt: skip
+    seen = []
+
+    def process(batch, loaded):
+        seen.append([i.id for i in batch])
+        if "d" in [i.id for i in batch]:
+            if len(batch) > 1:
+                raise RuntimeError("the batch fails")
+            raise RuntimeError("d fails alone\nsecond line")
+        return [None if value == 5 else value * 10 for value in loaded]
+
+    runner.run_batches(todo, iter(batches), process)
+    # b never reaches process; the failed batch [c, d] is retried one at a time; e: nothing to write
+    assert seen == [["a"], ["c", "d"], ["c"], ["d"], ["e"]]
+    assert store.results == {"a": 10, "c": 30}
+    assert runner.done == 2
+    assert [(i.id, m) for i, m in runner.failed] == [("b", "b: unreadable"), ("d", "'d.in': d fails alone")]
+    assert reported == ["b: unreadable", "'d.in': d fails alone"]
+    assert store.calls == [("start", list("abcde")), ("fail", "b"), ("fail", "d"), ("flush",)]
+
+
+def test_give_up_after_the_first_failures_only_when_none_succeeded():
+    def failing(batch, loaded):
+        raise ValueError("broken model")
+
+    store = ListStore(list("abcde"))
+    runner = Runner.using(store, report=None, quiet=True, give_up_after=3)
+    todo = runner.plan()
+    with pytest.raises(GaveUp, match=r"^the model failed on the first 3 images \(last: ValueError: broken model\)$"):
+        runner.run_batches(todo, ([(i, 0)] for i in todo), failing)
+    assert len(runner.failed) == 3 and store.calls[-1] == ("flush",)  # flushed on the way out
+
+    # one success first: later failures are the inputs' own, the run goes on
+    store = ListStore(list("abcde"))
+    runner = Runner.using(store, report=None, quiet=True, give_up_after=3)
+    todo = runner.plan()
+    runner.run_batches(todo, ([(i, 0)] for i in todo),
+                       lambda batch, loaded: [1] if batch[0].id == "a" else failing(batch, loaded))  # fmt: skip
+    assert runner.done == 1 and len(runner.failed) == 4
+
+    # an input with nothing to write (``None``) is no success: a broken model still ends the run
+    store = ListStore(list("abcde"))
+    runner = Runner.using(store, report=None, quiet=True, give_up_after=3)
+    todo = runner.plan()
+    with pytest.raises(GaveUp):
+        runner.run_batches(todo, ([(i, 0)] for i in todo),
+                           lambda batch, loaded: [None] if batch[0].id == "b" else failing(batch, loaded))  # fmt: skip
+    assert [i.id for i, _ in runner.failed] == ["a", "c", "d"]
+
+
+def test_writer_threads_write_every_result_and_finish_before_the_run_ends():
+    import threading
+
+    class SlowStore(ListStore):
+        def write(self, item, result):
+            threading.Event().wait(0.002)  # a disk that lags behind the model
+            self.results[item.id] = (result, threading.current_thread() is threading.main_thread())
+
+    ids = [f"x{i}" for i in range(40)]
+    store = SlowStore(ids)
+    runner = Runner.using(store, quiet=True, writers=2)
+    todo = runner.plan()
+    runner.run_batches(todo, ([(i, n)] for n, i in enumerate(todo)), lambda batch, loaded: loaded)
+    assert store.results == {f"x{n}": (n, False) for n in range(40)}  # all written, off the main thread
+    assert runner.done == 40 and store.calls[-1] == ("flush",)
+
+
+def test_a_failed_write_in_a_writer_thread_ends_the_run():
+    class FullDisk(ListStore):
+        def write(self, item, result):
+            if item.id == "c":
+                raise RunError("cannot write 'c': no space left on device")
+            super().write(item, result)
+
+    store = FullDisk(list("abcdef"))
+    runner = Runner.using(store, quiet=True, writers=2)
+    todo = runner.plan()
+    with pytest.raises(RunError, match="no space left"):
+        runner.run_batches(todo, ([(i, 1)] for i in todo), lambda batch, loaded: loaded)
+    assert {"a", "b"} <= set(store.results) and "c" not in store.results
+    assert store.calls[-1] == ("flush",)
+
+
+# --- LinesFile: one file, a line per id ----------------------------------------------------------
+
+
+def run_lines(path, ids, settings, process=None, **options):
+    runner = Runner.using(LinesFile(path, "t", settings, what="tags", **options), quiet=True)
+    todo = runner.plan({i: Path(f"{i}.png") for i in ids})
+    if todo:
+        runner.run(todo, lambda p: p.stem, process or (lambda items, loaded: [f"{x} 1 2" for x in loaded]))
+    return runner, todo
+
+
+def test_lines_file_writes_resumes_and_keeps_its_settings_beside_it(tmp_path):
+    out = tmp_path / "sub" / "tags.txt"
+    runner, todo = run_lines(out, ["a", "b"], {"k": 1})
+    assert [i.id for i in todo] == ["a", "b"] and runner.done == 2
+    assert out.read_text() == "a 1 2\nb 1 2\n"
+    sidecar = tmp_path / "sub" / "tags.txt.iseg-manifest.json"
+    assert json.loads(sidecar.read_text()) == {"command": "t", "settings": {"k": 1}}
+    runner, todo = run_lines(out, ["a", "b", "c"], {"k": 1})
+    assert [i.id for i in todo] == ["c"] and runner.skipped == 2
+    assert out.read_text() == "a 1 2\nb 1 2\nc 1 2\n"
+
+
+def test_lines_file_refuses_foreign_files_and_other_settings(tmp_path):
+    foreign = tmp_path / "foreign.txt"
+    foreign.write_text("mine\n")
+    with pytest.raises(RunError, match=r"refusing to overwrite .*foreign.txt.*no foreign.txt.iseg-manifest.json"):
+        run_lines(foreign, ["a"], {"k": 1})
+    assert foreign.read_text() == "mine\n"
+    out = tmp_path / "tags.txt"
+    run_lines(out, ["a"], {"k": 1})
+    with pytest.raises(RunError) as info:
+        run_lines(out, ["a"], {"k": 2})
+    assert str(info.value) == (f"'{out}' holds tags of other settings (k: 1 → 2); rerun with --overwrite to "
+                               "replace them, or choose another --out")  # fmt: skip
+    runner, todo = run_lines(out, ["a"], {"k": 2}, overwrite=True)
+    assert len(todo) == 1 and out.read_text() == "a 1 2\n"
+    with pytest.raises(RunError, match="is a folder") as info:
+        run_lines(tmp_path, ["a"], {"k": 1})
+    assert info.value.code == 2
+
+
+def test_lines_file_with_no_line_locks_nothing_and_failed_ids_are_retried(tmp_path):
+    out = tmp_path / "tags.txt"
+
+    def fail_b(items, loaded):
+        if items[0].id == "b":
+            raise ValueError("no")
+        return [f"{x} 7" for x in loaded]
+
+    runner, _ = run_lines(out, ["b"], {"k": 1}, process=fail_b)
+    assert out.read_text() == "" and len(runner.failed) == 1
+    run_lines(out, ["a", "b"], {"k": 2}, process=fail_b)  # other settings: nothing was locked
+    assert out.read_text() == "a 7\n"
+    runner, todo = run_lines(out, ["a", "b"], {"k": 2})
+    assert [i.id for i in todo] == ["b"] and out.read_text() == "a 7\nb 1 2\n"
+
+
+def test_lines_file_is_complete_up_to_some_line_when_killed(tmp_path):
+    out = tmp_path / "tags.txt"
+    seen = []
+
+    def interrupted(items, loaded):
+        seen.append(items[0].id)
+        if items[0].id == "d":
+            # the file on disk now: rewritten every 2 lines, never half a line
+            seen.append(out.read_text())
+            raise KeyboardInterrupt
+        return [f"{x} 0" for x in loaded]
+
+    with pytest.raises(KeyboardInterrupt):
+        run_lines(out, list("abcdef"), {"k": 1}, process=interrupted, flush_every=2)
+    assert seen[-1] == "a 0\nb 0\n"
+    assert out.read_text() == "a 0\nb 0\nc 0\n"  # c: flushed on the way out
+    assert not list(tmp_path.glob(".*.iseg-tmp"))
+    _, todo = run_lines(out, list("abcdef"), {"k": 1})
+    assert [i.id for i in todo] == ["d", "e", "f"]

@@ -15,20 +15,16 @@ Example:
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import sys
-import time
 from pathlib import Path
 
-from ..errors import PROG, first_line, report_error
+from ..errors import PROG, first_line
 from ..recipes import DEFAULT_TAGGER_MODEL
-from ..runner import describe_changes, save_atomic
+from ..runner import LinesFile, Runner
 from . import _common, _io, _model
 from ._common import CommandError
 
 NAME = "tag"
-MANIFEST_SUFFIX = ".iseg-manifest.json"
 FLUSH_EVERY_IMAGES = 25
 FLUSH_EVERY_SECONDS = 30.0
 
@@ -158,57 +154,6 @@ def add_parser(subparsers) -> None:
     # fmt: on
 
 
-def _read_lines(out: Path) -> dict[str, str]:
-    """The tag lines of ``out`` by id (the first word), in order."""
-    try:
-        text = out.read_text(encoding="utf-8")
-    except (OSError, ValueError) as exc:  # ValueError: not UTF-8
-        raise CommandError(f"cannot read '{out}': {first_line(exc)}; move it away or choose "
-                           "another --out") from None  # fmt: skip
-    lines: dict[str, str] = {}
-    for line in text.splitlines():
-        if line.strip():
-            lines.setdefault(line.split()[0], line.strip())
-    return lines
-
-
-def _read_existing(out: Path, manifest: Path, settings: dict, overwrite: bool) -> dict[str, str]:
-    """The lines already in ``out`` by id, after checking that this tool wrote them. A file
-    that holds no tag yet (a first run that tagged nothing) locks no settings."""
-    if out.is_dir():
-        raise CommandError(f"--out '{out}' is a folder; give a file name such as tags.txt", code=2)
-    if not out.exists():
-        return {}
-    try:
-        recorded = json.loads(manifest.read_text(encoding="utf-8"))
-        if not isinstance(recorded, dict) or recorded.get("command") != NAME:
-            raise ValueError
-    except (OSError, ValueError, RecursionError):
-        raise CommandError(
-            f"refusing to overwrite '{out}': this tool did not write it (no {manifest.name} "
-            "beside it); move it away or choose another --out"
-        ) from None
-    old = recorded.get("settings")
-    if not isinstance(old, dict):
-        raise CommandError(
-            f"'{manifest}' is not an iseg manifest: its settings are not an object; remove "
-            f"both files or choose another --out"
-        )
-    lines = _read_lines(out)
-    if old == settings:
-        return lines
-    if overwrite or not lines:
-        return {}
-    raise CommandError(
-        f"'{out}' holds tags of other settings ({describe_changes(old, settings)}); rerun "
-        "with --overwrite to replace them, or choose another --out"
-    )
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    save_atomic(lambda f: f.write(text.encode("utf-8")), path)
-
-
 def run(args: argparse.Namespace) -> int:
     """``iseg tag``: returns the exit status (raises CommandError for a failed run)."""
     # 1. Check everything before the model loads
@@ -236,89 +181,32 @@ def run(args: argparse.Namespace) -> int:
         **{k: overrides.get(k, getattr(preset, k)) for k in ("r_cwr", "w_local", "w_crop", "r_final")},
     }
     out = Path(args.out)
-    manifest = out.with_name(out.name + MANIFEST_SUFFIX)
-    lines = _read_existing(out, manifest, settings, args.overwrite)
-    todo = [(stem, path) for stem, path in ids.items() if stem not in lines]
-    skipped = len(ids) - len(todo)
+    runner = Runner.using(LinesFile(out, NAME, settings, overwrite=args.overwrite, what="tags",
+                                    flush_every=FLUSH_EVERY_IMAGES, flush_seconds=FLUSH_EVERY_SECONDS),
+                          quiet=args.quiet)  # fmt: skip
+    todo = runner.plan(ids)
     if not todo:
         if not args.quiet:
             print(f"{PROG}: all {len(ids)} images already tagged in '{out}'", file=sys.stderr)
         return 0
 
-    # 2. Load the tagger; write the kept lines (none after --overwrite), then the settings
-    #    (in this order, a kill in between never leaves old tags under new settings)
+    # 2. Load the tagger; the runner writes the kept lines (none after --overwrite), then the
+    #    settings, then tags, appending lines and rewriting the file now and then
     tagger = load_tagger(args.tagger_model, device, dtype, quiet=args.quiet)
     check_vocabulary_fits(tagger, preset)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise CommandError(f"cannot write '{out}': {first_line(exc)}") from None
-    _write_atomic(out, "".join(line + "\n" for line in lines.values()))
-    _write_atomic(manifest, json.dumps({"command": NAME, "settings": settings}, indent=1) + "\n")
+    call = {"preset": preset.name} if preset.name else {"vocabulary": preset.vocabulary}
 
-    # 3. Tag, appending lines; rewrite the file now and then, and whatever happens
-    failed = _tag_all(tagger, todo, preset, overrides, lines, out, quiet=args.quiet)
+    def tag(items, images):
+        return [" ".join([item.id, *map(str, tagger(image, **call, **overrides).indices)])
+                for item, image in zip(items, images)]  # fmt: skip
+
+    runner.run(todo, _io.load_image, tag)
+    failed = len(runner.failed)
     if not args.quiet:
         print(
-            f"{PROG}: tagged {len(todo) - failed} image(s) into '{out}'"
-            + (f", {skipped} already there" if skipped else "")
+            f"{PROG}: tagged {runner.done} image(s) into '{out}'"
+            + (f", {runner.skipped} already there" if runner.skipped else "")
             + (f", {failed} failed" if failed else ""),
             file=sys.stderr,
         )
     return 1 if failed else 0
-
-
-def _tag_all(tagger, todo, preset, overrides: dict, lines: dict, out: Path, quiet: bool) -> int:
-    """Tag each ``(stem, path)`` of ``todo`` into ``lines``, rewriting ``out`` every
-    ``FLUSH_EVERY_IMAGES`` images or ``FLUSH_EVERY_SECONDS`` and at the end, however the loop
-    ends. An image that cannot be read or tagged is one error line; returns how many."""
-    from ..images import load_image
-
-    call = {"preset": preset.name} if preset.name else {"vocabulary": preset.vocabulary}
-    failed = 0
-    written = len(lines)
-    last_flush = time.monotonic()
-
-    def flush() -> None:
-        nonlocal written, last_flush
-        if len(lines) != written:
-            _write_atomic(out, "".join(line + "\n" for line in lines.values()))
-            written, last_flush = len(lines), time.monotonic()
-
-    progress = _progress(len(todo), quiet)
-    try:
-        for stem, path in todo:
-            try:
-                image = load_image(path)
-            except Exception as exc:
-                report_error(f"cannot read image '{path}': {first_line(exc)}")
-                failed += 1
-                continue
-            try:
-                result = tagger(image, **call, **overrides)
-            except (KeyboardInterrupt, MemoryError):
-                raise
-            except Exception as exc:  # this image failed inside the model; the others go on
-                report_error(f"'{path}': {first_line(exc)}")
-                failed += 1
-                continue
-            lines[stem] = " ".join([stem, *map(str, result.indices)])
-            progress.update(1)
-            if len(lines) - written >= FLUSH_EVERY_IMAGES or time.monotonic() - last_flush > FLUSH_EVERY_SECONDS:
-                flush()
-    except BaseException:
-        with contextlib.suppress(CommandError):  # the first error is the one to report
-            flush()
-        raise
-    else:
-        flush()
-    finally:
-        progress.close()
-    return failed
-
-
-def _progress(total: int, quiet: bool = False):
-    from tqdm import tqdm
-
-    tty = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
-    return tqdm(total=total, unit="image", disable=quiet or not tty)

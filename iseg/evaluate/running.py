@@ -14,7 +14,6 @@ import shutil
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +21,6 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from ..choices import vocabulary_ids
 from ..data import data_path
@@ -38,6 +36,7 @@ from ..data.datasets import (
 from ..files import HOST, remove_stale_temps, write_atomic
 from ..masks import palette
 from ..recipes import AUTHORS_SEED, get_recipe
+from ..runner import GaveUp, Item, LoadFailed, Runner
 from .metrics import (
     HungarianScores,
     SegmentationScores,
@@ -241,7 +240,6 @@ def run_eval(
     tag_map, tags_id, coverage = _tags(task, tags, tagger_model, ds, ids, log)
 
     out = Path(out)
-    pred_dir, shard_dir = out / "pred", out / "shards"
     manifest = {
         "task": task.name,
         "root": str(Path(root).expanduser().resolve()),
@@ -253,51 +251,41 @@ def run_eval(
         "records": 1,  # predictions carry checksums in records/ (older folders have none)
         **(settings or {}),
     }
-    _claim(out, manifest, overwrite)
-    records = _Records(out / "records")
-    known = records.load()
-
-    ids_sha = _sha("\n".join(ids))
+    store = PredictionStore(out, manifest, overwrite=overwrite)
     mine = ids[shard_index::num_shards]
-    todo = [i for i in mine if not _recorded(pred_dir / f"{i}.png", known.get(i))]
+    todo = store.plan(mine)
     if num_shards > 1:
-        log(f"shard {shard_index + 1}/{num_shards}: {len(mine)} images, {len(mine) - len(todo)} already predicted")
+        log(f"shard {shard_index + 1}/{num_shards}: {len(mine)} images, {store.skipped} already predicted")
 
     failures: dict[str, str] = {}
     predicted = skipped = 0
     if todo:
         segment = _segment_unsupervised(task, first_pass) if task.mode == "unsupervised" else _segment
         predicted, skipped, failures = _predict(
-            task, ds, todo, tag_map, tagger, segment, names, recipe_name if have_recipes else None, seed,
-            pipe, load_pipe, device, batch_size, workers, progress, pred_dir, records,
+            task, ds, store, todo, tag_map, tagger, segment, names, recipe_name if have_recipes else None,
+            seed, pipe, load_pipe, device, batch_size, workers, progress,
         )  # fmt: skip
 
-    marker = {"ids_sha": ids_sha, "images": len(mine), "failures": failures, "finished": time.time()}
-    _write_atomic(shard_dir / f"{shard_index}-of-{num_shards}.json", (json.dumps(marker, indent=1) + "\n").encode())
+    ids_sha = _sha("\n".join(ids))
+    store.mark_shard(shard_index, num_shards, {"ids_sha": ids_sha, "images": len(mine), "failures": failures})
 
     # Score: always when unsharded; when sharded, the shard that finds every marker of this set.
-    lock = None
     known_failures = dict(failures)
+    lock = None
     if num_shards > 1:
-        markers = []
-        for i in range(num_shards):
-            p = shard_dir / f"{i}-of-{num_shards}.json"
-            m = _read_json(p) if p.is_file() else None
-            if not isinstance(m, dict) or m.get("ids_sha") != ids_sha:
-                log(f"shard {shard_index + 1}/{num_shards} done; the last shard to finish scores")
-                return EvalResult(predicted, skipped, failures, None, False)
-            markers.append(m)
-        lock = shard_dir / f"score-{ids_sha}.lock"
-        try:
-            os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        except FileExistsError:
+        markers = store.shard_markers(num_shards, ids_sha)
+        if markers is None:
+            log(f"shard {shard_index + 1}/{num_shards} done; the last shard to finish scores")
+            return EvalResult(predicted, skipped, failures, None, False)
+        lock = store.scoring_lock(ids_sha)
+        if lock is None:
             log(f"shard {shard_index + 1}/{num_shards} done; another shard is scoring")
             return EvalResult(predicted, skipped, failures, None, False)
         known_failures = {k: v for m in markers for k, v in dict(m.get("failures") or {}).items()}
     try:
         metrics = score(
             task, ds, ids, out, workers=workers, known_failures=known_failures, settings=manifest,
-            records=records.load(), untagged=coverage[0], tags_cover=coverage[1],
+            records=store.records.load(), untagged=coverage[0], tags_cover=coverage[1],
         )  # fmt: skip
     finally:
         if lock is not None:
@@ -452,99 +440,153 @@ class _Records:
                 f.write(line)
 
 
-def _save_prediction(path, array: np.ndarray, records: _Records, image_id: str, dropped: int) -> None:
-    data = _png_bytes(array)
-    _write_atomic(path, data)
-    records.add(image_id, data, dropped)
+class PredictionStore:
+    """``iseg eval``'s :class:`~iseg.runner.Store`: a prediction ``pred/<id>.png`` (palette PNG
+    of dataset label ids) per dataset id, in an ``--out`` that several shards, on several
+    machines, may share. So nothing is one file rewritten by every process: the settings are
+    ``eval.json`` (compared key by key; see :func:`_claim`), each process appends the checksum
+    of every prediction it wrote to its own ``records/HOST-PID-….jsonl`` (a prediction is done
+    when its PNG has a recorded checksum, which also carries DiffSeg's dropped-anchor count into
+    the metrics), and each shard writes its marker ``shards/<i>-of-<n>.json`` when it finishes;
+    the shard that finds every marker scores, under ``shards/score-<ids hash>.lock``."""
+
+    def __init__(self, out, settings: dict, *, overwrite: bool = False):
+        self.out = Path(out)
+        self.pred_dir, self.shard_dir = self.out / "pred", self.out / "shards"
+        self.settings = settings
+        self.overwrite = overwrite
+        self.records = _Records(self.out / "records")
+        self.skipped = 0
+
+    def __str__(self) -> str:
+        return str(self.out)
+
+    def plan(self, ids: Sequence[str]) -> list[Item]:
+        """Claim ``out`` for these settings (:func:`_claim`, which writes ``eval.json``) and
+        return the ids whose prediction is missing, unreadable or not the one recorded."""
+        _claim(self.out, self.settings, self.overwrite)
+        known = self.records.load()
+        todo = []
+        for image_id in ids:
+            path = self.pred_dir / f"{image_id}.png"
+            if _recorded(path, known.get(image_id)):
+                self.skipped += 1
+            else:
+                todo.append(Item(len(todo), path, image_id, [f"pred/{image_id}.png"], id=image_id))
+        return todo
+
+    def start(self, todo: Sequence[Item]) -> None:
+        pass  # _claim made pred/ and shards/; records/ is made by the first record
+
+    def write(self, item: Item, result: tuple[np.ndarray, int]) -> None:
+        """Write the prediction ``result = (labels [H, W] uint8, anchors dropped)`` atomically,
+        then record its checksum (thread-safe: the runner's writer threads call it)."""
+        array, dropped = result
+        data = _png_bytes(array)
+        _write_atomic(item.path, data)
+        self.records.add(item.id, data, dropped)
+
+    def fail(self, item: Item, message: str) -> None:
+        pass  # no record: the next run predicts it again
+
+    def flush(self) -> None:
+        pass  # every record is appended as its prediction lands
+
+    def mark_shard(self, index: int, count: int, marker: dict) -> None:
+        """Write shard ``index`` of ``count``'s marker (``ids_sha``, images, failures)."""
+        marker = {**marker, "finished": time.time()}
+        _write_atomic(self.shard_dir / f"{index}-of-{count}.json", (json.dumps(marker, indent=1) + "\n").encode())
+
+    def shard_markers(self, count: int, ids_sha: str) -> list[dict] | None:
+        """Every shard's marker for this set of ids, or ``None`` while one is missing."""
+        markers = []
+        for i in range(count):
+            path = self.shard_dir / f"{i}-of-{count}.json"
+            marker = _read_json(path) if path.is_file() else None
+            if not isinstance(marker, dict) or marker.get("ids_sha") != ids_sha:
+                return None
+            markers.append(marker)
+        return markers
+
+    def scoring_lock(self, ids_sha: str) -> Path | None:
+        """Take the lock that makes one shard score (its path, to remove after), or ``None``
+        when another shard holds it."""
+        lock = self.shard_dir / f"score-{ids_sha}.lock"
+        try:
+            os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return None
+        return lock
 
 
-def _predict(task, ds, todo, tag_map, tagger, segment, names, recipe, seed, pipe, load_pipe, device,
-             batch_size, workers, progress, pred_dir, records):  # fmt: skip
-    """Predict ``todo`` and write each prediction (and its record); returns ``(predicted,
-    skipped, failures)``."""
-    failures: dict[str, str] = {}
-    predicted = skipped = 0
+def _predict(task, ds, store, todo, tag_map, tagger, segment, names, recipe, seed, pipe, load_pipe, device,
+             batch_size, workers, progress):  # fmt: skip
+    """Predict ``todo`` through the :class:`~iseg.runner.Runner` into ``store``: images and
+    ground truth decode in DataLoader workers, the model loads when a batch first needs it,
+    predictions are written by two writer threads. Returns ``(predicted, skipped, failures)``
+    (skipped: WSSS images with background only, which are scored without a prediction)."""
+    runner = Runner.using(
+        store, desc=task.name, quiet=not progress, report=None, give_up_after=3, writers=2,
+        failure_message=lambda item, exc: f"{ds.image_path(item.id)}: {type(exc).__name__}: {exc}",
+    )  # fmt: skip
+    items = {item.id: item for item in todo}
     loader = DataLoader(
-        PredictSamples(ds, todo, task.mode, tag_map), batch_size=batch_size,
+        PredictSamples(ds, [item.id for item in todo], task.mode, tag_map), batch_size=batch_size,
         num_workers=workers, collate_fn=collate_list, pin_memory=False,
     )  # fmt: skip
     n = ds.num_classes
-    running = None
-    model_failures = 0
-    bar = tqdm(total=len(todo), unit="img", disable=not progress, dynamic_ncols=True, desc=task.name)
+    state = {"pipe": pipe, "device": device, "running": None, "skipped": 0}
 
-    writer = ThreadPoolExecutor(max_workers=2)
-    pending = []
-    try:
+    def needs_model(s: Sample) -> bool:
+        return s.error is None and not s.skip and not (task.mode == "ovs" and not s.classes)
+
+    def batches():
+        """``(item, sample | LoadFailed)`` per image; the built-in tagger's classes and the model
+        (loaded when a batch first needs it) count as loading."""
         for batch in loader:
-            ready = []
             for s in batch:
                 if tagger is not None and s.error is None and s.image is not None:
                     s.classes = tuple(sorted(set(tagger(s.image.permute(1, 2, 0).numpy()))))
-                if s.error is not None:
-                    failures[s.image_id] = s.error
-                elif s.skip:
-                    skipped += 1
-                elif task.mode == "ovs" and not s.classes:  # untagged: all background, no model call
-                    ready.append((s, torch.zeros(s.gt.shape, dtype=torch.uint8)))
-                else:
-                    ready.append((s, None))
-            need = [s for s, p in ready if p is None]
-            labels, dropped = {}, {}
-            if need:
-                if pipe is None:
-                    pipe = load_pipe()
-                    done = bar.n
-                    bar.reset()  # the rate and ETA count from here, not from before the load
-                    bar.update(done)
-                if device is None:  # once: diffusers' _execution_device walks every module
-                    device = pipe._execution_device
-                try:
-                    labels, dropped = segment(pipe, need, names, recipe, seed, device)
-                except Exception:  # noqa: BLE001 — isolate the image that fails
-                    for s in need:
-                        try:
-                            one, lost = segment(pipe, [s], names, recipe, seed, device)
-                            labels.update(one)
-                            dropped.update(lost)
-                        except Exception as exc:  # noqa: BLE001
-                            failures[s.image_id] = f"{ds.image_path(s.image_id)}: {type(exc).__name__}: {exc}"
-                            model_failures += 1
-                            if model_failures >= 3 and predicted == 0 and not labels:
-                                raise EvalError(
-                                    f"the model failed on the first {model_failures} images "
-                                    f"(last: {type(exc).__name__}: {exc})"
-                                ) from exc
-            for s, pred in ready:
-                pred = labels.get(s.index) if pred is None else pred
-                if pred is None:
-                    continue
-                if task.mode == "unsupervised":
-                    running = running or HungarianScores(n)
-                    running.update(s.gt, pred.cpu().numpy())
-                else:
-                    h = confusion_matrix(s.gt, pred.cpu().numpy(), n)
-                    running = h if running is None else running + h
-                array = pred.cpu().numpy()
-                path = pred_dir / f"{s.image_id}.png"
-                pending.append(writer.submit(
-                    _save_prediction, path, array, records, s.image_id, dropped.get(s.index, 0)
-                ))  # fmt: skip
-                predicted += 1
-            while len(pending) > 16:
-                pending.pop(0).result()
-            bar.update(len(batch))
-            if ready and running is not None:
-                miou = running.miou if task.mode == "unsupervised" else scores(running).miou
-                bar.set_postfix_str(f"mIoU {100 * miou:.1f}" if miou is not None else "")
-        for f in pending:
-            f.result()
-    finally:
-        for f in pending:
-            f.cancel()
-        writer.shutdown(wait=True)
-        bar.close()
-    return predicted, skipped, failures
+            if state["pipe"] is None and any(needs_model(s) for s in batch):
+                state["pipe"] = load_pipe()
+                runner.restart_clock()  # the rate and ETA count from here, not from before the load
+            if state["device"] is None and state["pipe"] is not None:  # once: it walks every module
+                state["device"] = state["pipe"]._execution_device
+            yield [(items[s.image_id], LoadFailed(s.error) if s.error is not None else s) for s in batch]
+
+    def process(batch_items, samples):
+        need = [s for s in samples if needs_model(s)]
+        labels, dropped = segment(state["pipe"], need, names, recipe, seed, state["device"]) if need else ({}, {})
+        results = []
+        for s in samples:
+            if s.skip:
+                results.append(None)
+                continue
+            pred = labels[s.index] if needs_model(s) else torch.zeros(s.gt.shape, dtype=torch.uint8)
+            results.append((pred.cpu().numpy(), dropped.get(s.index, 0)))
+        # counted once the batch succeeded (a failed batch is retried one image at a time)
+        state["skipped"] += sum(s.skip for s in samples)
+        for s, result in zip(samples, results):
+            if result is None:
+                continue
+            if task.mode == "unsupervised":
+                state["running"] = state["running"] or HungarianScores(n)
+                state["running"].update(s.gt, result[0])
+            else:
+                h = confusion_matrix(s.gt, result[0], n)
+                state["running"] = h if state["running"] is None else state["running"] + h
+        running = state["running"]
+        if running is not None:
+            miou = running.miou if task.mode == "unsupervised" else scores(running).miou
+            runner.status(f"mIoU {100 * miou:.1f}" if miou is not None else "")
+        return results
+
+    try:
+        runner.run_batches(todo, batches(), process)
+    except GaveUp as exc:  # the model failed on the first images: a broken set-up
+        raise EvalError(str(exc)) from exc.__cause__
+    failures = {item.id: message for item, message in runner.failed}
+    return runner.done, state["skipped"], failures
 
 
 def score(

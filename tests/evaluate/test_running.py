@@ -367,6 +367,41 @@ def test_broken_files_are_reported_and_the_run_goes_on(tmp_path, capsys, monkeyp
     assert captured.err.count("iseg: error:") == 4 and f"{ids[3]}.png" in captured.err
 
 
+class FailOn(FakePipe):
+    """FakePipe that raises on images whose class lists hold ``bad`` (every image when ``bad``
+    is ``None``)."""
+
+    def __init__(self, bad=None):
+        super().__init__("voc")
+        self.bad = bad
+
+    def __call__(self, image, classes, **kwargs):
+        if self.bad is None or any(self.bad in names for names in classes):
+            raise RuntimeError("CUDA error: an illegal memory access")
+        return super().__call__(image, classes, **kwargs)
+
+
+def test_a_model_failure_fails_its_image_only_and_a_broken_model_ends_the_run(voc, tmp_path):
+    root, labels = voc
+    names = class_names("voc")
+    present = {i: set(np.unique(labels[i])) - {0, 255} for i in VOC_IDS}
+    bad = names[int(min(present[VOC_IDS[0]])) - 1]  # the first image's first class fails the model
+    failing = {i for i in VOC_IDS if names.index(bad) + 1 in present[i]}
+    # the first batch of 4 holds images that do not fail: they are predicted all the same
+    assert failing and len(failing & set(VOC_IDS[:4])) < len([i for i in VOC_IDS[:4] if present[i]])
+    pipe = FailOn(bad)
+    run = run_eval("voc-wsss", root, tmp_path / "o", pipe=pipe, limit=8, batch_size=4, workers=0, progress=False)
+    assert set(run.failures) == failing
+    assert all(m.endswith("RuntimeError: CUDA error: an illegal memory access") for m in run.failures.values())
+    predicted = {i for i in VOC_IDS if present[i]} - failing
+    assert run.predicted == len(predicted) and run.skipped == 1
+    assert {p.stem for p in (tmp_path / "o" / "pred").glob("*.png")} == predicted
+    # a model that fails on every image ends the run after the first three, with one error
+    with pytest.raises(EvalError, match=r"^the model failed on the first 3 images \(last: RuntimeError: CUDA"):
+        run_eval("voc-wsss", root, tmp_path / "broken", pipe=FailOn(), limit=8, workers=0, progress=False)
+    assert not list((tmp_path / "broken" / "pred").glob("*.png"))
+
+
 # --- unsupervised (Table 3) ----------------------------------------------------------------------
 
 
