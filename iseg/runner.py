@@ -10,6 +10,8 @@ ends. The store is where results and their resume state live:
   of the results and each input (absolute path) with its output name and files;
 * :class:`LinesFile` — one text file, a line ``<id> ...`` per input, with a sidecar holding its
   settings (``tag``);
+* :class:`MissingFiles` — files per input whose content depends on the input alone, done
+  when they exist (``data``);
 * ``iseg eval``'s :class:`~iseg.evaluate.running.PredictionStore` — ``pred/<id>.png`` per
   dataset id with per-process checksum records, ``eval.json`` and per-shard markers (several
   processes, on several machines, share one ``--out``).
@@ -305,9 +307,10 @@ class LoadFailed:
 
 
 class Store(Protocol):
-    """Where a run's results and its resume state live. :class:`Runner` drives one; three
+    """Where a run's results and its resume state live. :class:`Runner` drives one; four
     exist: :class:`FolderStore` (files per input in an output folder, with a manifest),
-    :class:`LinesFile` (one text file, a line per input id) and ``iseg eval``'s predictions
+    :class:`LinesFile` (one text file, a line per input id), :class:`MissingFiles` (files that
+    depend on the input alone, done when present) and ``iseg eval``'s predictions
     (:class:`iseg.evaluate.running.PredictionStore`: ``pred/<id>.png`` with checksum records
     and shard markers).
 
@@ -599,6 +602,46 @@ class LinesFile:
             self._save()
 
 
+class MissingFiles:
+    """Files per input in a folder, for results that depend on the input alone (``iseg data``'s
+    label conversions): an input is done when its file exists, whoever wrote it, so a stopped
+    conversion resumes and a file already there is never rewritten; there are no settings and
+    nothing is recorded. ``plan`` takes ``(input, output file name)`` pairs."""
+
+    def __init__(self, out: str | os.PathLike[str]):
+        self.out = Path(out)
+        self.skipped = 0
+
+    def __str__(self) -> str:
+        return str(self.out)
+
+    def plan(self, pairs: Iterable[tuple[object, str]]) -> list[Item]:
+        todo = []
+        for index, (source, name) in enumerate(pairs):
+            check_plain_name(name, "output name")
+            if (self.out / name).is_file():
+                self.skipped += 1
+            else:
+                todo.append(Item(index, Path(str(source)), Path(name).stem, [name], id=name))
+        return todo
+
+    def start(self, todo: Sequence[Item]) -> None:
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RunError(f"cannot create output folder '{self.out}': {first_line(exc)}") from None
+        remove_stale_temps(self.out)
+
+    def write(self, item: Item, save: Save) -> None:
+        save_atomic(save, self.out / item.outputs[0])
+
+    def fail(self, item: Item, message: str) -> None:
+        pass  # its file is missing: the next run tries it again
+
+    def flush(self) -> None:
+        pass
+
+
 class Runner:
     """A resumable run over a :class:`Store`: load, process in batches, write, report.
 
@@ -608,9 +651,10 @@ class Runner:
     (called with each failure's line; ``None`` to only collect them in ``failed``),
     ``failure_message(item, exc)`` (the line of an input that failed inside ``process``),
     ``give_up_after`` (end the run with :class:`GaveUp` when that many inputs
-    failed inside ``process`` before any succeeded: a broken model, not bad inputs) and
+    failed inside ``process`` before any succeeded: a broken model, not bad inputs),
     ``writers`` (threads that write results while the next batch is processed; 0 writes in
-    line).
+    line) and ``fatal`` (more exception types that end the run rather than fail their input:
+    a malformed dataset file in ``iseg data``).
     """
 
     def __init__(self, out: str | os.PathLike[str], command: str, settings: dict, *,
@@ -636,8 +680,10 @@ class Runner:
         failure_message: Callable[[Item, BaseException], str] | None = None,
         give_up_after: int | None = None,
         writers: int = 0,
+        fatal: tuple[type[BaseException], ...] = (),
     ) -> None:
         self.store = store
+        self.fatal = _FATAL + tuple(fatal)
         self.noun = noun
         self.progress_every = progress_every
         self.quiet = quiet
@@ -718,7 +764,7 @@ class Runner:
                 for item in todo[start : start + batch_size]:
                     try:
                         batch.append((item, load(item.path)))
-                    except _FATAL:
+                    except self.fatal:
                         raise
                     except Exception as exc:
                         batch.append((item, LoadFailed(f"cannot read image '{item.path}': {first_line(exc)}")))
@@ -781,7 +827,7 @@ class Runner:
         at a time, so that only the items that fail alone are reported."""
         try:
             results = process(batch, loaded)
-        except _FATAL:
+        except self.fatal:
             raise
         except Exception as exc:
             if len(batch) > 1:

@@ -92,7 +92,8 @@ def test_the_private_ops_reader_sees_both_import_forms():
 
 
 PER_INPUT_WRITERS = ["commands/segment.py", "commands/regions.py", "commands/refine_masks.py",
-                     "commands/unsupervised.py", "commands/tag.py", "evaluate/running.py"]  # fmt: skip
+                     "commands/unsupervised.py", "commands/tag.py", "evaluate/running.py",
+                     "data/convert.py"]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", PER_INPUT_WRITERS)

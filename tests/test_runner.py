@@ -19,6 +19,7 @@ from iseg.runner import (
     Item,
     LinesFile,
     LoadFailed,
+    MissingFiles,
     Runner,
     check_writable,
     manifest_outputs,
@@ -460,3 +461,32 @@ def test_lines_file_is_complete_up_to_some_line_when_killed(tmp_path):
     assert not list(tmp_path.glob(".*.iseg-tmp"))
     _, todo = run_lines(out, list("abcdef"), {"k": 1})
     assert [i.id for i in todo] == ["d", "e", "f"]
+
+
+# --- MissingFiles: results of the input alone ----------------------------------------------------
+
+
+def test_missing_files_keeps_what_exists_and_a_fatal_error_keeps_what_was_written(tmp_path):
+    out = tmp_path / "labels"
+    out.mkdir()
+    (out / "b.png").write_text("converted by someone else")
+    pairs = [(n, f"{n}.png") for n in "abcd"]
+
+    def convert(items, loaded):
+        if loaded[0] == "c":
+            raise ValueError("c.mat: no LabelMap")
+        return [text_saver(x.upper()) for x in loaded]
+
+    runner = Runner.using(MissingFiles(out), quiet=True, fatal=(ValueError,))
+    todo = runner.plan(pairs)
+    assert [i.id for i in todo] == ["a.png", "c.png", "d.png"] and runner.skipped == 1
+    with pytest.raises(ValueError, match="no LabelMap"):  # fatal: not one failed input among others
+        runner.run_batches(todo, ([(i, i.path.name)] for i in todo), convert)
+    assert sorted(os.listdir(out)) == ["a.png", "b.png"]
+    assert read(out / "b.png") == "converted by someone else"
+    again = Runner.using(MissingFiles(out), quiet=True)
+    todo = again.plan(pairs)
+    again.run_batches(todo, ([(i, i.path.name)] for i in todo), lambda items, loaded: [text_saver("x")])
+    assert again.done == 2 and again.failed == [] and read(out / "d.png") == "x"  # c and d now
+    with pytest.raises(ValueError, match="not a plain file name"):
+        MissingFiles(out).plan([("x", "../x.png")])

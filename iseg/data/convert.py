@@ -15,7 +15,8 @@
   → ``{id}.png`` in the official 59-label order (the authors' ``SegmentationClassContext``):
   each of the 59 classes gets its label id, every other pixel 0.
 
-Both write each PNG atomically and skip PNGs that exist, so an interrupted conversion resumes.
+Both run through the one runner (:class:`iseg.runner.MissingFiles`): each PNG is written
+atomically and PNGs that exist are skipped, so an interrupted conversion resumes.
 
 Example:
     >>> coco_labels("annotations/instances_train2014.json", "coco/coco_seg_anno")
@@ -25,12 +26,13 @@ Example:
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from ..runner import MissingFiles, Runner, save_atomic
 from .datasets import _table
 
 __all__ = ["coco_category_table", "coco_labels", "context_labels", "context_lut", "write_png_atomic"]
@@ -48,22 +50,30 @@ def write_png_atomic(label: np.ndarray, path: Path) -> None:
     (:func:`iseg.runner.save_atomic`).
 
     Raises:
-        CommandError: the write failed (e.g. a full disk), in one line naming ``path``; no
+        RunError: the write failed (e.g. a full disk), in one line naming ``path``; no
             partial file stays.
     """
-    from ..runner import save_atomic
+    save_atomic(_png_saver(label), Path(path))
 
+
+def _png_saver(label: np.ndarray):
+    """A writer of ``label`` (``[H, W]`` uint8) as a grayscale PNG, for the runner."""
     buffer = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(label, dtype=np.uint8), mode="L").save(buffer, format="PNG")
-    save_atomic(lambda f: f.write(buffer.getvalue()), Path(path))
+    return lambda f: f.write(buffer.getvalue())
 
 
-def _progress(items: Iterable, total: int, show: bool, desc: str):
-    if not show:
-        return items
-    from tqdm import tqdm
-
-    return tqdm(items, total=total, unit="img", desc=desc, mininterval=1.0)
+def _run(out: Path, pairs, load, convert, progress: bool, desc: str) -> tuple[int, int]:
+    """Convert each ``(source, PNG name)`` of ``pairs`` whose PNG is missing in ``out``, through
+    the one runner (:class:`iseg.runner.MissingFiles`: a PNG that exists is kept, so a stopped
+    conversion resumes). A malformed annotation (``ValueError``) ends the conversion: it names a
+    file to fix, and the PNGs written before it stay. Returns ``(written, skipped)``."""
+    runner = Runner.using(MissingFiles(out), noun="label", desc=desc, quiet=not progress, fatal=(ValueError,))
+    pairs = list(pairs)
+    sources = {name: source for source, name in pairs}
+    todo = runner.plan(pairs)
+    runner.run_batches(todo, ([(item, load(sources[item.id]))] for item in todo), convert)
+    return runner.done, runner.skipped
 
 
 def coco_labels(
@@ -110,24 +120,24 @@ def coco_labels(
             f"{instances}: category id {unknown[0]} is not one of the 80 COCO categories "
             f"({len(unknown)} unknown id(s)); iseg data coco writes COCO's fixed label ids 1..80"
         )
-    out.mkdir(parents=True, exist_ok=True)
-    written = skipped = 0
     image_ids = sorted(coco.getImgIds())
-    for image_id in _progress(image_ids, len(image_ids), progress, "coco labels"):
-        path = out / f"{image_id:012d}.png"
-        if path.is_file():
-            skipped += 1
-            continue
-        try:
-            label = _coco_label(coco, image_id, label_of)
-        except (KeyError, TypeError, ValueError, IndexError, AssertionError) as exc:
-            detail = f"no {exc}" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {exc}"
-            raise ValueError(f"{instances}: image {image_id}: malformed image or annotation entry ({detail})") from None
-        write_png_atomic(label, path)
-        written += 1
+
+    def convert(items, image_ids):
+        return [_png_saver(_coco_label_or_error(coco, image_id, label_of, instances)) for image_id in image_ids]
+
+    written, skipped = _run(out, [(image_id, f"{image_id:012d}.png") for image_id in image_ids],
+                            lambda image_id: image_id, convert, progress, "coco labels")  # fmt: skip
     if log is not None:
         log(f"{written} label PNGs written to {out}, {skipped} existed")
     return written, skipped
+
+
+def _coco_label_or_error(coco, image_id: int, label_of: dict[int, int], instances: Path) -> np.ndarray:
+    try:
+        return _coco_label(coco, image_id, label_of)
+    except (KeyError, TypeError, ValueError, IndexError, AssertionError) as exc:
+        detail = f"no {exc}" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {exc}"
+        raise ValueError(f"{instances}: image {image_id}: malformed image or annotation entry ({detail})") from None
 
 
 def _coco_label(coco, image_id: int, label_of: dict[int, int]) -> np.ndarray:
@@ -201,15 +211,12 @@ def context_labels(
     if not mats:
         raise FileNotFoundError(f"no .mat files in {mat_dir}")
     lut = context_lut()
-    out.mkdir(parents=True, exist_ok=True)
-    written = skipped = 0
-    for mat in _progress(mats, len(mats), progress, "context labels"):
-        path = out / f"{mat.stem}.png"
-        if path.is_file():
-            skipped += 1
-            continue
-        write_png_atomic(lut[_context_ids(mat, len(lut))], path)
-        written += 1
+
+    def convert(items, ids):
+        return [_png_saver(lut[one]) for one in ids]
+
+    written, skipped = _run(out, [(mat, f"{mat.stem}.png") for mat in mats],
+                            lambda mat: _context_ids(mat, len(lut)), convert, progress, "context labels")  # fmt: skip
     if log is not None:
         log(f"{written} label PNGs written to {out}, {skipped} existed")
     return written, skipped
