@@ -879,7 +879,7 @@ def build_app(
     command loads the same model. A bad input is a warning in the page; the last good result
     stays.
     """
-    import gradio as gr
+    import gradio as gr  # the optional `demo` extra: `import iseg.demo` works without it
 
     if model_args is None:
         model_args = ["--model", model_name] if model_name else []

@@ -632,7 +632,7 @@ class CLIPTagger:
         Raises:
             TaggerModelNotFoundError: no such folder, or the hub cannot provide the files.
         """
-        from transformers import AutoTokenizer, CLIPModel
+        from transformers import AutoTokenizer, CLIPModel  # start-up time: only loading needs it
 
         source = os.fspath(name_or_path)
         local = Path(source).is_dir()

@@ -24,6 +24,7 @@ with a small vocabulary written to disk (``vocab.json`` and ``merges.txt``).
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections import Counter
@@ -31,7 +32,14 @@ from collections.abc import Iterable, Sequence
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import (
+    CLIPConfig,
+    CLIPModel,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+)
 
 __all__ = [
     "DEFAULT_WORDS",
@@ -408,10 +416,6 @@ def sd21_base_components(
 
 def _clip_model(tokenizer: CLIPTokenizer, text: dict, vision: dict, projection_dim: int):
     """A random-weight ``CLIPModel`` whose text special-token ids match ``tokenizer``."""
-    import math
-
-    from transformers import CLIPConfig, CLIPModel
-
     config = CLIPConfig(
         text_config=_text_config(tokenizer, hidden_act="quick_gelu", **text).to_dict(),
         vision_config={"hidden_act": "quick_gelu", "patch_size": 16, **vision},

@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import io
 from collections.abc import Callable
 from pathlib import Path
@@ -96,11 +97,10 @@ def coco_labels(
         ValueError: the file is not a COCO instances file (no images/annotations/categories),
             or an annotation names an unknown category.
     """
-    try:
+    try:  # an optional dependency: only this converter needs it
         from pycocotools.coco import COCO
     except ImportError:
         raise ImportError("iseg data coco needs pycocotools: pip install pycocotools") from None
-    import contextlib
 
     instances, out = Path(instances), Path(out)
     if not instances.is_file():
@@ -169,7 +169,7 @@ def _context_ids(mat: Path, size: int) -> np.ndarray:
     """The ``LabelMap`` of one Pascal Context ``.mat`` as int64 ids; ``ValueError`` naming the
     file for anything that is not such an annotation (not a .mat, no LabelMap, not a 2-D map of
     integer ids in ``[0, size)``)."""
-    from scipy.io import loadmat
+    from scipy.io import loadmat  # start-up time: scipy.io is needed by this converter only
 
     try:
         data = loadmat(mat)

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..runner import check_plain_name
 from . import data_path
 
 __all__ = [
@@ -215,8 +216,6 @@ def check_id(image_id: str, where: str, folders: bool = False) -> None:
     """An id names files under the dataset root and ``OUT/pred/``: it must stay there. No
     absolute path, no ``..``, no backslash, no empty or hidden part; a ``/`` only where the
     dataset's ids hold a folder (``folders``: Cityscapes' ``city/frame``)."""
-    from ..runner import check_plain_name
-
     parts = image_id.split("/") if folders and not image_id.startswith("/") else [image_id]
     try:
         for part in parts:
@@ -538,6 +537,7 @@ def center_crop_resize(image, label, size: int = 512):
 
     Returns ``(image tensor, label array)``.
     """
+    # torch: only this crop needs it; the readers stay NumPy-only (`iseg data` starts fast)
     import torch
     import torch.nn.functional as F
 
