@@ -169,7 +169,10 @@ class Recipe:
         check_recipe(self)
 
     def replace(self, **changes) -> Recipe:
-        """A copy with ``changes`` (validated like the presets)."""
+        """A copy with ``changes`` (validated like the presets). Turning Ent-Self off
+        (``lam=None``) drops the recipe's clamp of its T too, unless ``t_max`` is given."""
+        if "lam" in changes and changes["lam"] is None:
+            changes.setdefault("t_max", None)
         return dataclasses.replace(self, **changes)
 
     @property
@@ -198,6 +201,9 @@ def check_recipe(recipe: Recipe) -> None:
         raise ValueError(f"{where}: iters must be ≥ 0, got {recipe.iters!r}")
     number("lam", recipe.lam, 0.0, True, allow_none=True)
     number("t_max", recipe.t_max, 0.0, False, allow_none=True)
+    if recipe.lam is None and recipe.t_max is not None:
+        raise ValueError(f"{where}: t_max clamps Ent-Self's T, so it needs lam (got lam=None with "
+                         f"t_max={recipe.t_max!r}); give t_max=None, or a lam")  # fmt: skip
     number("gamma", recipe.gamma, 0.0, False)
     if recipe.gamma > MAX_GAMMA:  # 1e30 would overflow the attention logits to Inf
         raise ValueError(f"{where}: gamma must be at most {MAX_GAMMA:g} (the paper uses 1.6), got {recipe.gamma!r}")

@@ -278,3 +278,16 @@ def test_authors_recipes_cluster_in_the_authors_fp16_arithmetic(pipe, image, mon
     pipe(image, ["cat"], recipe=recipe.replace(self_attention_heads=None, cross_attention_layers=None))
     pipe(image, ["cat"], recipe=recipe.replace(self_attention_heads=None, cross_attention_layers=None, cluster_arithmetic="fp32"))
     assert seen == ["fp16", "fp32"]
+
+
+def test_lam_none_drops_the_t_clamp_unless_one_is_given():
+    """T exists only with Ent-Self: turning it off (``lam=None``) on a recipe that clamps T
+    (interactive: t_max = 1) drops the clamp; asking for both is one error before any model runs
+    (it used to fail per image inside ``refine``)."""
+    interactive = get_recipe("interactive")
+    assert interactive.t_max == 1.0 and interactive.lam is not None
+    raw = interactive.replace(lam=None)
+    assert (raw.lam, raw.t_max, raw.iters) == (None, None, interactive.iters)
+    with pytest.raises(ValueError, match=r"t_max clamps Ent-Self's T, so it needs lam \(got lam=None with t_max=2.0\)"):
+        interactive.replace(lam=None, t_max=2.0)
+    assert interactive.replace(lam=0.5).t_max == 1.0  # a λ keeps the clamp

@@ -95,6 +95,38 @@ def iterations(text: str) -> int:
     return value
 
 
+NONE = "none"
+"""What ``--lam none`` (and ``unsupervised --iters none``) parse to: "switch this step off",
+distinct from ``None`` ("not given: the recipe's")."""
+
+
+def optional(kind, what: str):
+    """An argparse type: ``kind(text)``, or ``'none'`` → :data:`NONE`; ``what`` names it in
+    argparse's error."""
+
+    def parse(text: str):
+        if text.strip().lower() == NONE:
+            return NONE
+        return kind(text)
+
+    parse.__name__ = what
+    return parse
+
+
+def lam(text: str) -> float | str:
+    """Ent-Self's λ ≥ 0, or ``none`` (:data:`NONE`: refine with the raw attention, no Ent-Self)
+    — the one ``--lam`` parser of every command."""
+    return optional(lambda t: finite_float(t, 0.0, inclusive=True), "")(text)
+
+
+lam.__name__ = "λ (a number ≥ 0 or 'none')"
+
+
+def unset(value):
+    """A parsed option for the library: :data:`NONE` → ``None`` (the step off), else as is."""
+    return None if value == NONE else value
+
+
 def gamma(text: str) -> float:
     """Cat-Cross γ in (0, MAX_GAMMA] (the recipes' bound: larger overflows the attention)."""
     return finite_float(text, 0.0, inclusive=False, high=MAX_GAMMA)

@@ -11,13 +11,6 @@ from . import _common, _model
 INTERACTIVE = get_recipe("interactive")  # the default recipe, whose values the help names
 
 
-def _lam(text: str) -> float:
-    return _common.finite_float(text, 0.0, inclusive=True)
-
-
-_lam.__name__ = "λ (a number ≥ 0)"
-
-
 # --- parsers --------------------------------------------------------------------------------
 
 
@@ -29,7 +22,8 @@ def settings_options(parser: argparse.ArgumentParser, regions: bool) -> None:
              "SDXL model)")
     add("--iters", type=_common.iterations, default=None,
         help=f"refinement iterations N (interactive: {INTERACTIVE.iters}; at most {_common.MAX_ITERS})")
-    add("--lam", type=_lam, default=None, help=f"Ent-Self strength λ (interactive: {INTERACTIVE.lam:g})")
+    add("--lam", type=_common.lam, default=None,
+        help=f"Ent-Self strength λ, or 'none' for the raw attention (interactive: {INTERACTIVE.lam:g})")
     add("--t-max", type=_common.positive_float, default=None, metavar="T",
         help=f"upper clamp of Ent-Self's T (interactive: {INTERACTIVE.t_max:g})")
     add("--gamma", type=_common.gamma, default=None,
@@ -66,7 +60,7 @@ def _options(args: argparse.Namespace) -> dict:
     for name in names:
         value = getattr(args, name, None)
         if value is not None:
-            options[name] = value
+            options[name] = _common.unset(value)  # --lam none: λ = None, no Ent-Self
     return options
 
 
@@ -75,7 +69,8 @@ def settings(args: argparse.Namespace, dtype) -> dict:
     return {
         "model": _model.model_setting(args.model),
         "dtype": str(dtype).removeprefix("torch."),
-        **{k: options.get(k) for k in ("recipe", "iters", "lam", "t_max", "gamma")},
+        **{k: options.get(k) for k in ("recipe", "iters", "t_max", "gamma")},
+        "lam": args.lam,  # None (the recipe's) and "none" (no Ent-Self) stay apart
         "seed": args.seed,
     }
 

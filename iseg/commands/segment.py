@@ -40,16 +40,6 @@ def _classes(text: str) -> tuple[str, ...]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _lam(text: str) -> float | str:
-    """λ ≥ 0, or ``none`` to refine with the raw self-attention (no Ent-Self)."""
-    if text.strip().lower() == "none":
-        return "none"
-    return _common.finite_float(text, 0.0, inclusive=True)
-
-
-_lam.__name__ = "λ (a number ≥ 0 or 'none')"
-
-
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         NAME,
@@ -79,7 +69,7 @@ def add_parser(subparsers) -> None:
              "preset, sdxl on an SDXL model)")
     add("--iters", type=_common.iterations, default=None,
         help=f"refinement iterations N (paper: {DEFAULT_ITERS}; at most {_common.MAX_ITERS})")
-    add("--lam", type=_lam, default=None,
+    add("--lam", type=_common.lam, default=None,
         help=f"Ent-Self strength λ, or 'none' for the raw self-attention (paper: {DEFAULT_LAM})")
     add("--gamma", type=_common.gamma, default=None,
         help=f"Cat-Cross weight γ in (0, 100] (paper: {DEFAULT_GAMMA})")
@@ -104,7 +94,7 @@ def _pipeline_options(args: argparse.Namespace) -> dict:
     if args.iters is not None:
         options["iters"] = args.iters
     if args.lam is not None:
-        options["lam"] = None if args.lam == "none" else args.lam
+        options["lam"] = _common.unset(args.lam)
     if args.gamma is not None:
         options["gamma"] = args.gamma
     if args.background_threshold is not None:

@@ -24,22 +24,6 @@ NAME = "unsupervised"
 DEFAULTS = DiffSegSettings()
 
 
-def _optional(kind, what: str):
-    """An argparse type: ``kind(text)``, or ``'none'`` → the string ``"none"``."""
-
-    def parse(text: str):
-        if text.strip().lower() == "none":
-            return "none"
-        return kind(text)
-
-    parse.__name__ = what
-    return parse
-
-
-def _lam(text: str) -> float:
-    return _common.finite_float(text, 0.0, inclusive=True)
-
-
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         NAME,
@@ -66,11 +50,11 @@ def add_parser(subparsers) -> None:
         help="DiffSeg's merging threshold τ: larger merges more "
              f"({DIFFSEG_SETTINGS['cocostuff27'].kl_threshold} COCO-Stuff, "
              f"{DIFFSEG_SETTINGS['cityscapes'].kl_threshold} Cityscapes; default {DEFAULTS.kl_threshold})")
-    add("--iters", type=_optional(_common.iterations, f"an int in [0, {_common.MAX_ITERS}] or 'none'"),
+    add("--iters", type=_common.optional(_common.iterations, f"an int in [0, {_common.MAX_ITERS}] or 'none'"),
         default=DEFAULTS.iters,
         help=f"refinement iterations N, or 'none' for DiffSeg's own segments (default: {DEFAULTS.iters}; at "
              f"most {_common.MAX_ITERS})")
-    add("--lam", type=_optional(_lam, "λ (a number ≥ 0 or 'none')"), default=DEFAULTS.lam,
+    add("--lam", type=_common.lam, default=DEFAULTS.lam,
         help=f"Ent-Self strength λ, or 'none' for the raw aggregated attention (default: {DEFAULTS.lam})")
     add("--init", choices=("maps", "onehot"), default=DEFAULTS.init,
         help="the refinement's initial maps: DiffSeg's merged maps or their one-hot argmax "
@@ -142,8 +126,8 @@ def _processor(pipe, args: argparse.Namespace, device: str, dtype):
     from .. import masks
     options = {
         "kl_threshold": args.kl_threshold,
-        "iters": None if args.iters == "none" else args.iters,
-        "lam": None if args.lam == "none" else args.lam,
+        "iters": _common.unset(args.iters),
+        "lam": _common.unset(args.lam),
         "init": args.init,
         "refine_attention": args.refine_attention,
         "anchor_grid": args.anchor_grid,

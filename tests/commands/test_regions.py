@@ -4,6 +4,7 @@ before the model loads."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -131,6 +132,31 @@ def test_negative_points_are_regions_in_the_order_given(model, loaded, scene, tm
     np.testing.assert_array_equal(read_png(out / "scene_labels.png")[1], direct.labels[0].numpy())
     assert not set(np.unique(direct.labels[0].numpy())) & {1, 4}
     assert direct.masks[0, 1].any() or direct.masks[0, 2].any()  # a non-trivial result
+
+
+def test_lam_none_is_the_raw_attention_and_a_setting_of_its_own(model, loaded, scene, tmp_path, capsys,
+                                                                 monkeypatch):
+    """One ``--lam`` parser for every command: ``none`` switches Ent-Self off in ``regions`` as in
+    ``segment`` and ``unsupervised``, and is recorded apart from "not given" (the recipe's λ)."""
+    image_path, _, _ = scene
+    out = tmp_path / "out"
+    argv = regions_command(image_path, model, out, "--point", "10,10", "--box", "0,0,30,20")
+    assert main([*argv, "--lam", "none", "--iters", "3"]) == 0
+    regions = [Point(10, 10), Box(0, 0, 30, 20)]
+    image = load_image(image_path)
+    raw = loaded.segment_regions(image, regions, generator=torch.Generator().manual_seed(3), lam=None, iters=3)
+    ent = loaded.segment_regions(image, regions, generator=torch.Generator().manual_seed(3), iters=3)
+    assert not torch.equal(raw.heatmaps, ent.heatmaps)  # λ = None is not the recipe's λ
+    _, labels = read_png(out / "scene_labels.png")
+    np.testing.assert_array_equal(labels, raw.labels[0].numpy())
+    settings = json.loads((out / MANIFEST).read_text())["commands"]["regions"]["settings"]
+    assert settings["lam"] == "none"
+    capsys.readouterr()
+    assert main([*argv, "--iters", "3"]) == 1  # the recipe's λ is another setting
+    assert "lam: 'none' → None" in one_error_line(capsys.readouterr().err)
+    forbid_loading(monkeypatch)  # no T without Ent-Self: a usage error before the model loads
+    assert main([*argv, "--lam", "none", "--t-max", "2", "--out", str(tmp_path / "o2")]) == 2
+    assert "t_max clamps Ent-Self's T, so it needs lam" in one_error_line(capsys.readouterr().err)
 
 
 def test_regions_rerun_skips_and_other_regions_need_overwrite(model, scene, tmp_path, capsys):
