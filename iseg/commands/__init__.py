@@ -6,7 +6,7 @@ How to add a subcommand ``NAME``:
 
    * ``add_parser(subparsers) -> None``: ``subparsers.add_parser("NAME", help=...,
      description=...)`` and its options. Module-level imports stdlib-only (``iseg --help``
-     must not import torch); use the shared option adders (:mod:`._model`'s
+     must not import torch: this is why every command imports inside its functions); use the shared option adders (:mod:`._model`'s
      ``add_model_options``: ``--model/--device/--dtype``; :mod:`._common`'s
      ``add_output_options``: ``--out/--batch-size/--overwrite``) and the value types of
      :mod:`._common` (``positive_int``, ``seed``, …); inputs and outputs are :mod:`._io`.
@@ -20,9 +20,10 @@ How to add a subcommand ``NAME``:
 
 2. Add one line ``"NAME"`` (the module name) to ``COMMANDS`` in :mod:`iseg.cli`.
 
-A subcommand that writes files per input uses :class:`iseg.runner.Runner` (resume, manifest,
-atomic writes, per-input failures, progress; its docstring has the pattern, and
-:mod:`.segment` is the full example). If it writes names other than ``*_labels.png`` /
+A subcommand that writes results per input uses :class:`iseg.runner.Runner` (resume, atomic
+writes, per-input failures, progress; its docstring has the pattern, and :mod:`.segment` is the
+full example) over the store that fits: files per input with a manifest (``Runner(out, ...)``),
+one lines file (:mod:`.tag`), files done when present (``iseg data``), or eval's predictions. If it writes names other than ``*_labels.png`` /
 ``*_overlay.png|jpg``, add their endings to ``_io.OUTPUT_SUFFIXES`` so that folder and glob
 inputs skip them. Tests go through ``iseg.cli.main([...])``.
 """
