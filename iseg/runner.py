@@ -326,7 +326,9 @@ class Store(Protocol):
 
     def write(self, item: Item, result: Any) -> None:
         """Write ``item``'s result (what ``process`` returned for it) atomically and mark it
-        finished. May run in a writer thread (``Runner(writers=N)``)."""
+        finished. Runs in a writer thread with ``Runner(writers=N)``: only a store that says it
+        is thread-safe (eval's ``PredictionStore``) may be run so; :class:`FolderStore`,
+        :class:`LinesFile` and :class:`MissingFiles` are written from the run's thread."""
 
     def fail(self, item: Item, message: str) -> None:
         """Record that ``item`` failed (the next run retries it)."""
