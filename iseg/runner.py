@@ -882,7 +882,7 @@ class _Progress:
         if self.tty and total:
             from tqdm import tqdm  # only on a terminal
 
-            self.bar = tqdm(total=total, unit=noun[:3], desc=desc or PROG, file=sys.stderr, dynamic_ncols=True)
+            self.bar = tqdm(total=total, unit="img" if noun == "image" else noun, desc=desc or PROG, file=sys.stderr, dynamic_ncols=True)
 
     def update(self, n: int) -> None:
         before, self.count = self.count, self.count + n
