@@ -525,6 +525,11 @@ DIFFSEG_SETTINGS: dict[str, DiffSegSettings] = {
 """DiffSeg's settings per benchmark (its τ: 1.1 on COCO-Stuff-27, 0.9 on Cityscapes), by the
 dataset names of :mod:`iseg.evaluate`."""
 
+TABLE3_FIRST_PASS = "fp16"
+"""DiffSeg's first merging pass in ``iseg eval``'s two Table 3 tasks: Google's fp16 arithmetic,
+as their evaluation ran (anchors that underflow are dropped and counted). The library's default
+(:attr:`DiffSegSettings.first_pass`) is fp32, which is much faster on a CPU."""
+
 
 def get_diffseg_settings(settings: str | DiffSegSettings | None) -> DiffSegSettings:
     """The :class:`DiffSegSettings` of a benchmark name (``"cocostuff27"``, ``"cityscapes"``),

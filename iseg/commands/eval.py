@@ -25,7 +25,7 @@ import os
 import sys
 
 from ..errors import first_line, report_error
-from ..recipes import DEFAULT_TAGGER_MODEL
+from ..recipes import DEFAULT_TAGGER_MODEL, DIFFSEG_FIRST_PASSES, TABLE3_FIRST_PASS
 from ..runner import os_error_line
 from . import _common, _model
 from ._common import CommandError
@@ -76,9 +76,9 @@ def add_parser(subparsers) -> None:
         help="image decoding processes (default: min(4, CPUs); 0 = in the main process)",
     )  # fmt: skip
     group.add_argument(
-        "--first-pass", choices=("fp16", "fp32"), default=None,
+        "--first-pass", choices=sorted(DIFFSEG_FIRST_PASSES), default=None,
         help="cityscapes/cocostuff27: DiffSeg's first merging pass, fp16 exactly as Google's code "
-             "(anchors that underflow are dropped and counted) or fp32 (default: fp16)",
+             f"(anchors that underflow are dropped and counted) or fp32 (default: {TABLE3_FIRST_PASS})",
     )  # fmt: skip
     group.add_argument(
         "--overwrite", action="store_true",

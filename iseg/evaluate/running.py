@@ -35,7 +35,7 @@ from ..data.datasets import (
 )
 from ..files import HOST, remove_stale_temps, write_atomic
 from ..masks import palette
-from ..recipes import AUTHORS_SEED, get_recipe
+from ..recipes import AUTHORS_SEED, DIFFSEG_FIRST_PASSES, get_recipe
 from ..runner import GaveUp, Item, LoadFailed, Runner
 from .metrics import (
     HungarianScores,
@@ -214,7 +214,7 @@ def run_eval(
         raise EvalError(f"shard index {shard_index} must be in [0, {num_shards}) with num_shards ≥ 1")
     if task.mode == "unsupervised":
         first_pass = first_pass or task.first_pass
-        if first_pass not in ("fp16", "fp32"):
+        if first_pass not in DIFFSEG_FIRST_PASSES:
             raise EvalError(f"first pass must be fp16 or fp32, got {first_pass!r}")
     ids = _task_ids(task, root, ids_file, limit)
     try:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..choices import vocabulary_ids
-from ..recipes import DIFFSEG_SETTINGS
+from ..recipes import DIFFSEG_SETTINGS, TABLE3_FIRST_PASS
 
 # --- tasks --------------------------------------------------------------------------------------
 
@@ -49,8 +49,8 @@ TASKS: dict[str, Task] = {
         Task("voc-ovs", "voc", "val", "ovs", 68.2, "voc2012_val_tagclip_example.txt", "Table 2, VOC val"),
         Task("context-ovs", "voc_context", "val", "ovs", 30.9, "voc_context_val_tagclip.txt", "Table 2, Context val"),
         Task("coco-ovs", "coco14", "val_5k", "ovs", 38.4, "coco2014_val_tagclip.txt", "Table 2, COCO-Object val"),
-        Task("cityscapes", "cityscapes", "val", "unsupervised", 25.0, table="Table 3, Cityscapes val", kl_threshold=DIFFSEG_SETTINGS["cityscapes"].kl_threshold, first_pass="fp16"),
-        Task("cocostuff27", "cocostuff27", "val", "unsupervised", 45.2, table="Table 3, COCO-Stuff-27", kl_threshold=DIFFSEG_SETTINGS["cocostuff27"].kl_threshold, first_pass="fp16"),
+        Task("cityscapes", "cityscapes", "val", "unsupervised", 25.0, table="Table 3, Cityscapes val", kl_threshold=DIFFSEG_SETTINGS["cityscapes"].kl_threshold, first_pass=TABLE3_FIRST_PASS),
+        Task("cocostuff27", "cocostuff27", "val", "unsupervised", 45.2, table="Table 3, COCO-Stuff-27", kl_threshold=DIFFSEG_SETTINGS["cocostuff27"].kl_threshold, first_pass=TABLE3_FIRST_PASS),
     )
 }  # fmt: skip
 
