@@ -15,7 +15,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..recipes import DIFFSEG_MODEL, DIFFSEG_SETTINGS, DiffSegSettings
+from ..recipes import (
+    DIFFSEG_FIRST_PASSES,
+    DIFFSEG_INITS,
+    DIFFSEG_MODEL,
+    DIFFSEG_REFINE_ATTENTIONS,
+    DIFFSEG_SETTINGS,
+    DiffSegSettings,
+)
 from ..runner import Runner
 from . import _common, _io, _model
 from ._common import CommandError
@@ -56,15 +63,15 @@ def add_parser(subparsers) -> None:
              f"most {_common.MAX_ITERS})")
     add("--lam", type=_common.lam, default=DEFAULTS.lam,
         help=f"Ent-Self strength λ, or 'none' for the raw aggregated attention (default: {DEFAULTS.lam})")
-    add("--init", choices=("maps", "onehot"), default=DEFAULTS.init,
+    add("--init", choices=DIFFSEG_INITS, default=DEFAULTS.init,
         help="the refinement's initial maps: DiffSeg's merged maps or their one-hot argmax "
              f"(default: {DEFAULTS.init})")
-    add("--refine-attention", choices=("all", "full-resolution"), default=DEFAULTS.refine_attention,
+    add("--refine-attention", choices=DIFFSEG_REFINE_ATTENTIONS, default=DEFAULTS.refine_attention,
         help="the attention the refinement propagates with: DiffSeg's aggregate of all layers, "
              f"or the latent-resolution (64×64) layers only (default: {DEFAULTS.refine_attention})")
     add("--anchor-grid", type=_common.positive_int, default=DEFAULTS.anchor_grid, metavar="N",
         help=f"DiffSeg's anchors per side (default: {DEFAULTS.anchor_grid}, {DEFAULTS.anchor_grid ** 2} anchors)")
-    add("--first-pass", choices=("fp32", "fp16"), default=DEFAULTS.first_pass,
+    add("--first-pass", choices=DIFFSEG_FIRST_PASSES, default=DEFAULTS.first_pass,
         help="arithmetic of DiffSeg's first merging pass: fp32, or fp16 exactly as Google's code "
              "(values below 2.98e-8 underflow; anchors that match nothing are dropped and "
              f"counted) (default: {DEFAULTS.first_pass})")
