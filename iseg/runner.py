@@ -703,11 +703,6 @@ class Runner:
         self._lock = threading.Lock()
 
     @property
-    def out(self) -> Path | None:
-        """The output folder of a :class:`FolderStore` run."""
-        return getattr(self.store, "out", None)
-
-    @property
     def skipped(self) -> int:
         """Inputs found done by :meth:`plan`."""
         return self.store.skipped
