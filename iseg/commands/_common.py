@@ -113,13 +113,9 @@ def optional(kind, what: str):
     return parse
 
 
-def lam(text: str) -> float | str:
-    """Ent-Self's λ ≥ 0, or ``none`` (:data:`NONE`: refine with the raw attention, no Ent-Self)
-    — the one ``--lam`` parser of every command."""
-    return optional(lambda t: finite_float(t, 0.0, inclusive=True), "")(text)
-
-
-lam.__name__ = "λ (a number ≥ 0 or 'none')"
+# The one ``--lam`` parser of every command: Ent-Self's λ ≥ 0, or ``none`` (:data:`NONE`: refine
+# with the raw attention, no Ent-Self).
+lam = optional(lambda text: finite_float(text, 0.0, inclusive=True), "λ (a number ≥ 0 or 'none')")
 
 
 def unset(value):
