@@ -25,8 +25,6 @@ from . import _common, _io, _model
 from ._common import CommandError
 
 NAME = "tag"
-FLUSH_EVERY_IMAGES = 25
-FLUSH_EVERY_SECONDS = 30.0
 
 
 def _fraction(text: str) -> float:
@@ -181,9 +179,7 @@ def run(args: argparse.Namespace) -> int:
         **{k: overrides.get(k, getattr(preset, k)) for k in ("r_cwr", "w_local", "w_crop", "r_final")},
     }
     out = Path(args.out)
-    runner = Runner.using(LinesFile(out, NAME, settings, overwrite=args.overwrite, what="tags",
-                                    flush_every=FLUSH_EVERY_IMAGES, flush_seconds=FLUSH_EVERY_SECONDS),
-                          quiet=args.quiet)  # fmt: skip
+    runner = Runner.using(LinesFile(out, NAME, settings, overwrite=args.overwrite, what="tags"), quiet=args.quiet)
     todo = runner.plan(ids)
     if not todo:
         if not args.quiet:
